@@ -1,0 +1,102 @@
+"""Engine configuration: one dataclass per concern, every knob with one home, a default and a check."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """'auto' -> None (decided later from the model and device); else a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {name!r}")
+    return _DTYPES[name]
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user can set on the engine (the CLI flags map 1:1 onto these fields)."""
+
+    model: str | None = None            # HF folder, .gguf file, or (load_format='dummy') a shape name / config.json
+    tokenizer: str | None = None        # defaults to the model's own
+    load_format: str = "auto"           # auto | dummy
+    dtype: str = "auto"
+    device: str = "auto"                # auto | cpu | cuda
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: float = 1.0        # GiB of KV cache on CPU
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # fixes the block count (tests, experiments)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        parse_dtype(self.dtype)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens must be >= block_size, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+        return torch.device(self.device)
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: block size and (after profiling) how many blocks there are."""
+
+    block_size: int
+    num_blocks: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def bytes_per_block(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int

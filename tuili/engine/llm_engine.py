@@ -1,0 +1,250 @@
+"""LLMEngine: the one loop. add_request / step / abort; each step schedules, runs the model, samples, detokenizes."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from tuili.config import CacheConfig, EngineArgs, SchedulerConfig, parse_dtype
+from tuili.engine.block_manager import BlockManager
+from tuili.engine.detokenizer import Detokenizer, find_stop_string
+from tuili.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tuili.engine.scheduler import Scheduler
+from tuili.engine.sequence import Request, Sequence
+from tuili.loader import load_model_source
+from tuili.loader.dummy import init_random_weights
+from tuili.models.registry import build_model
+from tuili.runner.model_runner import ModelRunner
+from tuili.sampling_params import SamplingParams
+
+logger = logging.getLogger("tuili")
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
+
+
+class LLMEngine:
+    """Owns the model, KV cache, scheduler and tokenizer; `step()` advances every running request by one step."""
+
+    def __init__(self, args: EngineArgs, show_progress: bool = False) -> None:
+        self.args = args
+        self.device = args.resolve_device()
+        source = load_model_source(args.model, args.load_format, args.tokenizer)
+        self.model_name = source.name
+        self.model_config = config = source.config
+        self.tokenizer = source.tokenizer
+        self.dtype = parse_dtype(args.dtype) or self._auto_dtype(source.checkpoint_dtype)
+        torch.manual_seed(args.seed)
+
+        with torch.device(self.device):
+            default_dtype = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                model = build_model(config)
+            finally:
+                torch.set_default_dtype(default_dtype)
+        model.eval()
+        if source.weights is None:
+            init_random_weights(model, args.seed)
+        else:
+            model.load_weights(_progress(source.weights(), show_progress, f"loading {source.name}"))
+        self.model = model
+
+        self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids)
+        self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.dtype)
+        self.runner.allocate_kv_cache(self.cache_config.num_blocks)
+        self.max_model_len = self._max_model_len()
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
+        self.block_manager = BlockManager(self.cache_config.num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self.requests: dict[str, Request] = {}
+        self._request_ids = itertools.count()
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    def _auto_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        if self.device.type == "cpu":
+            return torch.bfloat16
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+    def _num_kv_blocks(self) -> int:
+        args = self.args
+        if args.num_gpu_blocks_override is not None:
+            return args.num_gpu_blocks_override
+        per_block = self.runner.bytes_per_block()
+        if self.device.type == "cuda":
+            free = self.runner.profile_free_memory(args.max_num_batched_tokens, args.gpu_memory_utilization)
+            if free < per_block:
+                raise RuntimeError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                                   f"{args.gpu_memory_utilization}; raise it or lower max_num_batched_tokens")
+            return free // per_block
+        return max(1, int(args.kv_cache_memory * 2**30) // per_block)
+
+    def _max_model_len(self) -> int:
+        config = self.model_config
+        limit = self.args.max_model_len or config.max_position_embeddings
+        if limit > config.max_position_embeddings:
+            raise ValueError(f"max_model_len {limit} exceeds the model's max_position_embeddings "
+                             f"{config.max_position_embeddings}")
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < limit:
+            logger.warning("max_model_len capped to the sliding window (%d): tuili attends to full context", window)
+            limit = window
+        capacity = self.cache_config.num_blocks * self.cache_config.block_size
+        if capacity < limit:
+            logger.warning("max_model_len capped from %d to %d tokens: that is all the KV cache holds", limit, capacity)
+            limit = capacity
+        return limit
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> str:
+        """Validate and queue a request. Raises ValueError on bad input; nothing else is affected."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which must leave room for at least one generated token")
+        request = Request(request_id, text, token_ids, params)
+        self.requests[request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids, or --tokenizer")
+            return prompt, self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        return None, token_ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        request.finish_time = time.time()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of every request that advanced or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        for seq, entries in result.prompt_logprobs:
+            self._decode_logprobs(entries)
+            seq.prompt_logprobs.extend(entries)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for seq, token, logprobs in result.sampled:
+            request = seq.request
+            touched[request.request_id] = request
+            try:
+                self._append_token(seq, token, logprobs)
+            except Exception as e:  # a failure in one request ends that request only
+                logger.exception("request %s failed", request.request_id)
+                for s in request.seqs:
+                    if not s.is_finished:
+                        self.scheduler.finish(s, "error")
+                request.error = str(e)
+            if request.first_token_time is None:
+                request.first_token_time = now
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                request.finish_time = now
+                self.requests.pop(request.request_id, None)
+            outputs.append(self.make_output(request))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs) -> None:
+        params = seq.params
+        seq.append_token(token)
+        if logprobs is not None:
+            self._decode_logprobs([logprobs])
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        n_out = seq.num_output_tokens
+        if token in params.stop_token_ids:
+            self.scheduler.finish(seq, "stop")
+            seq.stop_reason = token
+            return
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self.scheduler.finish(seq, "stop")
+            return
+        if self.detokenizer is not None:
+            new_text = self.detokenizer.decode_new_tokens(seq)
+            if params.stop and new_text and n_out >= params.min_tokens:
+                stop = find_stop_string(seq, len(new_text))
+                if stop is not None:
+                    self.scheduler.finish(seq, "stop")
+                    seq.stop_reason = stop
+                    return
+        if (params.max_tokens is not None and n_out >= params.max_tokens) or len(seq) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _decode_logprobs(self, entries) -> None:
+        if self.tokenizer is None:
+            return
+        for entry in entries:
+            if entry is not None:
+                for token_id, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([token_id])
+
+    def make_output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            text = seq.output_text
+            if not seq.is_finished and seq.params.max_stop_len > 1:
+                text = text[: max(0, len(text) - seq.params.max_stop_len + 1)]  # may be a stop string's start
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs, outputs=outputs, finished=request.is_finished,
+            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time),
+            error=request.error)
+
+
+def _progress(iterable, show: bool, desc: str):
+    if not show:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit=" tensors", leave=False)

@@ -1,0 +1,95 @@
+"""Scheduler: continuous batching under a token budget, with chunked prefill and preemption by recompute."""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from tuili.config import SchedulerConfig
+from tuili.engine.block_manager import BlockManager
+from tuili.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in this step's batch and how many of its tokens get computed now."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so a new token is sampled after it."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+
+
+class Scheduler:
+    """Every step: running sequences first (oldest first), then waiting ones join while budget and blocks last.
+
+    When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
+    the front of the queue, to be recomputed (prompt + output so far) when memory allows; its output is
+    unchanged because recompute reproduces the same K/V.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept sorted by seq_id, i.e. by age: the newest is last
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+                self._preempt(self.running[-1])
+                preempted = True
+                if i >= len(self.running):  # `seq` itself was the newest and is gone
+                    break
+            else:
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                batch.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+        # no new admissions in a step that had to preempt: memory is short
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues and free its blocks at once."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

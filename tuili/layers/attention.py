@@ -1,0 +1,25 @@
+"""Attention over the paged KV cache: store this step's K/V, then attend through the block tables."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tuili.ops import attention as attention_ops
+from tuili.ops.attention_metadata import get_attention_metadata
+
+
+class Attention(nn.Module):
+    """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]. The runner assigns `k_cache`/`v_cache` after profiling."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = get_attention_metadata()
+        if not self.k_cache.numel():  # memory profiling runs before the cache exists
+            return attention_ops.varlen_causal_attention(q, k, v, meta, self.scale)
+        attention_ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return attention_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -1,0 +1,115 @@
+"""A .gguf file: config, tokenizer and chat template from its metadata, tensors dequantized to float.
+
+Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (the `gguf` package dequantizes them).
+llama.cpp stores the Llama family's q/k projection rows interleaved for its RoPE layout; they are put back in
+HF's order here, so the model code is the same for every source.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from tuili.loader.source import ModelSource, WeightIterator
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def open_reader(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors on bad files
+        raise ValueError(f"{path!r} is not a readable GGUF file (wrong format, truncated or corrupt): {e}") from e
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def hf_name(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    if m and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a supported Llama-family model")
+
+
+def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of the rotary halves in q/k rows."""
+    return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def config_from_metadata(reader, path: str):
+    from transformers import AutoConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError("this GGUF stores Llama 3.1 RoPE factors as a tensor (rope_freqs), which tuili does not "
+                         "read yet; load the HF folder of the model instead")
+    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    config = AutoConfig.for_model(
+        arch, architectures=[_ARCHITECTURES[arch]],
+        num_hidden_layers=get("block_count"), hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+        num_attention_heads=heads, num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length", hidden // heads),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=get("rope.freq_base", 10000.0),
+        max_position_embeddings=get("context_length", 4096), vocab_size=vocab,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    if arch == "llama":
+        config.attention_bias = "blk.0.attn_q.bias" in names
+    return config
+
+
+def load(path: str) -> ModelSource:
+    from transformers import AutoTokenizer
+
+    reader = open_reader(path)
+    config = config_from_metadata(reader, path)
+    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
+    if bad:
+        raise ValueError(f"GGUF tensor types {bad} are not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                  gguf_file=os.path.basename(path), local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot build a tokenizer from the metadata of {path!r}: {e}") from e
+    permute = _field(reader, "general.architecture") == "llama"
+
+    def weights() -> WeightIterator:
+        from gguf.quants import dequantize
+
+        for t in reader.tensors:
+            data = dequantize(t.data, t.tensor_type)
+            data = data.reshape([int(d) for d in reversed(t.shape)])
+            if permute and t.name.endswith("attn_q.weight"):
+                data = _unpermute(data, config.num_attention_heads)
+            elif permute and t.name.endswith("attn_k.weight"):
+                data = _unpermute(data, config.num_key_value_heads)
+            yield hf_name(t.name), torch.from_numpy(np.array(data, dtype=np.float32))
+
+    return ModelSource(path, config, tokenizer, weights, torch.float32)

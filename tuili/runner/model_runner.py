@@ -1,0 +1,121 @@
+"""ModelRunner: owns the model and its KV cache; turns a scheduled batch into tensors, runs it, samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuili.engine.scheduler import ScheduledSeq
+from tuili.engine.sequence import Sequence
+from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
+from tuili.runner.sampler import Sampler, SamplerOutput, top_logprobs
+from tuili.sampling_params import PositionLogprobs
+
+
+@dataclass
+class RunnerOutput:
+    sampled: list[tuple[Sequence, int, PositionLogprobs | None]]           # (seq, new token, its logprobs)
+    prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]          # entries to append per sequence
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
+                 eos_token_ids: set[int]) -> None:
+        self.model = model
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        attn = model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.sampler = Sampler(config.vocab_size, eos_token_ids)
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @torch.no_grad()
+    def profile_free_memory(self, num_tokens: int, utilization: float) -> int:
+        """GPU bytes left for the KV cache: utilization * total - (weights + peak of a worst-case forward)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        meta = self._metadata([num_tokens], [num_tokens], [[]], list(range(num_tokens)))
+        set_attention_metadata(meta)
+        try:
+            hidden = self.model(ids, torch.arange(num_tokens, device=self.device))
+            self.model.compute_logits(hidden[-min(num_tokens, 256):])  # logits of up to 256 sampled rows
+        finally:
+            set_attention_metadata(None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * utilization - peak)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        for layer in self.model.layers:
+            layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def _metadata(self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                  slots: list[int]) -> AttentionMetadata:
+        width = max(len(t) for t in block_tables) or 1
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
+        return AttentionMetadata(
+            slot_mapping=as_tensor(slots, torch.long), block_tables=as_tensor(tables, torch.int32),
+            seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(starts, torch.int32),
+            seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens))
+
+    @torch.no_grad()
+    def execute(self, batch: list[ScheduledSeq]) -> RunnerOutput:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []          # row of each sampling sequence's last token
+        prompt_rows: list[tuple[int, Sequence, int, int]] = []  # (first row, seq, first target, count)
+        for item in batch:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            row0 = len(input_ids)
+            input_ids += seq.token_ids[start:start + n]
+            pos = range(start, start + n)
+            positions += pos
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            if item.samples:
+                sample_rows.append(row0 + n - 1)
+            if seq.wants_prompt_logprobs:  # logits at position p score prompt token p + 1
+                first = len(seq.prompt_logprobs)
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                if first - 1 >= start and last >= first:
+                    prompt_rows.append((row0 + first - 1 - start, seq, first, last - first + 1))
+        meta = self._metadata([i.num_new_tokens for i in batch],
+                              [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
+                              [i.seq.block_table for i in batch], slots)
+        set_attention_metadata(meta)
+        try:
+            hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                torch.tensor(positions, device=self.device))
+        finally:
+            set_attention_metadata(None)
+
+        sampled_seqs = [item.seq for item in batch if item.samples]
+        sampled: list[tuple[Sequence, int, PositionLogprobs | None]] = []
+        if sampled_seqs:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            out: SamplerOutput = self.sampler(logits, sampled_seqs)
+            sampled = list(zip(sampled_seqs, out.token_ids, out.logprobs))
+        prompt_lps = []
+        for row, seq, first, count in prompt_rows:
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)
+            targets = torch.tensor(seq.token_ids[first:first + count], device=self.device)
+            prompt_lps.append((seq, top_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * count)))
+        return RunnerOutput(sampled, prompt_lps)

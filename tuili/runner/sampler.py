@@ -1,0 +1,122 @@
+"""Sampler: batched logits processing and sampling with per-request parameters, all on the logits' device.
+
+Order per row: penalties (repetition on prompt + output, presence / frequency on output), min_tokens (EOS and
+stop ids banned), then greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample. Sampling uses the
+exponential race (argmax p / E, E ~ Exp(1)): one pass, no host sync; a seeded request draws its E from its own
+generator, so its output does not depend on what else is in the batch. Logprobs are of the raw model
+distribution (log_softmax of the logits), as in vLLM and the OpenAI API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuili.engine.sequence import Sequence
+from tuili.sampling_params import Logprob, PositionLogprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # per row, when its request asked for logprobs
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: list[int]) -> list[PositionLogprobs]:
+    """For each row of `logprobs` [N, V]: the chosen token's logprob and rank plus the top-num[i] tokens."""
+    chosen_lp = logprobs.gather(1, chosen[:, None])
+    ranks = (logprobs > chosen_lp).sum(1) + 1
+    k = max(num)
+    top_lp, top_ids = logprobs.topk(k, dim=1) if k else (None, None)
+    chosen_lp, ranks, chosen = chosen_lp[:, 0].tolist(), ranks.tolist(), chosen.tolist()
+    top_lp = top_lp.tolist() if k else None
+    top_ids = top_ids.tolist() if k else None
+    out = []
+    for i in range(len(chosen)):
+        entry = {chosen[i]: Logprob(chosen_lp[i], ranks[i])}
+        for r in range(num[i]):
+            entry.setdefault(top_ids[i][r], Logprob(top_lp[i][r], r + 1))
+        out.append(entry)
+    return out
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        logits = logits.float()                                            # [N, V]
+        n, device = len(seqs), logits.device
+        params = [s.params for s in seqs]
+        want_lp = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_min_tokens(logits, seqs)
+
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+                                       device=device)[:, None]
+            probs = self._filter(logits / temperature, params).softmax(dim=-1)
+            noise = torch.empty_like(probs).exponential_()
+            for i, s in enumerate(seqs):
+                if s.generator is not None and not params[i].greedy:
+                    noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(device)
+            sampled = (probs / noise).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        logprobs: list[PositionLogprobs | None] = [None] * n
+        if raw_logprobs is not None:
+            rows = [i for i in range(n) if want_lp[i]]
+            entries = top_logprobs(raw_logprobs[rows], tokens[rows], [params[i].logprobs for i in rows])
+            for i, entry in zip(rows, entries):
+                logprobs[i] = entry
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(s.token_ids, device=logits.device).unique()
+                row = logits[i, seen]
+                logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and s.num_output_tokens:
+                out = torch.tensor(s.output_token_ids, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1]).float()
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                banned = set(s.params.stop_token_ids)
+                if not s.params.ignore_eos:
+                    banned |= self.eos_token_ids
+                banned = [t for t in banned if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, params) -> torch.Tensor:
+        """top-k, top-p and min-p by masking logits to -inf (rows with them off are untouched)."""
+        vocab = logits.shape[1]
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if all(k == vocab for k in top_k) and all(p == 1.0 for p in top_p) and not any(min_p):
+            return logits
+        device = logits.device
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(vocab, device=device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)                            # renormalised over the top-k
+        mass_before = probs.cumsum(dim=-1) - probs                       # mass of strictly better tokens
+        drop = mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop |= probs < torch.tensor(min_p, device=device)[:, None] * probs[:, :1]
+        drop[:, 0] = False                                                 # the best token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
