@@ -1,0 +1,193 @@
+"""`tuili bench latency`: batch-B decode speed and prefill time, against the memory roofline and HF transformers
+run on the same weights in the same process (workloads 1 and 5 of BENCHMARKS.md)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+from tuili.config import EngineArgs
+from tuili.engine.llm import LLM
+from tuili.sampling_params import SamplingParams
+
+CHAT_PROMPT = "Write a short story about a dragon who learns to read."
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 2**28, repeats: int = 5) -> float:
+    """Device copy bandwidth in bytes/s (read + write counted), the ceiling for memory-bound decode."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * repeats / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_bytes_per_step(model, batch: int, context: int, kv_dtype: torch.dtype) -> int:
+    """Weights read per decode step (the embedding table excluded: one row per token) + KV read."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.lm_head is None:  # tied: the embedding is read whole as the output projection
+        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    attn = model.layers[0].self_attn
+    kv = 2 * len(model.layers) * attn.num_kv_heads * attn.head_dim * kv_dtype.itemsize * batch * context
+    return weights + kv
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def time_tuili(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    best = None
+    for _ in range(repeats):
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        first = max(o.metrics.first_token_time for o in outs)
+        start = min(o.metrics.arrival_time for o in outs)
+        end = max(o.metrics.finish_time for o in outs)
+        run = {"ttft_s": first - start, "decode_s": end - first}
+        if best is None or run["decode_s"] < best["decode_s"]:
+            best = run
+    steps = output_len - 1
+    return {**best, "decode_tok_s": len(prompts) * steps / best["decode_s"],
+            "ms_per_step": 1e3 * best["decode_s"] / steps}
+
+
+def hf_reference_model(llm: LLM):
+    """HF transformers' model with the very weights tuili runs (GGUF or folder loaded by HF; dummy copied)."""
+    from transformers import AutoModelForCausalLM
+
+    engine = llm.engine
+    name = engine.model_name
+    if engine.args.load_format != "dummy" and name.endswith(".gguf"):
+        folder, file = os.path.split(name)
+        # HF keeps GGUF weights packed and computes in float32: its fastest setting whatever tuili's dtype
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    elif engine.args.load_format != "dummy":
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=engine.dtype, local_files_only=True)
+    else:
+        with torch.device(engine.device):
+            model = AutoModelForCausalLM.from_config(engine.model_config, dtype=engine.dtype)
+        model.load_state_dict(hf_state_dict(engine.model), strict=False)
+    return model.to(engine.device).eval()
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """tuili's fused parameters split back into HF's names."""
+    out = {}
+    for name, p in model.named_parameters():
+        attn = "self_attn.qkv_proj." in name
+        if attn or "mlp.gate_up_proj." in name:
+            layer = model.layers[int(name.split(".")[1])]
+            if attn:
+                a = layer.self_attn
+                parts = dict(zip("qkv", p.split([a.q_size, a.kv_size, a.kv_size])))
+                for k, t in parts.items():
+                    out["model." + name.replace("qkv_proj", f"{k}_proj")] = t
+            else:
+                gate, up = p.chunk(2)
+                out["model." + name.replace("gate_up_proj", "gate_proj")] = gate
+                out["model." + name.replace("gate_up_proj", "up_proj")] = up
+        elif name.startswith("lm_head"):
+            out[name] = p
+        else:
+            out["model." + name] = p
+    return out
+
+
+@torch.no_grad()
+def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, device: torch.device) -> dict:
+    """HF generate, greedy, fixed length; TTFT from a 1-token generate, decode rate from the rest."""
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        _sync(device)
+        return time.perf_counter() - start
+
+    run(4)
+    ttft = min(run(1) for _ in range(repeats))
+    total = min(run(output_len) for _ in range(repeats))
+    steps = output_len - 1
+    return {"ttft_s": ttft, "decode_s": total - ttft, "decode_tok_s": len(prompts) * steps / (total - ttft),
+            "ms_per_step": 1e3 * (total - ttft) / steps}
+
+
+def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    llm = LLM(**dataclasses.asdict(engine_args))
+    engine = llm.engine
+    if ns.input_len is None:
+        if engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer: give --input-len")
+        prompt = llm.encode_chat([{"role": "user", "content": CHAT_PROMPT}])
+        prompts = [prompt] * ns.batch_size
+    else:
+        gen = torch.Generator().manual_seed(0)
+        vocab = engine.model_config.vocab_size
+        prompts = torch.randint(0, vocab, (ns.batch_size, ns.input_len), generator=gen).tolist()
+    input_len = len(prompts[0])
+    bandwidth = measure_bandwidth(engine.device)
+    ours = time_tuili(llm, prompts, ns.output_len, ns.repeats)
+    step_bytes = decode_bytes_per_step(engine.model, ns.batch_size, input_len + ns.output_len // 2, engine.dtype)
+    ours["achieved_GB_s"] = step_bytes / (ours["ms_per_step"] / 1e3) / 1e9
+    ours["mbu"] = ours["achieved_GB_s"] * 1e9 / bandwidth
+    report = {
+        "workload": "latency", "device": device_name(engine.device), "torch": torch.__version__,
+        "commit": git_commit(), "model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."),
+        "batch_size": ns.batch_size, "input_len": input_len, "output_len": ns.output_len,
+        "engine_args": dataclasses.asdict(engine_args), "bandwidth_GB_s": bandwidth / 1e9,
+        "decode_floor_tok_s": ns.batch_size * bandwidth / step_bytes, "tuili": ours,
+    }
+    print(f"device {report['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.model_name} "
+          f"({report['dtype']}), batch {ns.batch_size}, prompt {input_len}, {ns.output_len} new tokens")
+    _print_row("tuili", ours)
+    if not ns.no_hf:
+        hf = time_hf(hf_reference_model(llm), prompts, ns.output_len, ns.repeats, engine.device)
+        report["hf_transformers"] = hf
+        report["speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
+        _print_row("HF transformers", hf)
+        print(f"tuili decode is {report['speedup_vs_hf']:.2f}x HF transformers")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def _print_row(name: str, r: dict) -> None:
+    roofline = f", {r['achieved_GB_s']:.1f} GB/s, MBU {100 * r['mbu']:.0f}%" if "mbu" in r else ""
+    print(f"  {name:16s} decode {r['decode_tok_s']:8.1f} tok/s ({r['ms_per_step']:.2f} ms/step{roofline}), "
+          f"TTFT {1e3 * r['ttft_s']:.1f} ms")

