@@ -80,8 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    lat.add_argument("--hf-output-len", type=int, default=None, help="tokens HF generates (default min(64, output))")
     lat.add_argument("--json", default=None, help="write the results here")
+    lat.add_argument("--plot", default=None, help="write a PNG roofline chart here")
     add_engine_args(lat)
+    thr = bench_sub.add_parser("throughput", help="offline batch: 256 requests, lengths uniform in [100, 1024]")
+    thr.add_argument("--num-requests", type=int, default=256)
+    thr.add_argument("--min-len", type=int, default=100)
+    thr.add_argument("--max-len", type=int, default=1024)
+    thr.add_argument("--hf-batch-size", type=int, action="append", default=None,
+                     help="static batch sizes for the HF transformers peer (repeatable; none: no peer)")
+    thr.add_argument("--json", default=None)
+    thr.add_argument("--plot", default=None)
+    add_engine_args(thr)
     return parser
 
 
@@ -94,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.chat import run_chat
 
             return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
-        if ns.command == "bench":
+        if ns.command == "bench" and ns.workload == "latency":
             from tuili.bench.latency import run_latency
 
             return run_latency(ns, engine_args_from(ns))
+        if ns.command == "bench" and ns.workload == "throughput":
+            from tuili.bench.throughput import run_throughput
+
+            return run_throughput(ns, engine_args_from(ns))
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

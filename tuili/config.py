@@ -42,7 +42,10 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None  # fixes the block count (tests, experiments)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    enforce_eager: bool = False
+    max_logprobs: int = 20              # most top logprobs a request may ask for (as vLLM)
+    enforce_eager: bool = False         # no CUDA graphs
+    attention_backend: str = "auto"     # auto (triton on GPU, torch on CPU) | triton | torch
+    no_fused_ops: bool = False          # torch references instead of the fused Triton norm/RoPE/SiLU kernels
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -50,6 +53,8 @@ class EngineArgs:
         parse_dtype(self.dtype)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory <= 0:
@@ -62,6 +67,8 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens must be >= block_size, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
 
@@ -72,6 +79,13 @@ class EngineArgs:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**kwargs)
+
+    def use_triton(self, device: torch.device) -> tuple[bool, bool]:
+        """(fused Triton ops, Triton attention) for `device`: Triton needs a GPU; the switches turn it off."""
+        on_gpu = device.type == "cuda"
+        if self.attention_backend == "triton" and not on_gpu:
+            raise ValueError("attention_backend 'triton' needs a CUDA device; use 'torch' on the CPU")
+        return on_gpu and not self.no_fused_ops, on_gpu and self.attention_backend != "torch"
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -6,65 +6,17 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
+from tuili.bench.roofline import (attention_flops, environment, kv_bytes_per_token, matmul_params,
+                                  measure_bandwidth, measure_matmul_rate, sync, weight_bytes)
 from tuili.config import EngineArgs
 from tuili.engine.llm import LLM
 from tuili.sampling_params import SamplingParams
 
 CHAT_PROMPT = "Write a short story about a dragon who learns to read."
-
-
-def measure_bandwidth(device: torch.device, nbytes: int = 2**28, repeats: int = 5) -> float:
-    """Device copy bandwidth in bytes/s (read + write counted), the ceiling for memory-bound decode."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * nbytes * repeats / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def decode_bytes_per_step(model, batch: int, context: int, kv_dtype: torch.dtype) -> int:
-    """Weights read per decode step (the embedding table excluded: one row per token) + KV read."""
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    if model.lm_head is None:  # tied: the embedding is read whole as the output projection
-        weights += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
-    attn = model.layers[0].self_attn
-    kv = 2 * len(model.layers) * attn.num_kv_heads * attn.head_dim * kv_dtype.itemsize * batch * context
-    return weights + kv
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def time_tuili(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
@@ -133,10 +85,10 @@ def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, devi
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
     def run(n: int) -> float:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     run(4)
@@ -160,23 +112,34 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         vocab = engine.model_config.vocab_size
         prompts = torch.randint(0, vocab, (ns.batch_size, ns.input_len), generator=gen).tolist()
     input_len = len(prompts[0])
-    bandwidth = measure_bandwidth(engine.device)
+    model, device = engine.model, engine.device
+    bandwidth = measure_bandwidth(device)
+    matmul_rate = measure_matmul_rate(device, engine.dtype)
     ours = time_tuili(llm, prompts, ns.output_len, ns.repeats)
-    step_bytes = decode_bytes_per_step(engine.model, ns.batch_size, input_len + ns.output_len // 2, engine.dtype)
+    # decode: bytes per step at the mean context; prefill: FLOPs of the whole batch of prompts
+    step_bytes = weight_bytes(model) + kv_bytes_per_token(model, engine.dtype) * ns.batch_size * (
+        input_len + ns.output_len // 2)
+    prefill_flops = ns.batch_size * (2.0 * matmul_params(model) * input_len
+                                     + attention_flops(model, input_len, input_len))
     ours["achieved_GB_s"] = step_bytes / (ours["ms_per_step"] / 1e3) / 1e9
     ours["mbu"] = ours["achieved_GB_s"] * 1e9 / bandwidth
+    ours["prefill_TFLOP_s"] = prefill_flops / ours["ttft_s"] / 1e12
+    ours["prefill_mfu"] = prefill_flops / ours["ttft_s"] / matmul_rate
     report = {
-        "workload": "latency", "device": device_name(engine.device), "torch": torch.__version__,
-        "commit": git_commit(), "model": engine.model_name, "dtype": str(engine.dtype).removeprefix("torch."),
-        "batch_size": ns.batch_size, "input_len": input_len, "output_len": ns.output_len,
-        "engine_args": dataclasses.asdict(engine_args), "bandwidth_GB_s": bandwidth / 1e9,
+        "workload": "latency", **environment(device), "model": engine.model_name,
+        "dtype": str(engine.dtype).removeprefix("torch."), "batch_size": ns.batch_size, "input_len": input_len,
+        "output_len": ns.output_len, "engine_args": dataclasses.asdict(engine_args),
+        "bandwidth_GB_s": bandwidth / 1e9, "matmul_TFLOP_s": matmul_rate / 1e12,
         "decode_floor_tok_s": ns.batch_size * bandwidth / step_bytes, "tuili": ours,
     }
-    print(f"device {report['device']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s; model {engine.model_name} "
-          f"({report['dtype']}), batch {ns.batch_size}, prompt {input_len}, {ns.output_len} new tokens")
+    print(f"device {report['device']}: copy {bandwidth / 1e9:.0f} GB/s, matmul {matmul_rate / 1e12:.1f} TFLOP/s; "
+          f"model {engine.model_name} ({report['dtype']}), batch {ns.batch_size}, prompt {input_len}, "
+          f"{ns.output_len} new tokens; decode floor {report['decode_floor_tok_s']:.0f} tok/s")
     _print_row("tuili", ours)
     if not ns.no_hf:
-        hf = time_hf(hf_reference_model(llm), prompts, ns.output_len, ns.repeats, engine.device)
+        hf_len = ns.hf_output_len or min(ns.output_len, 64)  # HF eager is slow; its rate is steady
+        hf = time_hf(hf_reference_model(llm), prompts, hf_len, ns.repeats, engine.device)
+        hf["output_len"] = hf_len
         report["hf_transformers"] = hf
         report["speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
         _print_row("HF transformers", hf)
@@ -184,10 +147,15 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(report, f, indent=2)
+    if ns.plot:
+        from tuili.bench.plot import latency_plot
+
+        latency_plot(report, ns.plot)
     return 0
 
 
 def _print_row(name: str, r: dict) -> None:
-    roofline = f", {r['achieved_GB_s']:.1f} GB/s, MBU {100 * r['mbu']:.0f}%" if "mbu" in r else ""
-    print(f"  {name:16s} decode {r['decode_tok_s']:8.1f} tok/s ({r['ms_per_step']:.2f} ms/step{roofline}), "
-          f"TTFT {1e3 * r['ttft_s']:.1f} ms")
+    decode = f", {r['achieved_GB_s']:.0f} GB/s, MBU {100 * r['mbu']:.0f}%" if "mbu" in r else ""
+    prefill = f" = {r['prefill_TFLOP_s']:.1f} TFLOP/s, MFU {100 * r['prefill_mfu']:.0f}%" if "prefill_mfu" in r else ""
+    print(f"  {name:16s} decode {r['decode_tok_s']:8.1f} tok/s ({r['ms_per_step']:.2f} ms/step{decode}); "
+          f"prefill (TTFT) {1e3 * r['ttft_s']:.1f} ms{prefill}")

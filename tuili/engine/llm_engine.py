@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,18 @@ from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
 
 logger = logging.getLogger("tuili")
+
+
+@dataclass
+class StepStats:
+    """One engine step, for benchmarks: its batch and how long it took (the sampled tokens synced it)."""
+
+    num_seqs: int
+    num_tokens: int          # tokens computed (prefill chunks + one per decode)
+    context_tokens: int      # sum of context lengths: K/V tokens read
+    attention_pairs: float   # causal (query, key) pairs: attention FLOPs / (4 layers heads head_dim)
+    blocks_used: int
+    seconds: float
 
 
 def _as_set(value) -> set[int]:
@@ -58,16 +71,21 @@ class LLMEngine:
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids)
+        fused_ops, triton_attention = args.use_triton(self.device)
+        self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids,
+                                  fused_ops, triton_attention)
         self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.dtype)
         self.runner.allocate_kv_cache(self.cache_config.num_blocks)
         self.max_model_len = self._max_model_len()
+        if self.device.type == "cuda" and triton_attention and not args.enforce_eager:
+            self.runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
         self.block_manager = BlockManager(self.cache_config.num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
+        self.step_log: list[StepStats] | None = None  # benchmarks set a list to record every step
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _auto_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -111,6 +129,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.args.max_logprobs:
+                raise ValueError(f"{name} must be <= {self.args.max_logprobs} (max_logprobs), got {value}")
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -158,10 +180,18 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of every request that advanced or finished."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         result = self.runner.execute(batch)
+        if self.step_log is not None:
+            self.step_log.append(StepStats(
+                num_seqs=len(batch), num_tokens=sum(i.num_new_tokens for i in batch),
+                context_tokens=sum(i.seq.num_computed_tokens + i.num_new_tokens for i in batch),
+                attention_pairs=sum(i.num_new_tokens * (i.seq.num_computed_tokens + (i.num_new_tokens + 1) / 2)
+                                    for i in batch),
+                blocks_used=self.block_manager.num_used_blocks, seconds=time.perf_counter() - start))
         for item in batch:
             item.seq.num_computed_tokens += item.num_new_tokens
         for seq, entries in result.prompt_logprobs:

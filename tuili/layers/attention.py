@@ -16,10 +16,19 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
+        self.use_triton(False)
+
+    def use_triton(self, enabled: bool) -> None:
+        if enabled:
+            from tuili.ops import attention_triton
+
+            self._store, self._attend = attention_triton.store_kv_cache_triton, attention_triton.paged_attention_triton
+        else:
+            self._store, self._attend = attention_ops.store_kv_cache, attention_ops.paged_attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_attention_metadata()
         if not self.k_cache.numel():  # memory profiling runs before the cache exists
             return attention_ops.varlen_causal_attention(q, k, v, meta, self.scale)
-        attention_ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return attention_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        self._store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self._attend(q, self.k_cache, self.v_cache, meta, self.scale)

@@ -46,6 +46,10 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_frequencies(head_dim, theta, scaling)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, head_dim / 2], fp32
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.use_triton(False)
+
+    def use_triton(self, enabled: bool) -> None:
+        self._apply = rope.apply_rope_triton if enabled else rope.apply_rope
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return rope.apply_rope(q, k, self.cos[positions], self.sin[positions])
+        return self._apply(q, k, self.cos[positions], self.sin[positions])

@@ -1,11 +1,14 @@
 """A .gguf file: config, tokenizer and chat template from its metadata, tensors dequantized to float.
 
+A file without tokenizer metadata (no `tokenizer.ggml.model`) loads with tokenizer None.
+
 Supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (the `gguf` package dequantizes them).
 llama.cpp stores the Llama family's q/k projection rows interleaved for its RoPE layout; they are put back in
 HF's order here, so the model code is the same for every source.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -68,7 +71,16 @@ def config_from_metadata(reader, path: str):
     get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     heads = get("attention.head_count")
     hidden = get("embedding_length")
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = get("vocab_size")
+    if not vocab:  # older files: the tokenizer's token list, or (no tokenizer either) the embedding's rows
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if tokens is not None:
+            vocab = len(tokens.data)
+        elif embd is not None:
+            vocab = int(embd.shape[-1])  # GGUF dims run innermost first: (hidden, vocab)
+        else:
+            raise ValueError(f"{path!r} states no vocabulary size and has neither tokens nor token_embd.weight")
     config = AutoConfig.for_model(
         arch, architectures=[_ARCHITECTURES[arch]],
         num_hidden_layers=get("block_count"), hidden_size=hidden, intermediate_size=get("feed_forward_length"),
@@ -85,19 +97,42 @@ def config_from_metadata(reader, path: str):
     return config
 
 
-def load(path: str) -> ModelSource:
+def load_tokenizer(path: str):
+    """The tokenizer and chat template from the GGUF metadata, converted by transformers.
+
+    Conversion re-reads the whole file (seconds), so the result is kept under ~/.cache/tuili, keyed by the
+    file's path, size and modification time; a cache that cannot be written is simply not used.
+    """
     from transformers import AutoTokenizer
 
-    reader = open_reader(path)
-    config = config_from_metadata(reader, path)
-    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
-    if bad:
-        raise ValueError(f"GGUF tensor types {bad} are not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = os.path.join(os.path.expanduser("~/.cache/tuili/tokenizers"), key)
+    if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                                   gguf_file=os.path.basename(path), local_files_only=True)
     except Exception as e:
         raise ValueError(f"cannot build a tokenizer from the metadata of {path!r}: {e}") from e
+    try:
+        tokenizer.save_pretrained(cached)
+    except OSError:
+        pass
+    return tokenizer
+
+
+def load(path: str) -> ModelSource:
+    reader = open_reader(path)
+    config = config_from_metadata(reader, path)
+    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
+    if bad:
+        raise ValueError(f"GGUF tensor types {bad} are not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    # a file without tokenizer metadata still runs, on token-id prompts (or with --tokenizer)
+    tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
     permute = _field(reader, "general.architecture") == "llama"
 
     def weights() -> WeightIterator:

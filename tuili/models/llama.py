@@ -15,7 +15,8 @@ from tuili.layers.attention import Attention
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rope_parameters
-from tuili.ops.activation import silu_and_mul
+from tuili.ops import rope
+from tuili.ops import activation
 
 
 def head_dim_of(config) -> int:
@@ -37,6 +38,12 @@ class LlamaAttention(nn.Module):
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.fused_qk_norm_rope = None
+
+    def use_triton(self, enabled: bool) -> None:
+        """Qwen3's q/k norms and RoPE in one kernel (the separate norm/rope modules switch themselves)."""
+        if self.q_norm is not None:
+            self.fused_qk_norm_rope = rope.qk_norm_rope_triton if enabled else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)                                             # [T, (H + 2 KVH) D]
@@ -44,9 +51,13 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)                      # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)                   # [T, KVH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.fused_qk_norm_rope is not None:
+            q, k = self.fused_qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                           self.rotary.cos[positions], self.rotary.sin[positions])
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         o = self.attn(q, k, v)                                             # [T, H, D]
         return self.o_proj(o.flatten(1))
 
@@ -60,9 +71,13 @@ class LlamaMLP(nn.Module):
                                                                1: config.intermediate_size},
                                          bias=getattr(config, "mlp_bias", False))
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=getattr(config, "mlp_bias", False))
+        self.use_triton(False)
+
+    def use_triton(self, enabled: bool) -> None:
+        self._act = activation.silu_and_mul_triton if enabled else activation.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))          # [T, 2F] -> [T, F] -> [T, hidden]
+        return self.down_proj(self._act(self.gate_up_proj(x)))             # [T, 2F] -> [T, F] -> [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,6 +120,14 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
 
+    def set_backends(self, fused_ops: bool, triton_attention: bool) -> None:
+        """Triton kernels (fused_ops: norms, RoPE, SiLU; triton_attention: paged attention) or torch references."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.use_triton(triton_attention)
+            elif module is not self and hasattr(module, "use_triton"):
+                module.use_triton(fused_ops)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                                   # [T, hidden]
         residual = None
@@ -120,7 +143,12 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; fused parameters take their shards. Every parameter must be loaded."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        expected = {name: {None} for name in params}  # the shards each parameter needs
+        for prefix, module in self.named_modules():
+            if isinstance(module, MergedLinear):
+                for pname, _ in module.named_parameters(recurse=False):
+                    expected[f"{prefix}.{pname}"] = set(module.offsets)
+        loaded: dict[str, set] = {name: set() for name in params}
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
@@ -139,8 +167,8 @@ class LlamaForCausalLM(nn.Module):
                 param.weight_loader(param, tensor)
             else:
                 param.weight_loader(param, tensor, shard_id)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        # a fused parameter counts as loaded when any shard was; shapes were checked per shard
+            loaded[name].add(shard_id)
+        missing = sorted(f"{name}" + ("" if shards == {None} else f" {sorted(shards - loaded[name], key=str)}")
+                         for name, shards in expected.items() if loaded[name] != shards)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")

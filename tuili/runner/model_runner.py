@@ -9,6 +9,7 @@ from torch import nn
 from tuili.engine.scheduler import ScheduledSeq
 from tuili.engine.sequence import Sequence
 from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
+from tuili.runner.cuda_graph import DecodeGraphs
 from tuili.runner.sampler import Sampler, SamplerOutput, top_logprobs
 from tuili.sampling_params import PositionLogprobs
 
@@ -21,9 +22,12 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], fused_ops: bool = False, triton_attention: bool = False) -> None:
         self.model = model
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.triton_attention = triton_attention
+        model.set_backends(fused_ops, triton_attention)
+        self.graphs: DecodeGraphs | None = None
         config = model.config
         self.num_layers = config.num_hidden_layers
         attn = model.layers[0].self_attn
@@ -54,11 +58,19 @@ class ModelRunner:
         return int(total * utilization - peak)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """`num_blocks` for the block manager plus one scratch block (padding rows of CUDA graphs write there)."""
         self.num_blocks = num_blocks
-        shape = (num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
         for layer in self.model.layers:
             layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs (GPU, Triton attention only: the torch path reads lengths on the host)."""
+        assert self.device.type == "cuda" and self.triton_attention and self.num_blocks
+        self.graphs = DecodeGraphs(self.model, self.device, max_batch, max_model_len, self.block_size,
+                                   scratch_block=self.num_blocks)
+        self.graphs.capture()
 
     # ---- one step -------------------------------------------------------------------------------------
     def _metadata(self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -74,6 +86,17 @@ class ModelRunner:
             seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(starts, torch.int32),
             seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, max_query_len=max(query_lens),
             max_seq_len=max(seq_lens))
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.graphs is not None:
+            hidden = self.graphs.run(input_ids, positions, meta)
+            if hidden is not None:
+                return hidden
+        set_attention_metadata(meta)
+        try:
+            return self.model(input_ids, positions)
+        finally:
+            set_attention_metadata(None)
 
     @torch.no_grad()
     def execute(self, batch: list[ScheduledSeq]) -> RunnerOutput:
@@ -100,12 +123,8 @@ class ModelRunner:
         meta = self._metadata([i.num_new_tokens for i in batch],
                               [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
                               [i.seq.block_table for i in batch], slots)
-        set_attention_metadata(meta)
-        try:
-            hidden = self.model(torch.tensor(input_ids, device=self.device),
-                                torch.tensor(positions, device=self.device))
-        finally:
-            set_attention_metadata(None)
+        hidden = self._forward(torch.tensor(input_ids, device=self.device),
+                               torch.tensor(positions, device=self.device), meta)
 
         sampled_seqs = [item.seq for item in batch if item.samples]
         sampled: list[tuple[Sequence, int, PositionLogprobs | None]] = []

@@ -47,7 +47,7 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        logits = logits.float()                                            # [N, V]
+        logits = logits.to(torch.float32, copy=True)                       # [N, V]; processed in place below
         n, device = len(seqs), logits.device
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
