@@ -1,7 +1,12 @@
-"""Rotary position embedding, NeoX layout (the halves of each head are rotated), torch reference."""
+"""Rotary position embedding, NeoX layout (the halves of each head are rotated), and Qwen3's per-head q/k
+RMSNorm fused in front of it: torch references, then the Triton fast path."""
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from tuili.ops.rmsnorm import rms_norm
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
@@ -14,3 +19,111 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
     return rotate(q), rotate(k)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3: RMSNorm each head of q and k (weights: [D]), then apply_rope. Shapes as in apply_rope."""
+    return apply_rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
+
+
+# --- Triton ------------------------------------------------------------------------------------------------
+# triton.language, bound when the kernels are first built: importing this module must not need Triton, and
+# TRITON_INTERPRET is read when a kernel is jitted, so tests can still set it after tuili is imported.
+tl = None
+
+
+def _norm_rope_heads(x_ptr, out_ptr, weight_ptr, t, stride_t, stride_h, num_heads, cos, sin, offs_d, mask_d,
+                     half, eps, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # All heads of token t of one tensor as two [BLOCK_H, BLOCK_HALF] tiles (first and second half of each
+    # head), so the rotation needs no data movement across lanes. cos/sin: [1, BLOCK_HALF] fp32.
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = (heads < num_heads) & mask_d[None, :]
+    src = x_ptr + t * stride_t + heads * stride_h + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if NORM:  # rounded as rms_norm is: normalise in fp32, cast to x's dtype, scale by the weight, cast again
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)[:, None]
+        w1 = tl.load(weight_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + half + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    # each product rounded to x's dtype before the sum, as the reference (torch ops in x's dtype) does
+    o1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+    o2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    dst = out_ptr + (t * num_heads + heads) * (2 * half) + offs_d[None, :]
+    tl.store(dst, o1.to(dtype), mask=mask)
+    tl.store(dst + half, o2.to(dtype), mask=mask)
+
+
+def _norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+                      num_heads, num_kv_heads, half, eps,
+                      NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr):
+    # q: [T, H, D], k: [T, KVH, D], head dim contiguous, token/head strides given (views of a fused qkv
+    # are fine); q_out/k_out: the same shapes, contiguous; weights: [D]; cos/sin: [T, D/2], last dim
+    # contiguous. One program per token: its cos/sin are loaded once for all q and k heads.
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < half
+    dtype = q_out_ptr.dtype.element_ty  # the reference casts cos/sin to x's dtype
+    cos = tl.load(cos_ptr + t * stride_cos + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + t * stride_sin + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    _norm_rope_heads(q_ptr, q_out_ptr, q_weight_ptr, t, stride_qt, stride_qh, num_heads, cos, sin, offs_d,
+                     mask_d, half, eps, NORM, BLOCK_H)
+    _norm_rope_heads(k_ptr, k_out_ptr, k_weight_ptr, t, stride_kt, stride_kh, num_kv_heads, cos, sin, offs_d,
+                     mask_d, half, eps, NORM, BLOCK_KVH)
+
+
+@functools.cache
+def _kernel():
+    """The jitted kernel (and its helper, which it finds by name in this module), built on first use."""
+    global tl, _norm_rope_heads
+    import triton
+    import triton.language
+
+    tl = triton.language
+    _norm_rope_heads = triton.jit(_norm_rope_heads)
+    return triton.jit(_norm_rope_kernel)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    (num_tokens, num_heads, head_dim), num_kv_heads = q.shape, k.shape[1]
+    if head_dim % 2 or k.shape[0] != num_tokens or k.shape[2] != head_dim or k.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share T, an even "
+                         f"head_dim and dtype")
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
+                                                                                     device=k.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    q, k, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, cos, sin))
+    q_weight, k_weight = (q, k) if weights is None else (w.contiguous() for w in weights)
+    half = head_dim // 2
+    block_h, block_kvh, block_half = _pow2(num_heads), _pow2(num_kv_heads), _pow2(half)
+    tile = 2 * max(block_h, block_kvh) * block_half
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    _kernel()[(num_tokens,)](
+        q, k, q_out, k_out, q_weight, k_weight, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos.stride(0), sin.stride(0), num_heads, num_kv_heads, half, eps,
+        NORM=weights is not None, BLOCK_H=block_h, BLOCK_KVH=block_kvh, BLOCK_HALF=block_half,
+        num_warps=num_warps)
+    return q_out, k_out
+
+
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton apply_rope: q/k may be strided views (of a fused qkv); returns new contiguous q, k."""
+    return _launch(q, k, cos, sin, None, 0.0)
+
+
+def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                        eps: float, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton qk_norm_rope in one launch: q/k may be strided views; returns new contiguous q, k."""
+    return _launch(q, k, cos, sin, (q_weight, k_weight), eps)

@@ -1,0 +1,142 @@
+"""Triton elementwise kernels (RMSNorm, RoPE, q/k norm + RoPE, SiLU-and-mul) against their torch references.
+
+Without a GPU they run in the Triton interpreter on CPU (fp32, fp16); on a CUDA GPU they run compiled, also in
+bf16, which the interpreter gets wrong.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported or any kernel jitted (tuili builds them lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
+from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
+from tuili.ops.rope import apply_rope, apply_rope_triton, qk_norm_rope, qk_norm_rope_triton  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is off and there is no CUDA GPU", allow_module_level=True)
+# Interpreted kernels take CPU tensors and compiled ones CUDA tensors; one process cannot do both.
+DEVICE = "cpu" if INTERPRETED else "cuda"
+NEEDS_GPU = pytest.mark.skipif(INTERPRETED, reason="needs a CUDA GPU (the Triton interpreter is wrong in bf16)")
+DTYPES = [pytest.param(torch.float32, id=f"{DEVICE}-fp32"), pytest.param(torch.float16, id=f"{DEVICE}-fp16"),
+          pytest.param(torch.bfloat16, id=f"{DEVICE}-bf16", marks=NEEDS_GPU)]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+EPS = 1e-6
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal shape and dtype; values within the dtype's tolerance, relative to the reference's magnitude."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = TOLERANCE[ref.dtype]
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(out, ref, atol=tol * scale, rtol=tol)
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(device=DEVICE, dtype=dtype)
+
+
+def norm_weight(size: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return 1 + 0.1 * randn(size, dtype=torch.float32, seed=seed).to(dtype)
+
+
+def cos_sin(num_tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables for random positions: [T, D/2] fp32."""
+    positions = torch.randint(0, 4096, (num_tokens,), generator=torch.Generator().manual_seed(2))
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = (positions[:, None].float() * inv_freq).to(DEVICE)
+    return freqs.cos(), freqs.sin()
+
+
+def qk_views(num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, fused: bool):
+    """q [T, H, D], k [T, KVH, D]: fresh tensors, or strided views split from one [T, (H + 2 KVH) D] qkv."""
+    if not fused:
+        return (randn(num_tokens, heads, head_dim, dtype=dtype, seed=3),
+                randn(num_tokens, kv_heads, head_dim, dtype=dtype, seed=4))
+    qkv = randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=5)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim)
+
+
+TOKENS = [0, 1, 7, 33]
+HIDDEN = [64, 576, 96]
+# (H, KVH, D)
+HEADS = [(9, 3, 64), (4, 4, 128), (8, 1, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_rms_norm(num_tokens, hidden, dtype):
+    x, weight = randn(num_tokens, hidden, dtype=dtype), norm_weight(hidden, dtype)
+    assert_close(rms_norm_triton(x, weight, EPS), rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_fused_add_rms_norm(num_tokens, hidden, dtype):
+    x, residual = randn(num_tokens, hidden, dtype=dtype), randn(num_tokens, hidden, dtype=dtype, seed=7)
+    weight = norm_weight(hidden, dtype)
+    x_before, residual_before = x.clone(), residual.clone()
+    out, new_residual = fused_add_rms_norm_triton(x, residual, weight, EPS)
+    ref_out, ref_residual = fused_add_rms_norm(x, residual, weight, EPS)
+    assert_close(out, ref_out)
+    assert_close(new_residual, ref_residual)
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before), "inputs must be left untouched"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "qkv-views"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "H{}-KVH{}-D{}".format(*h))
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_apply_rope(num_tokens, heads, fused, dtype):
+    num_heads, num_kv_heads, head_dim = heads
+    q, k = qk_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, fused)
+    cos, sin = cos_sin(num_tokens, head_dim)
+    q_before, k_before = q.clone(), k.clone()
+    out_q, out_k = apply_rope_triton(q, k, cos, sin)
+    ref_q, ref_k = apply_rope(q, k, cos, sin)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before), "rope returns new tensors"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "qkv-views"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "H{}-KVH{}-D{}".format(*h))
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_qk_norm_rope(num_tokens, heads, fused, dtype):
+    num_heads, num_kv_heads, head_dim = heads
+    q, k = qk_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, fused)
+    q_weight, k_weight = norm_weight(head_dim, dtype, seed=8), norm_weight(head_dim, dtype, seed=9)
+    cos, sin = cos_sin(num_tokens, head_dim)
+    out_q, out_k = qk_norm_rope_triton(q, k, q_weight, k_weight, EPS, cos, sin)
+    ref_q, ref_k = qk_norm_rope(q, k, q_weight, k_weight, EPS, cos, sin)
+    assert_close(out_q, ref_q)
+    assert_close(out_k, ref_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [64, 576, 96, 2 * 1100])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_silu_and_mul(num_tokens, width, dtype):
+    x = 3 * randn(num_tokens, width, dtype=dtype)
+    assert_close(silu_and_mul_triton(x), silu_and_mul(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_rows(dtype):
+    """Rows with padding between them (a column slice of a wider tensor) are read through their stride."""
+    wide = randn(5, 2 * 576 + 64, dtype=dtype)
+    x, weight = wide[:, :576], norm_weight(576, dtype)
+    assert_close(rms_norm_triton(x, weight, EPS), rms_norm(x, weight, EPS))
+    gate_up = wide[:, :2 * 576]
+    assert_close(silu_and_mul_triton(gate_up), silu_and_mul(gate_up))
