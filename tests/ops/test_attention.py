@@ -1,0 +1,250 @@
+"""Triton paged attention (ops/attention_triton.py) against the torch reference (ops/attention.py).
+
+Without a GPU the kernels run in the Triton interpreter (set below, before anything compiles a kernel), which
+is right in fp32/fp16 but not in bf16: bf16 and the big shapes run on CUDA only.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from tuili.ops.attention import paged_attention, store_kv_cache  # noqa: E402
+from tuili.ops.attention_metadata import AttentionMetadata  # noqa: E402
+from tuili.ops.attention_triton import (  # noqa: E402
+    choose_num_splits, paged_attention_triton, paged_decode_attention, paged_prefill_attention,
+    store_kv_cache_triton)
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the Triton interpreter is wrong in bf16)")
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# small tiles in the interpreter (fast, and many tiles per sequence); the kernels' own defaults on a GPU
+PREFILL_TILES = dict(block_m=None, block_n=None) if CUDA else dict(block_m=32, block_n=32)
+DECODE_BLOCK_N = None if CUDA else 16
+
+
+def cpu_and_cuda() -> list:
+    """fp32 and fp16 everywhere, bf16 on CUDA only."""
+    return [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+            pytest.param(torch.bfloat16, id="bf16", marks=needs_cuda)]
+
+
+def make_batch(query_lens: list[int], seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
+               dtype: torch.dtype, seed: int = 0) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Random caches (spare blocks too, so a wrong gather shows) and metadata built as ModelRunner builds it,
+    each sequence's blocks shuffled across the cache."""
+    rng = random.Random(seed)
+    needed = [-(-s // block_size) for s in seq_lens]
+    blocks = list(range(sum(needed) + 3))
+    rng.shuffle(blocks)
+    tables, slots = [], []
+    for q_len, s_len, n in zip(query_lens, seq_lens, needed):
+        table, blocks = blocks[:n], blocks[n:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(s_len - q_len, s_len)]
+    width = max(len(t) for t in tables) or 1
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=DEVICE)  # noqa: E731
+    meta = AttentionMetadata(
+        slot_mapping=as_tensor(slots, torch.long),
+        block_tables=as_tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
+        seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(starts, torch.int32),
+        seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (sum(needed) + 3, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen, device=DEVICE).to(dtype) for _ in range(2))
+    return meta, k_cache, v_cache
+
+
+def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+              scale: float) -> torch.Tensor:
+    return paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0)
+
+
+def random_q(meta: AttentionMetadata, num_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """q as the model hands it over: a strided view of a fused qkv projection output."""
+    num_tokens = sum(meta.query_lens_cpu)
+    qkv = torch.randn(num_tokens, num_heads + 2, head_dim, device=DEVICE).to(dtype)
+    return qkv[:, :num_heads]
+
+
+# ---- store_kv_cache ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("num_kv_heads, head_dim", [(1, 64), (3, 128), (8, 32)])
+def test_store_kv_cache(dtype, num_kv_heads, head_dim):
+    meta, k_cache, v_cache = make_batch([5, 1, 17], [20, 9, 17], 16, num_kv_heads, head_dim, dtype)
+    num_tokens = 23
+    qkv = torch.randn(num_tokens, (4 + 2) * num_kv_heads * head_dim, device=DEVICE).to(dtype)
+    k = qkv[:, 4 * num_kv_heads * head_dim:5 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, 5 * num_kv_heads * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    assert not k.is_contiguous()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache(k, v, k_ref, v_ref, meta.slot_mapping)
+    store_kv_cache_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_store_kv_cache_skips_padding_slots():
+    k_cache = torch.zeros(2, 8, 2, 32, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k, v = torch.ones(3, 2, 32, device=DEVICE), torch.full((3, 2, 32), 2.0, device=DEVICE)
+    store_kv_cache_triton(k, v, k_cache, v_cache, torch.tensor([9, -1, 3], device=DEVICE))
+    assert k_cache.view(16, 2, 32)[[9, 3]].eq(1).all() and v_cache.view(16, 2, 32)[[9, 3]].eq(2).all()
+    assert k_cache.sum() == 2 * 2 * 32
+
+
+# ---- decode -------------------------------------------------------------------------------------------------
+
+DECODE_CASES = [  # (seq_lens, num_kv_heads, group, head_dim)
+    ([333], 2, 1, 64),
+    ([1, 15, 17, 100, 333], 2, 3, 128),
+    ([17, 100], 1, 4, 64),
+    ([1, 15, 17, 100, 333], 1, 8, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("seq_lens, num_kv_heads, group, head_dim", DECODE_CASES)
+def test_decode(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
+    meta, k_cache, v_cache = make_batch([1] * len(seq_lens), seq_lens, 16, num_kv_heads, head_dim, dtype)
+    q = random_q(meta, num_kv_heads * group, head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
+                                 block_n=DECODE_BLOCK_N)
+    check(out, reference(q, k_cache, v_cache, meta, scale), dtype)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_decode_other_block_sizes_and_dispatch(block_size):
+    meta, k_cache, v_cache = make_batch([1] * 3, [5, 70, 129], block_size, 2, 64, torch.float32)
+    q = random_q(meta, 8, 64, torch.float32)
+    check(paged_attention_triton(q, k_cache, v_cache, meta, 0.125),
+          reference(q, k_cache, v_cache, meta, 0.125), torch.float32)
+
+
+def test_decode_launch_is_independent_of_seq_lens():
+    """The CUDA-graph contract: the same launch (batch, splits) serves new seq_lens and block tables, and a
+    padded entry with seq_len 0 gives zeros, not NaN."""
+    meta, k_cache, v_cache = make_batch([1] * 3, [40, 3, 90], 16, 2, 64, torch.float32)
+    q = random_q(meta, 4, 64, torch.float32)
+    for seq_lens in ([40, 3, 90], [2, 33, 64], [1, 0, 17]):
+        meta.seq_lens.copy_(torch.tensor(seq_lens))
+        meta.seq_lens_cpu, meta.max_seq_len = seq_lens, max(seq_lens)
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, 4,
+                                     block_n=DECODE_BLOCK_N)
+        live = [i for i, s in enumerate(seq_lens) if s]
+        ref = reference(q[live], k_cache, v_cache, _select(meta, live), 0.125)
+        check(out[live], ref, torch.float32)
+        assert not out.isnan().any() and out[[i for i, s in enumerate(seq_lens) if not s]].eq(0).all()
+
+
+def _select(meta: AttentionMetadata, rows: list[int]) -> AttentionMetadata:
+    seq_lens = [meta.seq_lens_cpu[i] for i in rows]
+    return AttentionMetadata(meta.slot_mapping[rows], meta.block_tables[rows], meta.seq_lens[rows],
+                             torch.arange(len(rows) + 1, dtype=torch.int32, device=DEVICE), seq_lens,
+                             [1] * len(rows), 1, max(seq_lens))
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(1, 8, 32768) == 33            # 8 programs: about two per SM of 132
+    assert choose_num_splits(1, 1, 32768) == 64            # capped
+    assert choose_num_splits(1, 8, 40) == 3                # never more splits than pages
+    assert choose_num_splits(256, 8, 32768) == 1           # a big batch fills the GPU alone
+    assert choose_num_splits(4, 8, 4096, num_sms=16) == 1
+
+
+# ---- prefill, chunked prefill, mixed ------------------------------------------------------------------------
+
+PREFILL_CASES = [  # (query_lens, seq_lens): fresh prompts, chunks after earlier context, prefill + decodes
+    pytest.param([1, 5, 40, 130], [1, 5, 40, 130], id="prefill"),
+    pytest.param([7, 32, 50], [50, 100, 50], id="chunked"),
+    pytest.param([1, 20, 1, 45, 1], [100, 20, 17, 130, 1], id="mixed"),
+]
+HEADS = [(2, 1, 64), (1, 3, 128), (2, 4, 64), (1, 8, 128)]  # (num_kv_heads, group, head_dim)
+
+
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("num_kv_heads, group, head_dim", HEADS)
+@pytest.mark.parametrize("query_lens, seq_lens", PREFILL_CASES)
+def test_prefill(query_lens, seq_lens, num_kv_heads, group, head_dim, dtype):
+    meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, num_kv_heads, head_dim, dtype)
+    q = random_q(meta, num_kv_heads * group, head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = paged_prefill_attention(q, k_cache, v_cache, meta, scale, **PREFILL_TILES)
+    check(out, reference(q, k_cache, v_cache, meta, scale), dtype)
+
+
+def test_prefill_dispatch_and_store():
+    """The layer's sequence: store this step's K/V, then attend, all through the Triton paths."""
+    meta, k_cache, v_cache = make_batch([3, 9], [10, 9], 8, 2, 32, torch.float16)
+    k, v = (torch.randn(12, 2, 32, device=DEVICE).half() for _ in range(2))
+    q = random_q(meta, 4, 32, torch.float16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache(k, v, k_ref, v_ref, meta.slot_mapping)
+    store_kv_cache_triton(k, v, k_cache, v_cache, meta.slot_mapping)
+    check(paged_attention_triton(q, k_cache, v_cache, meta, 0.2), reference(q, k_ref, v_ref, meta, 0.2),
+          torch.float16)
+
+
+# ---- big shapes, CUDA only ----------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seq_lens, group, head_dim", [
+    ([32768], 8, 128), ([32768, 1, 4097, 20000], 4, 128), ([7000] * 16, 1, 64), ([32768] * 2, 3, 256)])
+@pytest.mark.parametrize("num_splits", [1, None])
+def test_decode_long(seq_lens, group, head_dim, num_splits, dtype):
+    meta, k_cache, v_cache = make_batch([1] * len(seq_lens), seq_lens, 16, 2, head_dim, dtype)
+    q = random_q(meta, 2 * group, head_dim, dtype)
+    num_splits = num_splits or choose_num_splits(len(seq_lens), 2, 32768)
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, head_dim ** -0.5,
+                                 num_splits)
+    check(out, reference(q, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("query_lens, seq_lens, group, head_dim", [
+    ([4096], [4096], 4, 128), ([1000, 4096, 1, 77], [1000, 8192, 5000, 77], 8, 128),
+    ([2048, 300], [2048, 3000], 1, 64), ([1500], [2500], 3, 256)])
+def test_prefill_long(query_lens, seq_lens, group, head_dim, dtype):
+    meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, head_dim, dtype)
+    q = random_q(meta, 2 * group, head_dim, dtype)
+    out = paged_attention_triton(q, k_cache, v_cache, meta, head_dim ** -0.5)
+    check(out, reference(q, k_cache, v_cache, meta, head_dim ** -0.5), dtype)
+
+
+@needs_cuda
+def test_decode_replays_in_cuda_graph():
+    """Captured once, replayed with other seq_lens and block tables written into the same buffers."""
+    meta, k_cache, v_cache = make_batch([1] * 4, [5000, 1, 300, 17], 16, 2, 128, torch.bfloat16)
+    q = random_q(meta, 8, 128, torch.bfloat16)
+    paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.1, 16)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.1, 16)
+    for flip, seq_lens in ((False, [4000, 1, 2, 0]), (True, [17, 290, 1, 4999])):
+        if flip:  # sequence i now owns what sequence 3 - i did
+            meta.block_tables.copy_(meta.block_tables.flip(0))
+        meta.seq_lens.copy_(torch.tensor(seq_lens))
+        meta.seq_lens_cpu, meta.max_seq_len = seq_lens, max(seq_lens)
+        graph.replay()
+        live = [i for i, n in enumerate(seq_lens) if n]
+        check(out[live], reference(q[live], k_cache, v_cache, _select(meta, live), 0.1), torch.bfloat16)
