@@ -98,6 +98,7 @@ def environment(device: torch.device) -> dict:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
         commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine): scripts/ records it
+        path = os.path.join(os.path.dirname(__file__), "..", "..", ".commit")
+        commit = open(path).read().strip() if os.path.isfile(path) else None
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version, "commit": commit}

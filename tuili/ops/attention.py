@@ -15,6 +15,7 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
                    slot_mapping: torch.Tensor) -> None:
     """Write new K/V ([T, KVH, D]) into the cache at `slot_mapping` ([T] flat slot ids)."""
     kvh, d = k.shape[1:]
+    slot_mapping = slot_mapping.long()
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
 

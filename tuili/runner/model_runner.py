@@ -45,10 +45,11 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        meta = self._metadata([num_tokens], [num_tokens], [[]], list(range(num_tokens)))
+        meta, _ = self._metadata([num_tokens], [num_tokens], [[]], list(range(num_tokens)))
+        positions = torch.arange(num_tokens, device=self.device) % self.model.config.max_position_embeddings
         set_attention_metadata(meta)
         try:
-            hidden = self.model(ids, torch.arange(num_tokens, device=self.device))
+            hidden = self.model(ids, positions)
             self.model.compute_logits(hidden[-min(num_tokens, 256):])  # logits of up to 256 sampled rows
         finally:
             set_attention_metadata(None)
@@ -74,18 +75,30 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
     def _metadata(self, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-                  slots: list[int]) -> AttentionMetadata:
+                  slots: list[int], *extra: list[int]) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """The step's metadata (plus `extra` int lists, e.g. input ids and positions) on the device.
+
+        Everything travels in one int32 buffer, pinned on GPU machines: one host-to-device copy per step."""
         width = max(len(t) for t in block_tables) or 1
-        tables = [t + [0] * (width - len(t)) for t in block_tables]
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
-        as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=self.device)  # noqa: E731
-        return AttentionMetadata(
-            slot_mapping=as_tensor(slots, torch.long), block_tables=as_tensor(tables, torch.int32),
-            seq_lens=as_tensor(seq_lens, torch.int32), query_start_loc=as_tensor(starts, torch.int32),
-            seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens))
+        flat = [x for t in block_tables for x in t + [0] * (width - len(t))]
+        parts = [slots, seq_lens, starts, flat, *extra]
+        host = torch.tensor([x for part in parts for x in part], dtype=torch.int32)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        buffer = host.to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for part in parts:
+            views.append(buffer[offset:offset + len(part)])
+            offset += len(part)
+        slot_mapping, seq_lens_t, starts_t, tables = views[:4]
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=tables.view(len(block_tables), width), seq_lens=seq_lens_t,
+            query_start_loc=starts_t, seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+        return meta, views[4:]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None:
@@ -120,16 +133,16 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if first - 1 >= start and last >= first:
                     prompt_rows.append((row0 + first - 1 - start, seq, first, last - first + 1))
-        meta = self._metadata([i.num_new_tokens for i in batch],
-                              [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
-                              [i.seq.block_table for i in batch], slots)
-        hidden = self._forward(torch.tensor(input_ids, device=self.device),
-                               torch.tensor(positions, device=self.device), meta)
+        meta, (input_ids_t, positions_t) = self._metadata(
+            [i.num_new_tokens for i in batch], [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
+            [i.seq.block_table for i in batch], slots, input_ids, positions)
+        hidden = self._forward(input_ids_t, positions_t, meta)
 
         sampled_seqs = [item.seq for item in batch if item.samples]
         sampled: list[tuple[Sequence, int, PositionLogprobs | None]] = []
         if sampled_seqs:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # pure decode: all rows
+            logits = self.model.compute_logits(rows)
             out: SamplerOutput = self.sampler(logits, sampled_seqs)
             sampled = list(zip(sampled_seqs, out.token_ids, out.logprobs))
         prompt_lps = []

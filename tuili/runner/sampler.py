@@ -55,9 +55,9 @@ class Sampler:
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 
-        greedy = torch.tensor([p.greedy for p in params], device=device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params], device=device)
             temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
                                        device=device)[:, None]
             probs = self._filter(logits / temperature, params).softmax(dim=-1)
