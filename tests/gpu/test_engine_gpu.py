@@ -13,6 +13,16 @@ from tuili import LLM, SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+SMALL_CACHE = dict(num_gpu_blocks_override=256)  # several engines share the GPU in one test process
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    yield
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def prompts(count: int, vocab: int, lengths=(3, 17, 64, 130, 1, 250)) -> list[list[int]]:
@@ -30,8 +40,8 @@ def test_fast_path_equals_torch_path_fp32(tiny_models, family):
     path = tiny_models[family]
     ps = prompts(12, 512)
     ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
-              enforce_eager=True, max_num_seqs=16)
-    fast = LLM(path, device="cuda", dtype="float32", max_num_seqs=16)
+              enforce_eager=True, max_num_seqs=16, **SMALL_CACHE)
+    fast = LLM(path, device="cuda", dtype="float32", max_num_seqs=16, **SMALL_CACHE)
     assert fast.engine.runner.graphs is not None
     assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
     # chunked prefill and preemption on the fast path too
@@ -47,7 +57,7 @@ def test_fast_path_matches_hf_fp32(tiny_models, family):
 
     path = tiny_models[family]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-    llm = LLM(path, device="cuda", dtype="float32")
+    llm = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE)
     for p in prompts(4, 512):
         got = llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
         with torch.device("cuda"):
@@ -59,8 +69,7 @@ def test_dummy_1b_logits_match_hf(dtype, atol):
     """Whole-model log-probabilities of the dummy Llama-3.2-1B shape against HF with the same weights."""
     from tuili.bench.latency import hf_reference_model
 
-    llm = LLM("llama-3.2-1b", load_format="dummy", dtype=dtype, max_model_len=1024, gpu_memory_utilization=0.5,
-              max_num_seqs=8)
+    llm = LLM("llama-3.2-1b", load_format="dummy", dtype=dtype, max_model_len=1024, max_num_seqs=8, **SMALL_CACHE)
     hf = hf_reference_model(llm)
     prompt = prompts(1, 128256, lengths=(200,))[0]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]

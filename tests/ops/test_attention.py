@@ -203,6 +203,17 @@ def test_prefill_dispatch_and_store():
           torch.float16)
 
 
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("query_lens, seq_lens", [([1, 1, 20, 45, 1], [100, 17, 20, 130, 1]),
+                                                  ([1, 1, 1, 7], [33, 1, 64, 50])])
+def test_mixed_batch_splits_leading_decodes(query_lens, seq_lens, dtype):
+    """The dispatcher sends the leading decodes to the decode kernel and the rest to the prefill kernel."""
+    meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, 64, dtype)
+    q = random_q(meta, 8, 64, dtype)
+    check(paged_attention_triton(q, k_cache, v_cache, meta, 0.125),
+          reference(q, k_cache, v_cache, meta, 0.125), dtype)
+
+
 # ---- big shapes, CUDA only ----------------------------------------------------------------------------------
 
 @needs_cuda

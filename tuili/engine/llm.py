@@ -74,7 +74,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generating", unit=" req", dynamic_ncols=True)
         try:
             while len(results) < len(ids):
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:

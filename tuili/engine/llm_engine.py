@@ -178,8 +178,9 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step -------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of every request that advanced or finished."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of every request that advanced or finished
+        (`finished_only`: of those that finished, for callers that do not stream)."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
@@ -217,6 +218,8 @@ class LLMEngine:
             if request.is_finished:
                 request.finish_time = now
                 self.requests.pop(request.request_id, None)
+            elif finished_only:
+                continue
             outputs.append(self.make_output(request))
         return outputs
 

@@ -12,6 +12,8 @@ annotations stay strings until then, thanks to `from __future__ import annotatio
 """
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from types import SimpleNamespace
 
@@ -336,4 +338,23 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if meta.is_pure_decode:
         num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits)
-    return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+    # a mixed batch: its leading decodes (the runner puts them first) go to the GQA-aware decode kernel, which
+    # reads each K/V page once for all query heads; the prefill kernel would read it once per head
+    num_decodes = 0
+    for q_len in meta.query_lens_cpu:
+        if q_len != 1:
+            break
+        num_decodes += 1
+    if num_decodes == 0:
+        return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    d = num_decodes
+    num_splits = choose_num_splits(d, k_cache.shape[2], max(meta.seq_lens_cpu[:d]), k_cache.shape[1])
+    out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d], scale,
+                                     num_splits)
+    rest = dataclasses.replace(
+        meta, slot_mapping=meta.slot_mapping[d:], block_tables=meta.block_tables[d:], seq_lens=meta.seq_lens[d:],
+        query_start_loc=meta.query_start_loc[d:] - d, seq_lens_cpu=meta.seq_lens_cpu[d:],
+        query_lens_cpu=meta.query_lens_cpu[d:], max_seq_len=max(meta.seq_lens_cpu[d:]))
+    out[d:] = paged_prefill_attention(q[d:], k_cache, v_cache, rest, scale)
+    return out

@@ -114,6 +114,7 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, batch: list[ScheduledSeq]) -> RunnerOutput:
         bs = self.block_size
+        batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)  # decodes first (stable)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
