@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'tuili[server]')")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set TUILI_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients use (default: file name)")
+    srv.add_argument("--max-waiting-requests", type=int, default=1024, help="beyond this, answer 503")
+    add_engine_args(srv)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="workload", required=True)
     lat = bench_sub.add_parser("latency", help="batch decode tok/s, TTFT, MBU; HF transformers in the same run")
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.chat import run_chat
 
             return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
+        if ns.command == "serve":
+            from tuili.server import serve
+
+            return serve(ns, engine_args_from(ns))
         if ns.command == "bench" and ns.workload == "latency":
             from tuili.bench.latency import run_latency
 

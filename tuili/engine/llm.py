@@ -12,6 +12,16 @@ Prompt = str | list[int]
 Message = dict[str, str]
 
 
+def encode_chat(tokenizer, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation formatted with the model's chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; use a plain prompt")
+    if not conversation:
+        raise ValueError("conversation is empty")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 class LLM:
     """`LLM(model=..., **engine_args)`; `generate` and `chat` run all requests together under continuous batching."""
 
@@ -47,14 +57,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def encode_chat(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        if not conversation:
-            raise ValueError("conversation is empty")
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return encode_chat(self.engine.tokenizer, conversation, add_generation_prompt)
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

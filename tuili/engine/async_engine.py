@@ -1,0 +1,135 @@
+"""AsyncLLMEngine: one background thread runs the step loop; each request is an async stream of outputs.
+
+The engine is not thread-safe, so every call into it (add, abort, step) holds one lock; a step takes
+milliseconds, so an add or abort waits at most one step. Outputs cross back into asyncio with
+`call_soon_threadsafe`. A request whose consumer stops listening (a disconnected client) is aborted at once,
+which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from tuili.engine.llm_engine import LLMEngine
+from tuili.engine.outputs import RequestOutput
+from tuili.sampling_params import SamplingParams
+
+logger = logging.getLogger("tuili")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 503)."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 on_output: Callable[[RequestOutput], None] | None = None,
+                 on_abort: Callable[[str], None] | None = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_output = on_output  # e.g. metrics; called in the loop thread for every output
+        self.on_abort = on_abort
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="tuili-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        with self._lock:
+            scheduler = self.engine.scheduler
+            return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                    "kv_usage": self.engine.block_manager.usage}
+
+    def _run(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                busy = self.engine.has_unfinished_requests()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # the batch failed: fail its requests, keep serving
+                        logger.exception("engine step failed")
+                        outputs = []
+                        self._fail_all(e)
+            if not busy:
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+                continue
+            for out in outputs:
+                if self.on_output is not None:
+                    self.on_output(out)
+                self._deliver(out.request_id, out)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, error)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
+        """Queue a request now (raises ValueError on bad input, QueueFullError when too many wait); iterate the
+        returned stream for its outputs."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+                raise QueueFullError(f"the server is busy: {waiting} requests are waiting already")
+            self.engine.add_request(request_id, prompt, params)
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._wakeup.set()
+        return RequestStream(self, request_id, queue)
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        async for out in self.add_request(request_id, prompt, params):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            known = request_id in self.engine.requests
+            self.engine.abort_request(request_id)
+        if known and self.on_abort is not None:
+            self.on_abort(request_id)
+
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+
+class RequestStream:
+    """The outputs of one request as they come. Leaving the iteration early (or `abort()`) aborts the request."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine, self.request_id, self.queue = engine, request_id, queue
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self.queue.get()
+                if isinstance(item, Exception):
+                    raise RuntimeError(f"the engine failed on this batch: {item}") from item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the request and free its KV blocks (no-op once it has finished)."""
+        self.engine._streams.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
