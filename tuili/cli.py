@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--json", default=None)
     thr.add_argument("--plot", default=None)
     add_engine_args(thr)
+    sv = bench_sub.add_parser("serve", help="an OpenAI-compatible server under Poisson arrivals: TTFT, TPOT, ITL, "
+                                            "goodput")
+    sv.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    sv.add_argument("--model", default=None, help="model name (default: the first id from GET /v1/models)")
+    sv.add_argument("--endpoint", default="/v1/completions", help="/v1/completions or /v1/chat/completions")
+    sv.add_argument("--rates", default="1,4,16,inf", help="request rates in req/s, comma-separated; inf = all at once")
+    sv.add_argument("--num-requests", type=int, default=64)
+    sv.add_argument("--min-len", type=int, default=100)
+    sv.add_argument("--max-len", type=int, default=1024)
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    sv.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    sv.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    sv.add_argument("--json", default=None)
+    sv.add_argument("--plot", default=None)
     return parser
 
 
@@ -121,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.bench.latency import run_latency
 
             return run_latency(ns, engine_args_from(ns))
+        if ns.command == "bench" and ns.workload == "serve":
+            from tuili.bench.serve import run_serve
+
+            return run_serve(ns)
         if ns.command == "bench" and ns.workload == "throughput":
             from tuili.bench.throughput import run_throughput
 

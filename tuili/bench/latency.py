@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 
@@ -144,13 +143,9 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         report["speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
         _print_row("HF transformers", hf)
         print(f"tuili decode is {report['speedup_vs_hf']:.2f}x HF transformers")
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if ns.plot:
-        from tuili.bench.plot import latency_plot
+    from tuili.bench.plot import latency_plot, save_report
 
-        latency_plot(report, ns.plot)
+    save_report(report, ns.json, ns.plot, latency_plot)
     return 0
 
 

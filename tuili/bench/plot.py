@@ -2,6 +2,17 @@
 from __future__ import annotations
 
 
+def save_report(report: dict, json_path: str | None, png_path: str | None, chart) -> None:
+    """Write the JSON record and, if asked, the PNG drawn by `chart(report, path)`."""
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if png_path:
+        chart(report, png_path)
+
+
 def _pyplot():
     try:
         import matplotlib

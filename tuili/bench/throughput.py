@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import torch
@@ -91,13 +90,9 @@ def run_throughput(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         best = max(v["output_tok_s"] for v in report["hf_transformers"].values())
         report["ratio_to_hf_best_static"] = r["output_tok_s"] / best
         print(f"tuili / HF best static batch: {report['ratio_to_hf_best_static']:.1f}x")
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(report, f, indent=2)
-    if ns.plot:
-        from tuili.bench.plot import throughput_plot
+    from tuili.bench.plot import throughput_plot, save_report
 
-        throughput_plot(report, ns.plot)
+    save_report(report, ns.json, ns.plot, throughput_plot)
     return 0
 
 
