@@ -33,6 +33,7 @@ class EngineArgs:
     tokenizer: str | None = None        # defaults to the model's own
     load_format: str = "auto"           # auto | dummy
     dtype: str = "auto"
+    quantization: str | None = None     # int8: weight-only, per output channel, at load time
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None
@@ -51,6 +52,8 @@ class EngineArgs:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         parse_dtype(self.dtype)
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
@@ -102,9 +105,6 @@ class CacheConfig:
     block_size: int
     num_blocks: int = 0
     dtype: torch.dtype = torch.float32
-
-    def bytes_per_block(self, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
-        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * self.dtype.itemsize
 
 
 @dataclass

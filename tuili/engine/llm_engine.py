@@ -17,6 +17,7 @@ from tuili.engine.sequence import Request, Sequence
 from tuili.loader import load_model_source
 from tuili.loader.dummy import init_random_weights
 from tuili.models.registry import build_model
+from tuili.quant import quantize_model
 from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
 
@@ -66,6 +67,9 @@ class LLMEngine:
             init_random_weights(model, args.seed)
         else:
             model.load_weights(_progress(source.weights(), show_progress, f"loading {source.name}"))
+        if args.quantization:
+            saved = quantize_model(model, args.quantization)
+            logger.info("%s weights: %.0f MB saved", args.quantization, saved / 2**20)
         self.model = model
 
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuili.ops import quant_matmul
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
@@ -23,8 +25,19 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = default_weight_loader
+        self.qweight = self.scales = None
+
+    def quantize_int8(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Replace the float weight by int8 rows and per-row scales (weight-only quantization)."""
+        self.weight = None
+        self.qweight = nn.Parameter(qweight, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        on_cpu = qweight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+        self._int8 = quant_matmul.int8_linear_cpu if on_cpu else quant_matmul.int8_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self._int8(x, self.qweight, self.scales, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

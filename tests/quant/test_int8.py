@@ -1,0 +1,67 @@
+"""INT8 weight-only quantization: the kernel against its reference, the model against the unquantized one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuili import LLM, SamplingParams
+from tuili.ops.quant_matmul import int8_linear, int8_linear_cpu
+from tuili.quant import quantize_per_channel
+
+PROMPTS = ["What is the capital of France? Answer in one sentence.", "Name three primary colors.",
+           "Write a haiku about autumn.", "What is 12 times 12?", "Who wrote Romeo and Juliet?"]
+
+
+def test_quantize_per_channel_error_is_half_a_step():
+    w = torch.randn(96, 200) * torch.rand(96, 1) * 3
+    q, scales = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and scales.shape == (96,)
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(dim=1) == 127).all()  # every row uses the full range
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 0.5)])
+def test_cpu_kernel_matches_reference(dtype, atol):
+    x = torch.randn(5, 576, dtype=dtype)
+    q, scales = quantize_per_channel(torch.randn(192, 576))
+    bias = torch.randn(192, dtype=dtype)
+    ref = int8_linear(x.float(), q, scales.float(), bias.float())
+    got = int8_linear_cpu(x, q, scales.to(dtype), bias)
+    assert got.dtype == dtype and torch.allclose(got.float(), ref, atol=atol, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def smollm_int8(default_model_path):
+    return LLM(default_model_path, dtype="float32", quantization="int8", kv_cache_memory=0.1)
+
+
+def test_int8_answers_like_the_unquantized_model(smollm, smollm_int8):
+    question = [{"role": "user", "content": PROMPTS[0]}]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    assert smollm_int8.chat(question, params, use_tqdm=False)[0].outputs[0].text == \
+        smollm.chat(question, params, use_tqdm=False)[0].outputs[0].text == "The capital of France is Paris."
+    assert smollm_int8.engine.model.layers[0].mlp.down_proj.qweight.dtype == torch.int8
+
+
+def test_int8_greedy_agreement_and_logprobs(smollm, smollm_int8):
+    """Teacher-forced on the unquantized model's greedy answers to the fixed prompts: the INT8 model picks the
+    same next token at >= 90% of positions, and its log-probabilities stay close."""
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    answers = smollm.chat(convs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    agree, diffs = [], []
+    for conv, answer in zip(convs, answers):
+        ids = smollm.encode_chat(conv) + answer.outputs[0].token_ids
+        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+        ref = smollm.generate(ids, params, use_tqdm=False)[0].prompt_logprobs
+        got = smollm_int8.generate(ids, params, use_tqdm=False)[0].prompt_logprobs
+        start = len(ids) - len(answer.outputs[0].token_ids)
+        for pos in range(start, len(ids)):
+            agree.append(got[pos][ids[pos]].rank == 1)
+            diffs.append(abs(got[pos][ids[pos]].logprob - ref[pos][ids[pos]].logprob))
+    assert sum(agree) / len(agree) >= 0.9, sum(agree) / len(agree)
+    assert sum(diffs) / len(diffs) < 0.15, sum(diffs) / len(diffs)
+
+
+def test_unknown_quantization_is_a_clear_error():
+    with pytest.raises(ValueError, match="quantization must be int8"):
+        LLM(quantization="int3")
