@@ -137,8 +137,9 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)                                    # [N, vocab]
+        if self.lm_head is None:                                           # tied embeddings
+            return F.linear(hidden, self.embed_tokens.weight)              # [N, vocab]
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; fused parameters take their shards. Every parameter must be loaded."""
