@@ -95,8 +95,8 @@ def environment(device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(__file__), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/tuili"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine): scripts/ records it
         path = os.path.join(os.path.dirname(__file__), "..", "..", ".commit")
