@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat)
 
+    qz = sub.add_parser("quantize", help="quantize a model ahead of time into a folder that --model loads")
+    qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
+    qz.add_argument("--method", default="int8", choices=["int8"])
+    qz.add_argument("--out", required=True, help="output folder")
+    qz.add_argument("--dtype", default="bfloat16", help="dtype of the float parts (embeddings, norms, scales)")
+
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'tuili[server]')")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.chat import run_chat
 
             return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
+        if ns.command == "quantize":
+            return _quantize(ns)
         if ns.command == "serve":
             from tuili.server import serve
 
@@ -161,6 +169,24 @@ def _generate(ns: argparse.Namespace) -> int:
             if len(outputs) > 1 or len(out.outputs) > 1:
                 print(f"--- prompt {out.request_id}, sample {completion.index} ({completion.finish_reason})")
             print(out.prompt + completion.text)
+    return 0
+
+
+def _quantize(ns: argparse.Namespace) -> int:
+    import torch
+
+    from tuili.config import parse_dtype
+    from tuili.engine.llm_engine import load_model
+    from tuili.loader import load_model_source
+    from tuili.quant import save_quantized
+
+    source = load_model_source(ns.model)
+    if source.quantization is not None:
+        raise ValueError(f"{source.name} is quantized already ({source.quantization})")
+    model = load_model(source, torch.device("cpu"), parse_dtype(ns.dtype) or torch.bfloat16, ns.method,
+                       show_progress=True)
+    save_quantized(model, source.config, source.tokenizer, ns.out)
+    print(f"wrote {ns.method} model to {ns.out}; run it with: tuili chat --model {ns.out}")
     return 0
 
 

@@ -65,3 +65,41 @@ def test_int8_greedy_agreement_and_logprobs(smollm, smollm_int8):
 def test_unknown_quantization_is_a_clear_error():
     with pytest.raises(ValueError, match="quantization must be int8"):
         LLM(quantization="int3")
+
+
+def quantize_tiny(tiny_models, family: str, out) -> str:
+    from tuili.cli import main
+
+    assert main(["quantize", "--model", tiny_models[family], "--out", str(out), "--dtype", "float32"]) == 0
+    return str(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # untied head / tied head
+def test_quantize_save_load_round_trip(tiny_models, tmp_path, family):
+    """`tuili quantize` writes a folder that loads to exactly the model --quantization int8 makes at load time."""
+    path = quantize_tiny(tiny_models, family, tmp_path / "q")
+    saved = LLM(path, dtype="float32", kv_cache_memory=0.01)
+    at_load = LLM(tiny_models[family], dtype="float32", quantization="int8", kv_cache_memory=0.01)
+    assert saved.engine.model.layers[1].self_attn.qkv_proj.qweight.dtype == torch.int8
+    prompt = list(range(3, 40))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=2)
+    a, b = (llm.generate(prompt, params, use_tqdm=False)[0] for llm in (saved, at_load))
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert {t: lp.logprob for t, lp in ea.items()} == {t: lp.logprob for t, lp in eb.items()}
+
+
+def test_quantized_folder_with_missing_or_wrong_config_fails_clearly(tiny_models, tmp_path):
+    import json
+
+    path = quantize_tiny(tiny_models, "llama", tmp_path / "q")
+    config_file = tmp_path / "q" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["quant_method"] = "gptq"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'gptq' of this checkpoint is not supported"):
+        LLM(path, dtype="float32", kv_cache_memory=0.01)
+    del config["quantization_config"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no quantization_config"):
+        LLM(path, dtype="float32", kv_cache_memory=0.01)

@@ -17,7 +17,7 @@ from tuili.engine.sequence import Request, Sequence
 from tuili.loader import load_model_source
 from tuili.loader.dummy import init_random_weights
 from tuili.models.registry import build_model
-from tuili.quant import quantize_model
+from tuili.quant import prepare_int8, quantize_model
 from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
 
@@ -34,6 +34,33 @@ class StepStats:
     attention_pairs: float   # causal (query, key) pairs: attention FLOPs / (4 layers heads head_dim)
     blocks_used: int
     seconds: float
+
+
+def load_model(source, device: torch.device, dtype: torch.dtype, quantization: str | None = None, seed: int = 0,
+               show_progress: bool = False):
+    """Build the model of `source` on `device` in `dtype` and fill it: its checkpoint (quantized or not) or
+    random weights; `quantization` quantizes a float checkpoint after loading."""
+    with torch.device(device):
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = build_model(source.config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    model.eval()
+    if source.quantization is not None:  # a checkpoint saved quantized: load its int8 tensors as they are
+        if quantization not in (None, source.quantization):
+            raise ValueError(f"the checkpoint is quantized as {source.quantization}; "
+                             f"it cannot be loaded with quantization={quantization}")
+        prepare_int8(model)
+    if source.weights is None:
+        init_random_weights(model, seed)
+    else:
+        model.load_weights(_progress(source.weights(), show_progress, f"loading {source.name}"))
+    if quantization and source.quantization is None:
+        saved = quantize_model(model, quantization)
+        logger.info("%s weights: %.0f MB saved", quantization, saved / 2**20)
+    return model
 
 
 def _as_set(value) -> set[int]:
@@ -54,23 +81,8 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.dtype = parse_dtype(args.dtype) or self._auto_dtype(source.checkpoint_dtype)
         torch.manual_seed(args.seed)
-
-        with torch.device(self.device):
-            default_dtype = torch.get_default_dtype()
-            torch.set_default_dtype(self.dtype)
-            try:
-                model = build_model(config)
-            finally:
-                torch.set_default_dtype(default_dtype)
-        model.eval()
-        if source.weights is None:
-            init_random_weights(model, args.seed)
-        else:
-            model.load_weights(_progress(source.weights(), show_progress, f"loading {source.name}"))
-        if args.quantization:
-            saved = quantize_model(model, args.quantization)
-            logger.info("%s weights: %.0f MB saved", args.quantization, saved / 2**20)
-        self.model = model
+        self.model = model = load_model(source, self.device, self.dtype, args.quantization, args.seed,
+                                        show_progress)
 
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

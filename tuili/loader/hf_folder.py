@@ -47,4 +47,23 @@ def load(path: str) -> ModelSource:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
-    return ModelSource(path, config, load_tokenizer(path), weights, dtype)
+    return ModelSource(path, config, load_tokenizer(path), weights, dtype, checkpoint_quantization(config, files))
+
+
+def checkpoint_quantization(config, files: list[str]) -> str | None:
+    """The quantization a folder's weights are stored in, from config.json's quantization_config; a folder whose
+    tensors are quantized without saying how is refused rather than guessed."""
+    from tuili.quant import CHECKPOINT_METHODS
+
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is None:
+        with safe_open(files[0], framework="pt") as f:
+            if any(name.endswith(".qweight") for name in f.keys()):
+                raise ValueError("the checkpoint holds quantized tensors (*.qweight) but config.json has no "
+                                 "quantization_config saying how they were made")
+        return None
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization method {method!r} of this checkpoint is not supported; tuili loads "
+                         f"{', '.join(CHECKPOINT_METHODS)} (made by `tuili quantize`)")
+    return CHECKPOINT_METHODS[method]

@@ -22,6 +22,7 @@ class ModelSource:
     tokenizer: object | None
     weights: Callable[[], WeightIterator] | None  # None: random weights (load_format='dummy')
     checkpoint_dtype: torch.dtype
+    quantization: str | None = None  # the checkpoint's own (written by `tuili quantize`), e.g. "int8"
 
 
 def default_model_path() -> str:

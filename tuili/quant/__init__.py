@@ -1,5 +1,7 @@
-"""Weight-only quantization of a loaded model (`--quantization int8`)."""
-from tuili.quant.int8 import quantize_model, quantize_per_channel
+"""Weight-only quantization: at load time (`--quantization int8`) or ahead of time (`tuili quantize`)."""
+from tuili.quant.int8 import prepare_int8, quantize_model, quantize_per_channel, save_quantized
 
 SUPPORTED_QUANTIZATION = ("int8",)
-__all__ = ["quantize_model", "quantize_per_channel", "SUPPORTED_QUANTIZATION"]
+CHECKPOINT_METHODS = {"tuili-int8": "int8"}  # config.json quant_method -> quantization
+__all__ = ["prepare_int8", "quantize_model", "quantize_per_channel", "save_quantized", "SUPPORTED_QUANTIZATION",
+           "CHECKPOINT_METHODS"]
