@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="workload", required=True)
     lat = bench_sub.add_parser("latency", help="batch decode tok/s, TTFT, MBU; HF transformers in the same run")
     lat.add_argument("--batch-size", type=int, default=1)
-    lat.add_argument("--input-len", type=int, default=None, help="random prompt of this length (default: a chat prompt)")
+    lat.add_argument("--input-len", type=int, default=None, help="random prompt of this length (default: chat)")
     lat.add_argument("--output-len", type=int, default=128)
     lat.add_argument("--repeats", type=int, default=3)
     lat.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")

@@ -11,19 +11,12 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from tuili import EngineArgs
-from tuili.engine.async_engine import AsyncLLMEngine
-from tuili.engine.llm_engine import LLMEngine
-from tuili.server.app import build_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 NAME = "smollm2"
@@ -168,30 +161,9 @@ def _above_4(fd: int) -> int:
     return moved
 
 
-@pytest.fixture(scope="module")
-def page_server(default_model_path):
-    """A server of its own on 127.0.0.1, set up like the one in test_server.py."""
-    engine = LLMEngine(EngineArgs(model=default_model_path, dtype="float32", kv_cache_memory=0.25))
-    async_engine = AsyncLLMEngine(engine, max_waiting_requests=1000)
-    app = build_app(async_engine, NAME, api_key=None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine}
-    uv.should_exit = True
-    thread.join(timeout=10)
-    async_engine.shutdown()
-    assert engine.block_manager.num_used_blocks == 0
-
-
-def test_chat_page(page_server, tmp_path):
+def test_chat_page(server, tmp_path):
     with Chromium(tmp_path / "profile", tmp_path / "chromium.log") as page:
-        page.open(page_server["url"] + "/")
+        page.open(server["url"] + "/")
         page.wait_for(f"$('model').value === {json.dumps(NAME)}")  # from GET /v1/models
         assert "Context:" in page.js("$('model-info').textContent")
         # Record what the page sends, and every change to the messages (to see the answer arrive in pieces).
@@ -260,7 +232,7 @@ def test_chat_page(page_server, tmp_path):
 
         assert page.exceptions == []
 
-    engine = page_server["engine"]
+    engine = server["engine"]
     deadline = time.time() + 10  # the aborted answer is let go asynchronously
     while (engine.has_unfinished_requests() or engine.block_manager.num_used_blocks) and time.time() < deadline:
         time.sleep(0.05)
