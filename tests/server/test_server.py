@@ -163,6 +163,7 @@ def test_auth(secured):
     ({"model": NAME, "prompt": ""}, 400, "empty"),
     ({"model": NAME, "prompt": "word " * 9000}, 400, "max_model_len"),
     ({"model": "gpt-4", "prompt": "Hi"}, 404, "does not exist"),
+    ({"model": NAME, "prompt": "Hi", "echo": True}, 400, "echo"),
     ({"model": NAME}, 422, "prompt"),
     ({"model": NAME, "prompt": "Hi", "unknown_field": 1, "user": "me", "max_tokens": 1}, 200, ""),
 ])

@@ -155,6 +155,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_model(req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported", "BadRequestError", "echo")
         if req.logprobs is not None and req.logprobs > 5:
             raise APIError(400, "logprobs must be <= 5 for completions", "BadRequestError", "logprobs")
         params = sampling(req, 16, req.logprobs)
