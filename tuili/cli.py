@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat)
 
+    ev = sub.add_parser("eval", help="quality measurements")
+    ev_sub = ev.add_subparsers(dest="metric", required=True)
+    ppl = ev_sub.add_parser("ppl", help="perplexity on a text file (default: the shipped public-domain prose)")
+    ppl.add_argument("--file", default=None)
+    ppl.add_argument("--context", type=int, default=1024, help="tokens per scored window")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    ppl.add_argument("--json", default=None)
+    add_engine_args(ppl)
+
     qz = sub.add_parser("quantize", help="quantize a model ahead of time into a folder that --model loads")
     qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
     qz.add_argument("--method", default="int8", choices=["int8"])
@@ -134,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.chat import run_chat
 
             return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
+        if ns.command == "eval":
+            from tuili.bench.perplexity import run_ppl
+
+            return run_ppl(ns, engine_args_from(ns))
         if ns.command == "quantize":
             return _quantize(ns)
         if ns.command == "serve":
