@@ -20,9 +20,10 @@ def test_quantize_per_channel_error_is_half_a_step():
     assert (q.abs().amax(dim=1) == 127).all()  # every row uses the full range
 
 
+@pytest.mark.parametrize("rows", [5, 40])  # the packed kernel, and the dequantize + GEMM path for prefill
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 0.5)])
-def test_cpu_kernel_matches_reference(dtype, atol):
-    x = torch.randn(5, 576, dtype=dtype)
+def test_cpu_kernel_matches_reference(dtype, atol, rows):
+    x = torch.randn(rows, 576, dtype=dtype)
     q, scales = quantize_per_channel(torch.randn(192, 576))
     bias = torch.randn(192, dtype=dtype)
     ref = int8_linear(x.float(), q, scales.float(), bias.float())
@@ -103,3 +104,15 @@ def test_quantized_folder_with_missing_or_wrong_config_fails_clearly(tiny_models
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no quantization_config"):
         LLM(path, dtype="float32", kv_cache_memory=0.01)
+
+
+def test_int8_perplexity_close_to_unquantized(smollm, smollm_int8):
+    """On the first 1024 tokens of the shipped prose, INT8 perplexity is within 2% of the unquantized model's."""
+    from tuili.bench.perplexity import DEFAULT_TEXT, perplexity
+
+    with open(DEFAULT_TEXT, encoding="utf-8") as f:
+        ids = smollm.get_tokenizer().encode(f.read(20000), add_special_tokens=False)[:1024]
+    ref, count = perplexity(smollm, ids, context=512)
+    got, _ = perplexity(smollm_int8, ids, context=512)
+    assert count == 1022 and 5 < ref < 60
+    assert abs(got / ref - 1) < 0.02, (got, ref)
