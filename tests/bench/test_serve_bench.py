@@ -56,20 +56,14 @@ def fake_app(seen: list[dict]):
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
+    @app.post("/v1/chat/completions")
     async def completions(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
         body = await request.json()
         seen.append(body)
-        return StreamingResponse(stream(body, chat=False), media_type="text/event-stream")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        if (denied := unauthorized(request)) is not None:
-            return denied
-        body = await request.json()
-        seen.append(body)
-        return StreamingResponse(stream(body, chat=True), media_type="text/event-stream")
+        chat = request.url.path.endswith("/chat/completions")
+        return StreamingResponse(stream(body, chat=chat), media_type="text/event-stream")
 
     return app
 

@@ -93,11 +93,6 @@ class AsyncLLMEngine:
         self._wakeup.set()
         return RequestStream(self, request_id, queue)
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        async for out in self.add_request(request_id, prompt, params):
-            yield out
-
     def abort(self, request_id: str) -> None:
         with self._lock:
             known = request_id in self.engine.requests
