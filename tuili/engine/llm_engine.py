@@ -190,6 +190,9 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
     # ---- the step -------------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of every request that advanced or finished
