@@ -1,15 +1,52 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [latency] [prefill] [throughput] [ablation]
+# usage: bash scripts/gpu_session.sh [tests] [latency] [prefill] [throughput] [ablation] [serve]
+# serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 tuili() { python -m tuili.cli "$@"; }
+# Workload 3: `tuili serve` with dummy weights of shape $1 under `tuili bench serve` with flags $4; $3: more server
+# flags. Files: $OUT/serve_server.log, $OUT/serve_$2.{txt,json,png}. At most ~6 minutes: 240 s for the server to
+# answer /health, the bench cut at 350 s from the start, the server stopped after.
+serve_step() {
+  local shape=$1 tag=$2 url=http://127.0.0.1:8000 start=$SECONDS server rc
+  # a dummy shape has no tokenizer and the bench sends text: a word-level one over the shape's whole vocabulary
+  python scripts/make_dummy_tokenizer.py "/tmp/tok_$shape" "$shape" || return
+  local cmd=(python -m tuili.cli serve --load-format dummy --model "$shape" --tokenizer "/tmp/tok_$shape" --port 8000 $3)
+  echo "${cmd[*]}" >"$OUT/serve_server.log"
+  "${cmd[@]}" >>"$OUT/serve_server.log" 2>&1 &
+  server=$!
+  trap "kill -9 $server 2>/dev/null" EXIT; trap 'exit 143' INT TERM
+  until python -c "import urllib.request as u; u.urlopen('$url/health', timeout=2)" 2>/dev/null; do
+    if ! kill -0 $server 2>/dev/null; then
+      echo "serve: the server exited before answering $url/health; the end of its log:"
+      tail -25 "$OUT/serve_server.log"; trap - EXIT INT TERM; return 1
+    fi
+    if (( SECONDS - start > 240 )); then
+      echo "serve: no answer at $url/health after 240 s; the end of the server's log:"
+      tail -25 "$OUT/serve_server.log"; kill -9 $server; wait $server 2>/dev/null; trap - EXIT INT TERM; return 1
+    fi
+    sleep 2
+  done
+  echo "serve: $shape up after $((SECONDS - start)) s"
+  TQDM_DISABLE=1 timeout $((350 - (SECONDS - start))) python -m tuili.cli bench serve --url $url $4 \
+    --json "$OUT/serve_$tag.json" --plot "$OUT/serve_$tag.png" 2>&1 | tee "$OUT/serve_$tag.txt"
+  rc=$?
+  (( rc == 124 )) && echo "serve: the bench was stopped at its time limit (rows above are the rates that finished)"
+  kill $server 2>/dev/null
+  for _ in {1..20}; do kill -0 $server 2>/dev/null || break; sleep 0.5; done
+  kill -9 $server 2>/dev/null; wait $server 2>/dev/null
+  trap - EXIT INT TERM
+  echo "serve: server stopped after $((SECONDS - start)) s in all"
+  return $rc
+}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case $step in
     tests)
-      python -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
+      python -m pytest tests/gpu tests/engine/test_engine.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
     kernels)
       python -m pytest tests/ops -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/kernel_tests.log" ;;
     latency)
@@ -26,10 +63,21 @@ for step in "$@"; do
         --json "$OUT/throughput_qwen3.json" --plot "$OUT/throughput_qwen3.png"
       timeout 200 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
         --json "$OUT/throughput_8b.json" ;;
-    ablation)
-      for flags in "--enforce-eager" "--no-fused-ops" "--attention-backend torch --enforce-eager"; do
-        tuili bench latency --load-format dummy --model llama-3.2-1b --input-len 128 --output-len 128 --no-hf \
-          --gpu-memory-utilization 0.5 --max-num-seqs 8 $flags | tail -2
-      done 2>&1 | tee "$OUT/ablation_1b.txt" ;;
+    ablation|ablation8b)
+      # workload 4 on workload 1: each technique off in turn, one JSON per configuration
+      model=llama-3.2-1b; tag=1b; [ $step = ablation8b ] && { model=llama-3.1-8b; tag=8b; }
+      while IFS=: read -r name flags; do
+        tuili bench latency --load-format dummy --model $model --input-len 128 --output-len 128 --no-hf \
+          --gpu-memory-utilization 0.5 --max-num-seqs 8 $flags --json "$OUT/ablation_${tag}_$name.json" | tail -1
+      done <<<"all-on:
+no-async-scheduling:--async-scheduling off
+no-cuda-graphs:--enforce-eager
+no-fused-ops:--no-fused-ops
+torch-attention:--attention-backend torch --enforce-eager
+all-off:--attention-backend torch --enforce-eager --no-fused-ops --async-scheduling off" 2>&1 | tee "$OUT/ablation_$tag.txt" ;;
+    profile)
+      python scripts/profile_decode.py llama-3.2-1b 2>&1 | tee "$OUT/profile_1b.txt" ;;
+    serve)
+      serve_step llama-3.1-8b 8b "--gpu-memory-utilization 0.85" "--rates 1,4,16,inf --num-requests 64" ;;
   esac
 done

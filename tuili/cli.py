@@ -16,6 +16,7 @@ _ENGINE_HELP = {
     "device": "auto | cpu | cuda",
     "kv_cache_memory": "GiB of KV cache on CPU",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
+    "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
 }
 
 

@@ -47,6 +47,7 @@ class EngineArgs:
     enforce_eager: bool = False         # no CUDA graphs
     attention_backend: str = "auto"     # auto (triton on GPU, torch on CPU) | triton | torch
     no_fused_ops: bool = False          # torch references instead of the fused Triton norm/RoPE/SiLU kernels
+    async_scheduling: str = "auto"      # auto (on for CUDA) | on | off: prepare step N+1 while step N runs
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -58,6 +59,8 @@ class EngineArgs:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory <= 0:

@@ -7,6 +7,9 @@ import torch
 from tuili import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+# "on": step N+1 is scheduled and launched before step N's tokens reach the host (the CUDA default, run on
+# the CPU here so that CI checks its bookkeeping); outputs must not change
+ASYNC_MODES = ["off", "on"]
 
 
 def random_prompts(count: int, lengths: list[int], vocab: int = 512, seed: int = 0) -> list[list[int]]:
@@ -42,15 +45,17 @@ def test_smollm_batch_invariance(smollm):
     assert tok.decode(batch[0])
 
 
-def test_batch_of_mixed_lengths_equals_alone(tiny_models, reference):
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_batch_of_mixed_lengths_equals_alone(tiny_models, reference, mode):
     prompts, alone = reference
-    llm = LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=0.05)
+    llm = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, kv_cache_memory=0.05)
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
 
 
-def test_requests_join_while_others_decode(tiny_models, reference):
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_requests_join_while_others_decode(tiny_models, reference, mode):
     prompts, alone = reference
-    llm = LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=0.05)
+    llm = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, kv_cache_memory=0.05)
     engine = llm.engine
     done: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
@@ -67,33 +72,40 @@ def test_requests_join_while_others_decode(tiny_models, reference):
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_chunked_prefill_gives_same_output(tiny_models, reference):
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_chunked_prefill_gives_same_output(tiny_models, reference, mode):
     prompts, alone = reference
-    llm = LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=0.05, max_num_batched_tokens=16)
+    llm = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, kv_cache_memory=0.05,
+              max_num_batched_tokens=16)
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
 
 
-def test_preemption_keeps_outputs(tiny_models, reference):
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_preemption_keeps_outputs(tiny_models, reference, mode):
     prompts, alone = reference
     # 14 blocks of 16 tokens = 224 slots for 8 requests needing up to 144 each: preemption is forced
-    llm = LLM(tiny_models["llama"], dtype="float32", num_gpu_blocks_override=14, max_model_len=224)
+    llm = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, num_gpu_blocks_override=14,
+              max_model_len=224)
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == alone
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_used_blocks == 0
 
 
-def test_seeded_sampling_survives_preemption(tiny_models):
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_seeded_sampling_survives_preemption(tiny_models, mode):
     prompts = random_prompts(8, [30, 60, 90])
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=40, ignore_eos=True)
     roomy = LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=0.05)
-    tight = LLM(tiny_models["llama"], dtype="float32", num_gpu_blocks_override=14, max_model_len=224)
+    tight = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, num_gpu_blocks_override=14,
+                max_model_len=224)
     assert token_ids(tight.generate(prompts, params, use_tqdm=False)) == \
         token_ids(roomy.generate(prompts, params, use_tqdm=False))
     assert tight.engine.scheduler.num_preemptions > 0
 
 
-def test_abort_frees_blocks(tiny_models):
-    llm = LLM(tiny_models["llama"], dtype="float32", kv_cache_memory=0.05)
+@pytest.mark.parametrize("mode", ASYNC_MODES)
+def test_abort_frees_blocks(tiny_models, mode):
+    llm = LLM(tiny_models["llama"], dtype="float32", async_scheduling=mode, kv_cache_memory=0.05)
     engine = llm.engine
     for i, p in enumerate(random_prompts(4, [40])):
         engine.add_request(str(i), p, GREEDY)

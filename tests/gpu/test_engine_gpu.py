@@ -40,9 +40,9 @@ def test_fast_path_equals_torch_path_fp32(tiny_models, family):
     path = tiny_models[family]
     ps = prompts(12, 512)
     ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
-              enforce_eager=True, max_num_seqs=16, **SMALL_CACHE)
+              enforce_eager=True, async_scheduling="off", max_num_seqs=16, **SMALL_CACHE)
     fast = LLM(path, device="cuda", dtype="float32", max_num_seqs=16, **SMALL_CACHE)
-    assert fast.engine.runner.graphs is not None
+    assert fast.engine.runner.graphs is not None and fast.engine.async_scheduling
     assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
     # chunked prefill and preemption on the fast path too
     tight = LLM(path, device="cuda", dtype="float32", max_num_seqs=16, max_num_batched_tokens=32,

@@ -27,7 +27,7 @@ def make_seq(params: SamplingParams, prompt: list[int] = (1, 2, 3), output: list
 
 
 def sample(logits: torch.Tensor, seqs) -> list[int]:
-    return Sampler(logits.shape[1], {EOS}).__call__(logits.clone(), seqs).token_ids
+    return Sampler(logits.shape[1], {EOS}).__call__(logits.clone(), seqs).token_ids.tolist()
 
 
 def counts_of(tokens: list[int], vocab: int = V) -> torch.Tensor:
@@ -232,13 +232,13 @@ def test_penalties_steer_greedy_choice():
     assert sample(row, [make_seq(SamplingParams(temperature=0, frequency_penalty=0.2), output=[1])]) == [2]
     assert sample(row, [make_seq(SamplingParams(temperature=0, repetition_penalty=1.2), prompt=[1])]) == [2]
     # ... while logprobs stay those of the raw model distribution
-    out = Sampler(V, {EOS})(row.clone(), [make_seq(SamplingParams(temperature=0, logprobs=2,
-                                                                   repetition_penalty=1.2), prompt=[1])])
+    tokens, logprobs = Sampler(V, {EOS})(row.clone(), [make_seq(SamplingParams(
+        temperature=0, logprobs=2, repetition_penalty=1.2), prompt=[1])]).lists()
     raw = torch.log_softmax(row[0], -1)
-    assert out.token_ids == [2]
-    assert set(out.logprobs[0]) == {1, 2}
-    assert out.logprobs[0][2].logprob == pytest.approx(float(raw[2]), abs=1e-6)
-    assert out.logprobs[0][2].rank == 2 and out.logprobs[0][1].rank == 1
+    assert tokens == [2]
+    assert set(logprobs[0]) == {1, 2}
+    assert logprobs[0][2].logprob == pytest.approx(float(raw[2]), abs=1e-6)
+    assert logprobs[0][2].rank == 2 and logprobs[0][1].rank == 1
 
 
 # ---- min_tokens (unit) --------------------------------------------------------------------------------

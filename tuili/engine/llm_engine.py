@@ -102,6 +102,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
         self.step_log: list[StepStats] | None = None  # benchmarks set a list to record every step
+        self.async_scheduling = args.async_scheduling == "on" or (
+            args.async_scheduling == "auto" and self.device.type == "cuda")
+        self._in_flight = None     # the launched step not yet collected (async scheduling)
+        self._last_collect = 0.0
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _auto_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -196,27 +200,60 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of every request that advanced or finished
-        (`finished_only`: of those that finished, for callers that do not stream)."""
-        start = time.perf_counter()
+        (`finished_only`: of those that finished, for callers that do not stream).
+
+        With async scheduling (CUDA by default) the step launched here is collected by the next call: the
+        host schedules and prepares step N+1 while the device still runs step N, and the sequences that
+        sampled in step N take their new token from the device. Outputs thus lag one step behind."""
+        prev, self._in_flight = self._in_flight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and any(s.needs_host_tokens for s in self.scheduler.running):
+            outputs += self._collect(prev, finished_only)  # penalties or prompt logprobs: no overlap
+            prev = None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        result = self.runner.execute(batch)
+        launched = self._launch(batch, prev) if batch else None
+        if prev is not None:
+            outputs += self._collect(prev, finished_only)
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._collect(launched, finished_only)
+        return outputs
+
+    def _launch(self, batch, prev):
+        start = time.perf_counter()
+        launched = self.runner.launch(batch, prev)
+        launched.start = start
         if self.step_log is not None:
-            self.step_log.append(StepStats(
+            launched.stats = StepStats(
                 num_seqs=len(batch), num_tokens=sum(i.num_new_tokens for i in batch),
                 context_tokens=sum(i.seq.num_computed_tokens + i.num_new_tokens for i in batch),
                 attention_pairs=sum(i.num_new_tokens * (i.seq.num_computed_tokens + (i.num_new_tokens + 1) / 2)
                                     for i in batch),
-                blocks_used=self.block_manager.num_used_blocks, seconds=time.perf_counter() - start))
+                blocks_used=self.block_manager.num_used_blocks, seconds=0.0)
         for item in batch:
+            if item.samples:
+                item.seq.num_pending += 1
             item.seq.num_computed_tokens += item.num_new_tokens
+        return launched
+
+    def _collect(self, launched, finished_only: bool) -> list[RequestOutput]:
+        result = self.runner.finish(launched)
+        if self.step_log is not None:  # a step lasts from its launch (or the end of the last one) to now
+            end = time.perf_counter()
+            launched.stats.seconds = end - max(launched.start, self._last_collect)
+            self.step_log.append(launched.stats)
+            self._last_collect = end
         for seq, entries in result.prompt_logprobs:
             self._decode_logprobs(entries)
             seq.prompt_logprobs.extend(entries)
         now = time.time()
         touched: dict[str, Request] = {}
         for seq, token, logprobs in result.sampled:
+            seq.num_pending -= 1
+            if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
+                continue
             request = seq.request
             touched[request.request_id] = request
             try:

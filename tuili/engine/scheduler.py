@@ -20,7 +20,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a new token is sampled after it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 class Scheduler:

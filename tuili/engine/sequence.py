@@ -32,6 +32,7 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
+        self.num_pending = 0                  # sampled on the device, not yet appended (async scheduling)
         self.block_table: list[int] = []
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
@@ -64,8 +65,21 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens known to the host plus those sampled by a step still in flight."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Sampling needs its token history on the host (penalties) or prompt logprobs are still due: the
+        engine finishes the step in flight before it schedules this sequence (no overlap)."""
+        p = self.params
+        return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+                or self.wants_prompt_logprobs)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

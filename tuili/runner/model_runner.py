@@ -113,17 +113,33 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, batch: list[ScheduledSeq]) -> RunnerOutput:
+        return self.finish(self.launch(batch))
+
+    @torch.no_grad()
+    def launch(self, batch: list[ScheduledSeq], prev: "Launched | None" = None) -> "Launched":
+        """Build the step's tensors, run the model and sample, without waiting for the device.
+
+        A sequence whose last token was sampled by `prev` (still in flight) reads it from `prev`'s device
+        tensor: the host does not need to know it yet (async scheduling)."""
         bs = self.block_size
         batch = sorted(batch, key=lambda item: item.num_new_tokens != 1)  # decodes first (stable)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []          # row of each sampling sequence's last token
+        from_prev: list[int] = []            # rows whose input token is in prev's sampled tensor ...
+        prev_index: list[int] = []           # ... at this index
         prompt_rows: list[tuple[int, Sequence, int, int]] = []  # (first row, seq, first target, count)
         for item in batch:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             row0 = len(input_ids)
-            input_ids += seq.token_ids[start:start + n]
+            ids = seq.token_ids[start:start + n]
+            if len(ids) < n:  # the last token is still on the device
+                assert len(ids) == n - 1 and prev is not None, "only the newest token can be pending"
+                from_prev.append(row0 + n - 1)
+                prev_index.append(prev.row_of[seq.seq_id])
+                ids.append(0)
+            input_ids += ids
             pos = range(start, start + n)
             positions += pos
             slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
@@ -134,21 +150,58 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if first - 1 >= start and last >= first:
                     prompt_rows.append((row0 + first - 1 - start, seq, first, last - first + 1))
-        meta, (input_ids_t, positions_t) = self._metadata(
+        meta, (input_ids_t, positions_t, sample_rows_t, from_prev_t, prev_index_t) = self._metadata(
             [i.num_new_tokens for i in batch], [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
-            [i.seq.block_table for i in batch], slots, input_ids, positions)
+            [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, from_prev, prev_index)
+        if from_prev:
+            input_ids_t[from_prev_t] = prev.sampled.token_ids[prev_index_t].to(input_ids_t.dtype)
         hidden = self._forward(input_ids_t, positions_t, meta)
 
         sampled_seqs = [item.seq for item in batch if item.samples]
-        sampled: list[tuple[Sequence, int, PositionLogprobs | None]] = []
+        out = None
         if sampled_seqs:
-            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows]  # pure decode: all rows
-            logits = self.model.compute_logits(rows)
-            out: SamplerOutput = self.sampler(logits, sampled_seqs)
-            sampled = list(zip(sampled_seqs, out.token_ids, out.logprobs))
+            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows_t]  # pure decode: all
+            out = self.sampler(self.model.compute_logits(rows), sampled_seqs)
         prompt_lps = []
         for row, seq, first, count in prompt_rows:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)
             targets = torch.tensor(seq.token_ids[first:first + count], device=self.device)
             prompt_lps.append((seq, top_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * count)))
-        return RunnerOutput(sampled, prompt_lps)
+        return Launched(sampled_seqs, out, self._to_host(out.tensors() if out else []), prompt_lps)
+
+    def _to_host(self, tensors: list[torch.Tensor]):
+        """Start copying `tensors` to the host; on CUDA, (pinned copies, the event that marks them done)."""
+        if self.device.type != "cuda":
+            return tensors
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def finish(self, launched: "Launched") -> RunnerOutput:
+        """Wait for a launched step's samples and turn them into host lists."""
+        sampled = []
+        if launched.sampled is not None:
+            host = launched.host
+            if isinstance(host, tuple):
+                host, event = host
+                event.synchronize()
+            out = launched.sampled
+            tokens, logprobs = out.to_lists(host, out.logprob_rows, out.logprob_nums, len(launched.seqs))
+            sampled = list(zip(launched.seqs, tokens, logprobs))
+        return RunnerOutput(sampled, launched.prompt_logprobs)
+
+
+class Launched:
+    """A step whose model pass and sampling are queued on the device; `ModelRunner.finish` collects it."""
+
+    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput | None, host, prompt_logprobs) -> None:
+        self.seqs = seqs
+        self.sampled = sampled
+        self.host = host                      # host copies of sampled.tensors() (+ the event that ends them)
+        self.prompt_logprobs = prompt_logprobs
+        self.row_of = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        self.start = 0.0                      # the engine's bookkeeping: when it was launched, its StepStats
+        self.stats = None

@@ -18,19 +18,47 @@ from tuili.sampling_params import Logprob, PositionLogprobs
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[PositionLogprobs | None]  # per row, when its request asked for logprobs
+    """Device tensors (no host sync yet): the sampled tokens and the logprob parts of the rows that asked."""
+
+    token_ids: torch.Tensor                       # [N]
+    logprob_rows: list[int]                       # rows whose request asked for logprobs
+    logprob_parts: list[torch.Tensor] | None      # top_logprob_tensors() of those rows
+    logprob_nums: list[int]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.token_ids, *(self.logprob_parts or [])]
+
+    def lists(self) -> tuple[list[int], list[PositionLogprobs | None]]:
+        """Token ids and logprobs as host lists, synchronously."""
+        host = [t.cpu() for t in self.tensors()]
+        return self.to_lists(host, self.logprob_rows, self.logprob_nums, len(self.token_ids))
+
+    @staticmethod
+    def to_lists(host: list[torch.Tensor], rows: list[int], nums: list[int], n: int
+                 ) -> tuple[list[int], list[PositionLogprobs | None]]:
+        """From the host copies of `tensors()`: the token ids and each row's logprobs (None where not asked)."""
+        tokens = host[0].tolist()
+        logprobs: list[PositionLogprobs | None] = [None] * n
+        if rows:
+            chosen = [tokens[i] for i in rows]
+            for i, entry in zip(rows, logprob_entries(host[1:], chosen, nums)):
+                logprobs[i] = entry
+        return tokens, logprobs
 
 
-def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: list[int]) -> list[PositionLogprobs]:
-    """For each row of `logprobs` [N, V]: the chosen token's logprob and rank plus the top-num[i] tokens."""
+def top_logprob_tensors(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """On the device: each row's chosen-token logprob and rank, and its top-k logprobs and token ids."""
     chosen_lp = logprobs.gather(1, chosen[:, None])
     ranks = (logprobs > chosen_lp).sum(1) + 1
-    k = max(num)
-    top_lp, top_ids = logprobs.topk(k, dim=1) if k else (None, None)
-    chosen_lp, ranks, chosen = chosen_lp[:, 0].tolist(), ranks.tolist(), chosen.tolist()
-    top_lp = top_lp.tolist() if k else None
-    top_ids = top_ids.tolist() if k else None
+    parts = [chosen_lp[:, 0], ranks]
+    if k:
+        parts += list(logprobs.topk(k, dim=1))
+    return parts
+
+
+def logprob_entries(parts: list[torch.Tensor], chosen: list[int], num: list[int]) -> list[PositionLogprobs]:
+    chosen_lp, ranks = parts[0].tolist(), parts[1].tolist()
+    top_lp, top_ids = (parts[2].tolist(), parts[3].tolist()) if len(parts) > 2 else (None, None)
     out = []
     for i in range(len(chosen)):
         entry = {chosen[i]: Logprob(chosen_lp[i], ranks[i])}
@@ -38,6 +66,19 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: list[int]) -
             entry.setdefault(top_ids[i][r], Logprob(top_lp[i][r], r + 1))
         out.append(entry)
     return out
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: list[int]) -> list[PositionLogprobs]:
+    """For each row of `logprobs` [N, V]: the chosen token's logprob and rank plus the top-num[i] tokens."""
+    return logprob_entries(top_logprob_tensors(logprobs, chosen, max(num)), chosen.tolist(), num)
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list (or CPU tensor) on `device` without a stream sync (pinned + non_blocking on CUDA)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Sampler:
@@ -57,47 +98,49 @@ class Sampler:
 
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
-            greedy = torch.tensor([p.greedy for p in params], device=device)
-            temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                       device=device)[:, None]
+            greedy = to_device([p.greedy for p in params], torch.bool, device)
+            temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32,
+                                    device)[:, None]
             probs = self._filter(logits / temperature, params).softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_()
-            for i, s in enumerate(seqs):
-                if s.generator is not None and not params[i].greedy:
-                    noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(device)
+            seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not params[i].greedy]
+            if seeded:
+                own = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator)
+                                   for i in seeded])
+                noise[to_device(seeded, torch.long, device)] = to_device(own, torch.float32, device)
             sampled = (probs / noise).argmax(dim=-1)
             tokens = torch.where(greedy, tokens, sampled)
 
-        logprobs: list[PositionLogprobs | None] = [None] * n
-        if raw_logprobs is not None:
-            rows = [i for i in range(n) if want_lp[i]]
-            entries = top_logprobs(raw_logprobs[rows], tokens[rows], [params[i].logprobs for i in rows])
-            for i, entry in zip(rows, entries):
-                logprobs[i] = entry
-        return SamplerOutput(tokens.tolist(), logprobs)
+        rows = [i for i in range(n) if want_lp[i]]
+        nums = [params[i].logprobs for i in rows]
+        parts = None
+        if rows:
+            index = to_device(rows, torch.long, device)
+            parts = top_logprob_tensors(raw_logprobs[index], tokens[index], max(nums))
+        return SamplerOutput(tokens, rows, parts, nums)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, s in enumerate(seqs):
             p = s.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(s.token_ids, device=logits.device).unique()
+                seen = to_device(s.token_ids, torch.long, logits.device).unique()
                 row = logits[i, seen]
                 logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and s.num_output_tokens:
-                out = torch.tensor(s.output_token_ids, device=logits.device)
+                out = to_device(s.output_token_ids, torch.long, logits.device)
                 counts = torch.bincount(out, minlength=logits.shape[1]).float()
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         return logits
 
     def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
+            if s.num_output_tokens + s.num_pending < s.params.min_tokens:
                 banned = set(s.params.stop_token_ids)
                 if not s.params.ignore_eos:
                     banned |= self.eos_token_ids
                 banned = [t for t in banned if t < logits.shape[1]]
                 if banned:
-                    logits[i, banned] = float("-inf")
+                    logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
         return logits
 
     @staticmethod
@@ -112,11 +155,11 @@ class Sampler:
         device = logits.device
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)[None, :]
-        sorted_logits = sorted_logits.masked_fill(rank >= torch.tensor(top_k, device=device)[:, None], float("-inf"))
+        sorted_logits = sorted_logits.masked_fill(rank >= to_device(top_k, torch.long, device)[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)                            # renormalised over the top-k
         mass_before = probs.cumsum(dim=-1) - probs                       # mass of strictly better tokens
-        drop = mass_before >= torch.tensor(top_p, device=device)[:, None]
-        drop |= probs < torch.tensor(min_p, device=device)[:, None] * probs[:, :1]
+        drop = mass_before >= to_device(top_p, torch.float32, device)[:, None]
+        drop |= probs < to_device(min_p, torch.float32, device)[:, None] * probs[:, :1]
         drop[:, 0] = False                                                 # the best token always stays
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
