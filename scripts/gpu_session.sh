@@ -59,10 +59,13 @@ for step in "$@"; do
       tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 8192 --output-len 2 --repeats 3 \
         --max-num-batched-tokens 8192 --max-num-seqs 1 --json "$OUT/prefill_8b_8192.json" --no-hf ;;
     throughput)
-      timeout 200 python -m tuili.cli bench throughput --load-format dummy --model qwen3-0.6b \
+      # HF's static batch as the peer (first batch of the workload, every row generating the batch's longest
+      # output); the memory limit leaves room for HF's own KV cache
+      timeout 240 python -m tuili.cli bench throughput --load-format dummy --model qwen3-0.6b \
+        --gpu-memory-utilization 0.45 --hf-batch-size 64 --hf-batch-size 128 \
         --json "$OUT/throughput_qwen3.json" --plot "$OUT/throughput_qwen3.png"
-      timeout 200 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
-        --json "$OUT/throughput_8b.json" ;;
+      timeout 260 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
+        --gpu-memory-utilization 0.6 --hf-batch-size 64 --json "$OUT/throughput_8b.json" --plot "$OUT/throughput_8b.png" ;;
     ablation|ablation8b)
       # workload 4 on workload 1: each technique off in turn, one JSON per configuration
       model=llama-3.2-1b; tag=1b; [ $step = ablation8b ] && { model=llama-3.1-8b; tag=8b; }

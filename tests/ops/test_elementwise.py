@@ -125,6 +125,26 @@ def test_qk_norm_rope(num_tokens, heads, fused, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("norm", [False, True], ids=["rope", "qk-norm-rope"])
+def test_rope_reads_table_rows_at_positions(norm, pos_dtype, dtype):
+    """With `positions`, the kernels take the whole cos/sin tables (the model's path: no gather before)."""
+    num_heads, num_kv_heads, head_dim = HEADS[-1]
+    q, k = qk_views(37, num_heads, num_kv_heads, head_dim, dtype, True)
+    cos, sin = cos_sin(300, head_dim)
+    positions = torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(3)).to(DEVICE, pos_dtype)
+    if norm:
+        w = norm_weight(head_dim, dtype, seed=8), norm_weight(head_dim, dtype, seed=9)
+        out = qk_norm_rope_triton(q, k, *w, EPS, cos, sin, positions)
+        ref = qk_norm_rope(q, k, *w, EPS, cos[positions.long()], sin[positions.long()])
+    else:
+        out = apply_rope_triton(q, k, cos, sin, positions)
+        ref = apply_rope(q, k, cos[positions.long()], sin[positions.long()])
+    assert_close(out[0], ref[0])
+    assert_close(out[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [64, 576, 96, 2 * 1100])
 @pytest.mark.parametrize("num_tokens", TOKENS)
 def test_silu_and_mul(num_tokens, width, dtype):

@@ -49,7 +49,9 @@ class RotaryEmbedding(nn.Module):
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
-        self._apply = rope.apply_rope_triton if enabled else rope.apply_rope
+        self.triton = enabled
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return self._apply(q, k, self.cos[positions], self.sin[positions])
+        if self.triton:  # the kernel reads the table rows itself
+            return rope.apply_rope_triton(q, k, self.cos, self.sin, positions)
+        return rope.apply_rope(q, k, self.cos[positions], self.sin[positions])

@@ -53,7 +53,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.fused_qk_norm_rope is not None:
             q, k = self.fused_qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                           self.rotary.cos[positions], self.rotary.sin[positions])
+                                           self.rotary.cos, self.rotary.sin, positions)
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)

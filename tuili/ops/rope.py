@@ -57,20 +57,22 @@ def _norm_rope_heads(x_ptr, out_ptr, weight_ptr, t, stride_t, stride_h, num_head
     tl.store(dst + half, o2.to(dtype), mask=mask)
 
 
-def _norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr,
+def _norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, pos_ptr,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
                       num_heads, num_kv_heads, half, eps,
-                      NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                      NORM: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
                       BLOCK_HALF: tl.constexpr):
     # q: [T, H, D], k: [T, KVH, D], head dim contiguous, token/head strides given (views of a fused qkv
     # are fine); q_out/k_out: the same shapes, contiguous; weights: [D]; cos/sin: [T, D/2], last dim
-    # contiguous. One program per token: its cos/sin are loaded once for all q and k heads.
+    # contiguous, or (HAS_POS) the whole [max_position, D/2] tables, read at row pos[t]. One program per
+    # token: its cos/sin are loaded once for all q and k heads.
     t = tl.program_id(0).to(tl.int64)
+    row = tl.load(pos_ptr + t).to(tl.int64) if HAS_POS else t
     offs_d = tl.arange(0, BLOCK_HALF)
     mask_d = offs_d < half
     dtype = q_out_ptr.dtype.element_ty  # the reference casts cos/sin to x's dtype
-    cos = tl.load(cos_ptr + t * stride_cos + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + t * stride_sin + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    cos = tl.load(cos_ptr + row * stride_cos + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + row * stride_sin + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
     _norm_rope_heads(q_ptr, q_out_ptr, q_weight_ptr, t, stride_qt, stride_qh, num_heads, cos, sin, offs_d,
                      mask_d, half, eps, NORM, BLOCK_H)
     _norm_rope_heads(k_ptr, k_out_ptr, k_weight_ptr, t, stride_kt, stride_kh, num_kv_heads, cos, sin, offs_d,
@@ -94,7 +96,8 @@ def _pow2(n: int) -> int:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+            weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float,
+            positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     (num_tokens, num_heads, head_dim), num_kv_heads = q.shape, k.shape[1]
     if head_dim % 2 or k.shape[0] != num_tokens or k.shape[2] != head_dim or k.dtype != q.dtype:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must share T, an even "
@@ -110,20 +113,22 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     tile = 2 * max(block_h, block_kvh) * block_half
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
     _kernel()[(num_tokens,)](
-        q, k, q_out, k_out, q_weight, k_weight, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        cos.stride(0), sin.stride(0), num_heads, num_kv_heads, half, eps,
-        NORM=weights is not None, BLOCK_H=block_h, BLOCK_KVH=block_kvh, BLOCK_HALF=block_half,
-        num_warps=num_warps)
+        q, k, q_out, k_out, q_weight, k_weight, cos, sin, q if positions is None else positions,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), num_heads, num_kv_heads,
+        half, eps, NORM=weights is not None, HAS_POS=positions is not None, BLOCK_H=block_h, BLOCK_KVH=block_kvh,
+        BLOCK_HALF=block_half, num_warps=num_warps)
     return q_out, k_out
 
 
-def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton apply_rope: q/k may be strided views (of a fused qkv); returns new contiguous q, k."""
-    return _launch(q, k, cos, sin, None, 0.0)
+def apply_rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton apply_rope: q/k may be strided views (of a fused qkv); returns new contiguous q, k. With
+    `positions`, cos/sin are the whole tables and row positions[t] is read (no gather kernel before)."""
+    return _launch(q, k, cos, sin, None, 0.0, positions)
 
 
 def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                        eps: float, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                        positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton qk_norm_rope in one launch: q/k may be strided views; returns new contiguous q, k."""
-    return _launch(q, k, cos, sin, (q_weight, k_weight), eps)
+    return _launch(q, k, cos, sin, (q_weight, k_weight), eps, positions)
