@@ -6,6 +6,8 @@
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the commit the results belong to: the device's copy has no (or stale) git metadata; write .commit before
+[ -f .commit ] && export TUILI_COMMIT=$(cat .commit)
 tuili() { python -m tuili.cli "$@"; }
 # Workload 3: `tuili serve` with dummy weights of shape $1 under `tuili bench serve` with flags $4; $3: more server
 # flags. Files: $OUT/serve_server.log, $OUT/serve_$2.{txt,json,png}. At most ~6 minutes: 240 s for the server to

@@ -84,6 +84,17 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/tuili"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def environment(device: torch.device) -> dict:
     """What every result file records: device, versions, commit."""
     try:
@@ -92,13 +103,6 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/tuili"],
-                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine): scripts/ records it
-        path = os.path.join(os.path.dirname(__file__), "..", "..", ".commit")
-        commit = open(path).read().strip() if os.path.isfile(path) else None
+    # TUILI_COMMIT: set by scripts/gpu_session.sh, since the device's copy of the tree has stale git metadata
+    commit = os.environ.get("TUILI_COMMIT") or _git_commit()
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version, "commit": commit}
