@@ -240,7 +240,7 @@ class LLMEngine:
 
     def _collect(self, launched, finished_only: bool) -> list[RequestOutput]:
         result = self.runner.finish(launched)
-        if self.step_log is not None:  # a step lasts from its launch (or the end of the last one) to now
+        if launched.stats is not None and self.step_log is not None:  # from its launch (or the last collect)
             end = time.perf_counter()
             launched.stats.seconds = end - max(launched.start, self._last_collect)
             self.step_log.append(launched.stats)
