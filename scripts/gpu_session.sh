@@ -70,16 +70,18 @@ for step in "$@"; do
         --gpu-memory-utilization 0.6 --hf-batch-size 16 --json "$OUT/throughput_8b.json" --plot "$OUT/throughput_8b.png" ;;
     ablation|ablation8b)
       # workload 4 on workload 1: each technique off in turn, one JSON per configuration
-      model=llama-3.2-1b; tag=1b; [ $step = ablation8b ] && { model=llama-3.1-8b; tag=8b; }
-      while IFS=: read -r name flags; do
-        tuili bench latency --load-format dummy --model $model --input-len 128 --output-len 128 --no-hf \
-          --gpu-memory-utilization 0.5 --max-num-seqs 8 $flags --json "$OUT/ablation_${tag}_$name.json" | tail -1
-      done <<<"all-on:
+      configs="all-on:
 no-async-scheduling:--async-scheduling off
 no-cuda-graphs:--enforce-eager
 no-fused-ops:--no-fused-ops
 torch-attention:--attention-backend torch --enforce-eager
-all-off:--attention-backend torch --enforce-eager --no-fused-ops --async-scheduling off" 2>&1 | tee "$OUT/ablation_$tag.txt" ;;
+all-off:--attention-backend torch --enforce-eager --no-fused-ops --async-scheduling off"
+      model=llama-3.2-1b; tag=1b
+      [ $step = ablation8b ] && { model=llama-3.1-8b; tag=8b; configs=$(head -3 <<<"$configs"); }
+      while IFS=: read -r name flags; do
+        tuili bench latency --load-format dummy --model $model --input-len 128 --output-len 128 --no-hf \
+          --gpu-memory-utilization 0.5 --max-num-seqs 8 $flags --json "$OUT/ablation_${tag}_$name.json" | tail -1
+      done <<<"$configs" 2>&1 | tee "$OUT/ablation_$tag.txt" ;;
     profile)
       python scripts/profile_decode.py llama-3.2-1b 2>&1 | tee "$OUT/profile_1b.txt" ;;
     serve)

@@ -1,15 +1,19 @@
 """AsyncLLMEngine: one background thread runs the step loop; each request is an async stream of outputs.
 
-The engine is not thread-safe, so every call into it (add, abort, step) holds one lock; a step takes
-milliseconds, so an add or abort waits at most one step. Outputs cross back into asyncio with
-`call_soon_threadsafe`. A request whose consumer stops listening (a disconnected client) is aborted at once,
-which frees its KV blocks.
+The engine is not thread-safe, so only the loop thread touches its state. The event loop validates and
+tokenizes a request itself (so bad input fails at once, with no wait) and hands the finished Request over
+through a queue; aborts travel the same way. The loop applies both between steps, so the event loop never
+waits for a step (a lock shared with a thread that steps back-to-back starves the other side: on a GPU that
+held new requests back for seconds). Outputs cross back into asyncio with `call_soon_threadsafe`. A request
+whose consumer stops listening (a disconnected client) is aborted before the next step, which frees its KV
+blocks.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from tuili.engine.llm_engine import LLMEngine
@@ -31,7 +35,8 @@ class AsyncLLMEngine:
         self.max_waiting_requests = max_waiting_requests
         self.on_output = on_output  # e.g. metrics; called in the loop thread for every output
         self.on_abort = on_abort
-        self._lock = threading.Lock()
+        self._incoming: deque = deque()   # Requests made by the event loop, for the loop thread to queue
+        self._aborts: deque = deque()     # request ids to abort
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
@@ -44,30 +49,41 @@ class AsyncLLMEngine:
         self._thread.join(timeout=10)
 
     def stats(self) -> dict:
-        with self._lock:
-            scheduler = self.engine.scheduler
-            return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
-                    "kv_usage": self.engine.block_manager.usage}
+        scheduler = self.engine.scheduler  # read without the loop thread: lengths only, a snapshot is enough
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting) + len(self._incoming),
+                "kv_usage": self.engine.block_manager.usage}
 
     def _run(self) -> None:
         while not self._stopped:
-            with self._lock:
-                busy = self.engine.has_unfinished_requests()
-                if busy:
-                    try:
-                        outputs = self.engine.step()
-                    except Exception as e:  # the batch failed: fail its requests, keep serving
-                        logger.exception("engine step failed")
-                        outputs = []
-                        self._fail_all(e)
-            if not busy:
+            self._apply_queued()
+            if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
                 continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the batch failed: fail its requests, keep serving
+                logger.exception("engine step failed")
+                outputs = []
+                self._fail_all(e)
             for out in outputs:
                 if self.on_output is not None:
                     self.on_output(out)
                 self._deliver(out.request_id, out)
+
+    def _apply_queued(self) -> None:
+        while self._incoming:
+            request = self._incoming.popleft()
+            try:
+                self.engine.add(request)
+            except ValueError as e:  # e.g. an id already in use
+                self._deliver(request.request_id, e)
+        while self._aborts:
+            request_id = self._aborts.popleft()
+            known = request_id in self.engine.requests
+            self.engine.abort_request(request_id)
+            if known and self.on_abort is not None:
+                self.on_abort(request_id)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
@@ -81,24 +97,22 @@ class AsyncLLMEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> "RequestStream":
-        """Queue a request now (raises ValueError on bad input, QueueFullError when too many wait); iterate the
-        returned stream for its outputs."""
+        """Validate and queue a request now (raises ValueError on bad input, QueueFullError when too many
+        wait); iterate the returned stream for its outputs."""
+        waiting = len(self.engine.scheduler.waiting) + len(self._incoming)
+        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"the server is busy: {waiting} requests are waiting already")
+        request = self.engine.make_request(request_id, prompt, params)
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            waiting = len(self.engine.scheduler.waiting)
-            if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
-                raise QueueFullError(f"the server is busy: {waiting} requests are waiting already")
-            self.engine.add_request(request_id, prompt, params)
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        self._incoming.append(request)
         self._wakeup.set()
-        return RequestStream(self, request_id, queue)
+        return RequestStream(self, request.request_id, queue)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            known = request_id in self.engine.requests
-            self.engine.abort_request(request_id)
-        if known and self.on_abort is not None:
-            self.on_abort(request_id)
+        """Abort before the next step (frees the request's KV blocks); unknown or finished ids are ignored."""
+        self._aborts.append(request_id)
+        self._wakeup.set()
 
     def tokenizer(self):
         return self.engine.tokenizer

@@ -146,6 +146,13 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None) -> str:
         """Validate and queue a request. Raises ValueError on bad input; nothing else is affected."""
+        request = self.make_request(request_id, prompt, params)
+        self.add(request)
+        return request.request_id
+
+    def make_request(self, request_id: str | None, prompt: str | list[int],
+                     params: SamplingParams | None = None) -> Request:
+        """Validate and tokenize a request without touching the engine's state (any thread may call it)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -160,11 +167,15 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which must leave room for at least one generated token")
-        request = Request(request_id, text, token_ids, params)
-        self.requests[request_id] = request
+        return Request(request_id, text, token_ids, params)
+
+    def add(self, request: Request) -> None:
+        """Queue a request made by make_request."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
-        return request_id
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
