@@ -81,7 +81,9 @@ all-off:--attention-backend torch --enforce-eager --no-fused-ops --async-schedul
       while IFS=: read -r name flags; do
         tuili bench latency --load-format dummy --model $model --input-len 128 --output-len 128 --no-hf \
           --gpu-memory-utilization 0.5 --max-num-seqs 8 $flags --json "$OUT/ablation_${tag}_$name.json" | tail -1
-      done <<<"$configs" 2>&1 | tee "$OUT/ablation_$tag.txt" ;;
+      done <<<"$configs" 2>&1 | tee "$OUT/ablation_$tag.txt"
+      python scripts/plot_ablation.py "$OUT/ablation_$tag.png" \
+        $(cut -d: -f1 <<<"$configs" | sed "s|.*|$OUT/ablation_${tag}_&.json|") ;;
     profile)
       python scripts/profile_decode.py llama-3.2-1b 2>&1 | tee "$OUT/profile_1b.txt" ;;
     serve)

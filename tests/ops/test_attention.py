@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 from tuili.ops.attention import paged_attention, store_kv_cache  # noqa: E402
 from tuili.ops.attention_metadata import AttentionMetadata  # noqa: E402
 from tuili.ops.attention_triton import (  # noqa: E402
-    choose_num_splits, paged_attention_triton, paged_decode_attention, paged_prefill_attention,
-    store_kv_cache_triton)
+    _kernels, choose_num_splits, paged_attention_triton, paged_decode_attention, paged_prefill_attention,
+    store_kv_cache_triton, warm_up_kernels)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -162,10 +162,40 @@ def _select(meta: AttentionMetadata, rows: list[int]) -> AttentionMetadata:
                              [1] * len(rows), 1, max(seq_lens))
 
 
+def test_warm_up_runs_every_variant_and_writes_nothing():
+    _, k_cache, v_cache = make_batch([1], [40], 16, 2, 64, torch.float32)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    warm_up_kernels(k_cache, v_cache, num_heads=4, max_splits=4)
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+def _compiled_variants() -> int:
+    kernels = _kernels()
+    return sum(len(cache[0]) for fn in (kernels.decode, kernels.merge, kernels.prefill)
+               for cache in fn.device_caches.values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_warm_up_compiles_what_mixed_steps_need(dtype):
+    """After the warm-up, mixed batches of any shape (decodes sliced off at any offset, any table width, any
+    split count) compile nothing new: the first requests of a server do not wait for Triton."""
+    _, k_cache, v_cache = make_batch([1], [1], 16, 8, 128, dtype)
+    warm_up_kernels(k_cache, v_cache, num_heads=32)
+    before = _compiled_variants()
+    for query_lens, seq_lens in [([1, 1, 20, 45, 1], [100, 17, 20, 130, 1]), ([1, 1, 1, 300], [5000, 70, 3, 2500]),
+                                 ([2100], [2100]), ([1] * 7, [1, 20, 33, 400, 1000, 17, 9]), ([1, 77], [3000, 77]),
+                                 ([1] * 5 + [3000], [60] * 5 + [3000])]:
+        meta, k, v = make_batch(query_lens, seq_lens, 16, 8, 128, dtype, seed=len(seq_lens))
+        q = random_q(meta, 32, 128, dtype)
+        check(paged_attention_triton(q, k, v, meta, 0.1), reference(q, k, v, meta, 0.1), dtype)
+    assert _compiled_variants() == before
+
+
 def test_choose_num_splits():
-    assert choose_num_splits(1, 8, 32768) == 33            # 8 programs: about two per SM of 132
+    assert choose_num_splits(1, 8, 32768) == 32            # 8 programs: about two per SM of 132 (33 -> 32)
     assert choose_num_splits(1, 1, 32768) == 64            # capped
-    assert choose_num_splits(1, 8, 40) == 3                # never more splits than pages
+    assert choose_num_splits(1, 8, 40) == 2                # never more splits than pages (3), a power of two
     assert choose_num_splits(256, 8, 32768) == 1           # a big batch fills the GPU alone
     assert choose_num_splits(4, 8, 4096, num_sms=16) == 1
 

@@ -93,8 +93,10 @@ class LLMEngine:
         self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.dtype)
         self.runner.allocate_kv_cache(self.cache_config.num_blocks)
         self.max_model_len = self._max_model_len()
-        if self.device.type == "cuda" and triton_attention and not args.enforce_eager:
-            self.runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len)
+        if self.device.type == "cuda" and triton_attention:
+            self.runner.warm_up_kernels()
+            if not args.enforce_eager:
+                self.runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
         self.block_manager = BlockManager(self.cache_config.num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)

@@ -13,8 +13,8 @@ annotations stay strings until then, thanks to `from __future__ import annotatio
 from __future__ import annotations
 
 import dataclasses
-
 import functools
+import inspect
 from types import SimpleNamespace
 
 import torch
@@ -114,14 +114,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
 
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                         stride_ot, stride_oh, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                         HEAD_DIM: tl.constexpr):
+                         stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Grid (batch, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    split_mask = offs_s < NUM_SPLITS
+    split_mask = offs_s < num_splits
     lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + offs_s, mask=split_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m > float("-inf"), m, 0.0)  # no split had keys (seq_len 0): every weight is 0, out is 0
@@ -193,8 +192,20 @@ def _kernels() -> SimpleNamespace:
     import triton.language as tl
 
     _attend_tile = triton.jit(_attend_tile)
-    return SimpleNamespace(store_kv=triton.jit(_store_kv_kernel), decode=triton.jit(_decode_kernel),
-                           merge=triton.jit(_merge_splits_kernel), prefill=triton.jit(_prefill_kernel))
+    # Triton compiles a kernel once per "specialization" of its arguments (an int equal to 1 or divisible by
+    # 16, a pointer 16-byte aligned). Block tables and lengths arrive as views of one buffer at any offset and
+    # width, so they would make a server compile new variants (about a second each) in the middle of serving;
+    # they are read once per tile, so nothing is lost by not specializing them.
+    loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "stride_bt"]
+    jit_args = inspect.signature(triton.jit).parameters
+
+    def jit(fn):
+        names = [n for n in loose if n in inspect.signature(fn).parameters]
+        extra = {"do_not_specialize_on_alignment": names} if "do_not_specialize_on_alignment" in jit_args else {}
+        return triton.jit(fn, do_not_specialize=names, **extra)
+
+    return SimpleNamespace(store_kv=triton.jit(_store_kv_kernel), decode=jit(_decode_kernel),
+                           merge=triton.jit(_merge_splits_kernel), prefill=jit(_prefill_kernel))
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -249,10 +260,12 @@ def store_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
 def choose_num_splits(batch_size: int, num_kv_heads: int, max_model_len: int, block_size: int = 16,
                       num_sms: int = 132, max_splits: int = 64) -> int:
     """How many context splits paged_decode_attention should use: enough programs for about two per SM
-    (batch_size * num_kv_heads * splits >= 2 * num_sms), but every split at least one page of max_model_len."""
+    (batch_size * num_kv_heads * splits >= 2 * num_sms), but every split at least one page of max_model_len.
+    A power of two, so that a server meets few kernel variants (warm_up_kernels compiles them all at start)."""
     wanted = -(-2 * num_sms // max(1, batch_size * num_kv_heads))
     pages = -(-max_model_len // block_size)
-    return max(1, min(wanted, pages, max_splits))
+    splits = max(1, min(wanted, pages, max_splits))
+    return 1 << (splits.bit_length() - 1)  # the power of two at or below
 
 
 def _decode_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -298,7 +311,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         kernels.merge[(batch, num_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
-            lse.stride(1), out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+            lse.stride(1), out.stride(0), out.stride(1), num_splits,
             BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
     return out
 
@@ -358,3 +371,25 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         query_lens_cpu=meta.query_lens_cpu[d:], max_seq_len=max(meta.seq_lens_cpu[d:]))
     out[d:] = paged_prefill_attention(q[d:], k_cache, v_cache, rest, scale)
     return out
+
+
+def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, max_splits: int = 64) -> None:
+    """Compile now the attention kernel variants that serving meets later (each first use of a variant costs
+    about a second of Triton compilation, which the request that meets it would wait for): decode with every
+    split count choose_num_splits can return, and prefill with each tile shape. Reads the cache, writes nothing
+    to it."""
+    device, dtype = k_cache.device, k_cache.dtype
+    head_dim = k_cache.shape[-1]
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    splits = 1
+    while splits <= max_splits:
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits)
+        splits *= 2
+    starts = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    for max_query_len in (1, 4096):  # the rows past the one real query are masked out
+        meta = AttentionMetadata(slot_mapping=seq_lens, block_tables=table, seq_lens=seq_lens,
+                                 query_start_loc=starts, seq_lens_cpu=[1], query_lens_cpu=[1],
+                                 max_query_len=max_query_len, max_seq_len=1)
+        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0)

@@ -66,6 +66,14 @@ class ModelRunner:
             layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def warm_up_kernels(self) -> None:
+        """Compile the attention kernel variants of mixed steps before the first request (Triton attention)."""
+        from tuili.ops.attention_triton import warm_up_kernels
+
+        attn = self.model.layers[0].self_attn
+        warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads)
+        torch.cuda.synchronize(self.device)
+
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Capture decode graphs (GPU, Triton attention only: the torch path reads lengths on the host)."""
         assert self.device.type == "cuda" and self.triton_attention and self.num_blocks
