@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [latency] [prefill] [throughput] [ablation] [serve]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [quant-sweep] [quant] [latency] [prefill] [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 set -uo pipefail
@@ -51,7 +51,17 @@ for step in "$@"; do
     tests)
       python -m pytest tests/gpu tests/engine/test_engine.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
     kernels)
-      python -m pytest tests/ops -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/kernel_tests.log" ;;
+      python -m pytest tests/ops tests/quant -q -p no:cacheprovider -k "not unquantized_model and not greedy_agreement and not perplexity" 2>&1 | tail -30 | tee "$OUT/kernel_tests.log" ;;
+    quant-sweep)
+      python scripts/sweep_quant_matmul.py "$OUT/quant_sweep.json" 2>&1 | tail -12 ;;
+    quant)
+      # workload 1 with packed weights; the bf16 run of the same call (latency step) is the peer
+      for q in "int8" "int4 --quant-group-size 128"; do
+        tag=$(cut -d' ' -f1 <<<"$q")
+        tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 128 --output-len 256 \
+          --gpu-memory-utilization 0.5 --max-num-seqs 8 --no-hf --quantization $q \
+          --json "$OUT/latency_8b_bs1_$tag.json" | tail -1
+      done ;;
     latency)
       tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 128 --output-len 256 \
         --gpu-memory-utilization 0.5 --max-num-seqs 8 --hf-output-len 32 --json "$OUT/latency_8b_bs1.json" \

@@ -14,6 +14,9 @@ _ENGINE_HELP = {
     "load_format": "auto (from the files) or dummy (random weights)",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda",
+    "quantization": "int8 (per channel) | int4 (group-wise): weight-only, at load time",
+    "quant_group_size": "int4: inputs per group (32, 64, 128)",
+    "quant_symmetric": "int4: scales only, no zero points",
     "kv_cache_memory": "GiB of KV cache on CPU",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
@@ -84,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     qz = sub.add_parser("quantize", help="quantize a model ahead of time into a folder that --model loads")
     qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
-    qz.add_argument("--method", default="int8", choices=["int8"])
+    qz.add_argument("--method", default="int8", choices=["int8", "int4"])
+    qz.add_argument("--group-size", type=int, default=128, help="int4: inputs per group (32, 64, 128)")
+    qz.add_argument("--symmetric", action="store_true", help="int4: no zero points")
     qz.add_argument("--out", required=True, help="output folder")
     qz.add_argument("--dtype", default="bfloat16", help="dtype of the float parts (embeddings, norms, scales)")
 
@@ -192,14 +197,15 @@ def _quantize(ns: argparse.Namespace) -> int:
     from tuili.config import parse_dtype
     from tuili.engine.llm_engine import load_model
     from tuili.loader import load_model_source
-    from tuili.quant import save_quantized
+    from tuili.quant import QuantConfig, save_quantized
 
+    qc = QuantConfig(ns.method, ns.group_size, ns.symmetric)
     source = load_model_source(ns.model)
     if source.quantization is not None:
         raise ValueError(f"{source.name} is quantized already ({source.quantization})")
-    model = load_model(source, torch.device("cpu"), parse_dtype(ns.dtype) or torch.bfloat16, ns.method,
+    model = load_model(source, torch.device("cpu"), parse_dtype(ns.dtype) or torch.bfloat16, qc,
                        show_progress=True)
-    save_quantized(model, source.config, source.tokenizer, ns.out)
+    save_quantized(model, source.config, source.tokenizer, ns.out, qc)
     print(f"wrote {ns.method} model to {ns.out}; run it with: tuili chat --model {ns.out}")
     return 0
 

@@ -33,7 +33,9 @@ class EngineArgs:
     tokenizer: str | None = None        # defaults to the model's own
     load_format: str = "auto"           # auto | dummy
     dtype: str = "auto"
-    quantization: str | None = None     # int8: weight-only, per output channel, at load time
+    quantization: str | None = None     # int8 | int4: weight-only, at load time
+    quant_group_size: int = 128         # int4: inputs per group (32, 64, 128)
+    quant_symmetric: bool = False       # int4: no zero points (scale only)
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None
@@ -53,8 +55,7 @@ class EngineArgs:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         parse_dtype(self.dtype)
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be int8 (or unset), got {self.quantization!r}")
+        self.quant_config()  # validates
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
@@ -85,6 +86,16 @@ class EngineArgs:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**kwargs)
+
+    def quant_config(self):
+        """The QuantConfig of --quantization (None: unquantized, or whatever the checkpoint is saved in)."""
+        from tuili.quant import METHODS, QuantConfig
+
+        if self.quantization is None:
+            return None
+        if self.quantization not in METHODS:
+            raise ValueError(f"quantization must be {' or '.join(METHODS)} (or unset), got {self.quantization!r}")
+        return QuantConfig(self.quantization, self.quant_group_size, self.quant_symmetric)
 
     def use_triton(self, device: torch.device) -> tuple[bool, bool]:
         """(fused Triton ops, Triton attention) for `device`: Triton needs a GPU; the switches turn it off."""

@@ -54,7 +54,12 @@ def weight_bytes(model) -> int:
 
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls per token (the embedding lookup excluded, the LM head included)."""
-    total = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    def count(name, p) -> int:  # packed INT4 holds two weights per byte; scales and zeros are no matmul weights
+        if name.endswith((".scales", ".zeros")):
+            return 0
+        return 2 * p.numel() if name.endswith(".qweight") and p.dtype == torch.uint8 else p.numel()
+
+    total = sum(count(n, p) for n, p in model.named_parameters() if "embed_tokens" not in n)
     if model.lm_head is None:
         total += model.embed_tokens.weight.numel()
     return total

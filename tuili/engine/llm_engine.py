@@ -17,7 +17,7 @@ from tuili.engine.sequence import Request, Sequence
 from tuili.loader import load_model_source
 from tuili.loader.dummy import init_random_weights
 from tuili.models.registry import build_model
-from tuili.quant import prepare_int8, quantize_model
+from tuili.quant import QuantConfig, prepare_quantized, quantize_model
 from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
 
@@ -36,8 +36,8 @@ class StepStats:
     seconds: float
 
 
-def load_model(source, device: torch.device, dtype: torch.dtype, quantization: str | None = None, seed: int = 0,
-               show_progress: bool = False):
+def load_model(source, device: torch.device, dtype: torch.dtype, quantization: QuantConfig | None = None,
+               seed: int = 0, show_progress: bool = False):
     """Build the model of `source` on `device` in `dtype` and fill it: its checkpoint (quantized or not) or
     random weights; `quantization` quantizes a float checkpoint after loading."""
     with torch.device(device):
@@ -48,16 +48,16 @@ def load_model(source, device: torch.device, dtype: torch.dtype, quantization: s
         finally:
             torch.set_default_dtype(default_dtype)
     model.eval()
-    if source.quantization is not None:  # a checkpoint saved quantized: load its int8 tensors as they are
-        if quantization not in (None, source.quantization):
+    if source.quantization is not None:  # a checkpoint saved quantized: load its packed tensors as they are
+        if quantization is not None and quantization != source.quantization:
             raise ValueError(f"the checkpoint is quantized as {source.quantization}; "
-                             f"it cannot be loaded with quantization={quantization}")
-        prepare_int8(model)
+                             f"it cannot be loaded with quantization {quantization}")
+        prepare_quantized(model, source.quantization)
     if source.weights is None:
         init_random_weights(model, seed)
     else:
         model.load_weights(_progress(source.weights(), show_progress, f"loading {source.name}"))
-    if quantization and source.quantization is None:
+    if quantization is not None and source.quantization is None:
         saved = quantize_model(model, quantization)
         logger.info("%s weights: %.0f MB saved", quantization, saved / 2**20)
     return model
@@ -81,7 +81,7 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.dtype = parse_dtype(args.dtype) or self._auto_dtype(source.checkpoint_dtype)
         torch.manual_seed(args.seed)
-        self.model = model = load_model(source, self.device, self.dtype, args.quantization, args.seed,
+        self.model = model = load_model(source, self.device, self.dtype, args.quant_config(), args.seed,
                                         show_progress)
 
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))

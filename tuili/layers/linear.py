@@ -25,19 +25,47 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = default_weight_loader
-        self.qweight = self.scales = None
+        self.qweight = self.scales = self.zeros = None
+        self.group_size = 0
+        self._triton = False
+        self._cpu_int4 = None
 
-    def quantize_int8(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
-        """Replace the float weight by int8 rows and per-row scales (weight-only quantization)."""
+    def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                      group_size: int = 0) -> None:
+        """Replace the float weight by packed weights (formats: tuili/ops/quant_matmul.py): INT8 per output
+        channel (qweight int8 [N, K], scales [N]) or INT4 per group (qweight uint8 [N, K/2], scales and
+        zeros [N, groups])."""
         self.weight = None
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
-        on_cpu = qweight.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
-        self._int8 = quant_matmul.int8_linear_cpu if on_cpu else quant_matmul.int8_linear
+        self.zeros = None if zeros is None else nn.Parameter(zeros, requires_grad=False)
+        self.group_size = group_size
+        self._cpu_int4 = None
+
+    def use_triton(self, enabled: bool) -> None:
+        """Quantized layers on CUDA: the dequant-fused Triton matmul (else the torch reference)."""
+        self._triton = enabled
+
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        qweight, int8 = self.qweight, self.qweight.dtype == torch.int8
+        if qweight.is_cuda and self._triton:
+            return quant_matmul.quant_linear_triton(x, qweight, self.scales, self.zeros, self.group_size, self.bias)
+        if qweight.device.type == "cpu" and x.shape[0] <= 16:  # decode-sized: torch's packed CPU kernels
+            if int8 and hasattr(torch, "_weight_int8pack_mm"):
+                return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
+            if not int8:
+                if self._cpu_int4 is None:  # made on first use: a saved checkpoint fills qweight after set_quantized
+                    self._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, self.scales, self.zeros, self.group_size) \
+                        or ()
+                if self._cpu_int4 and x.dtype == self.scales.dtype:
+                    return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
+        if int8:
+            return quant_matmul.int8_linear(x, qweight, self.scales, self.bias)
+        return quant_matmul.int4_linear(x, qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return self._int8(x, self.qweight, self.scales, self.bias)
+            return self._quantized_forward(x)
         return F.linear(x, self.weight, self.bias)
 
 

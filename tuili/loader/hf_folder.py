@@ -50,10 +50,10 @@ def load(path: str) -> ModelSource:
     return ModelSource(path, config, load_tokenizer(path), weights, dtype, checkpoint_quantization(config, files))
 
 
-def checkpoint_quantization(config, files: list[str]) -> str | None:
-    """The quantization a folder's weights are stored in, from config.json's quantization_config; a folder whose
+def checkpoint_quantization(config, files: list[str]):
+    """The QuantConfig a folder's weights are stored in, from config.json's quantization_config; a folder whose
     tensors are quantized without saying how is refused rather than guessed."""
-    from tuili.quant import CHECKPOINT_METHODS
+    from tuili.quant import QuantConfig
 
     qconfig = getattr(config, "quantization_config", None)
     if qconfig is None:
@@ -62,8 +62,4 @@ def checkpoint_quantization(config, files: list[str]) -> str | None:
                 raise ValueError("the checkpoint holds quantized tensors (*.qweight) but config.json has no "
                                  "quantization_config saying how they were made")
         return None
-    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else getattr(qconfig, "quant_method", None)
-    if method not in CHECKPOINT_METHODS:
-        raise ValueError(f"quantization method {method!r} of this checkpoint is not supported; tuili loads "
-                         f"{', '.join(CHECKPOINT_METHODS)} (made by `tuili quantize`)")
-    return CHECKPOINT_METHODS[method]
+    return QuantConfig.from_checkpoint(qconfig if isinstance(qconfig, dict) else qconfig.to_dict())

@@ -1,8 +1,32 @@
-"""Matmuls that read packed weights. INT8 weight-only, per output channel: W = scale[n] * Wq[n, k]."""
+"""Matmuls that read packed weights (weight-only quantization): torch references, CPU paths, Triton kernels.
+
+Formats (made by tuili/quant):
+- INT8, per output channel: qweight [N, K] int8, scales [N]: W[n, k] = scales[n] * qweight[n, k].
+- INT4, group-wise along K: qweight [N, K/2] uint8, byte j of row n holding k = 2j in its low nibble and k = 2j+1
+  in its high nibble; scales, zeros [N, ceil(K / G)]: W[n, k] = scales[n, g] * (q[n, k] - zeros[n, g]) with
+  g = k // G; zeros None means symmetric (zero point 8). K must be even; the last group may be short.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] uint8 values 0..15 (low nibble first)."""
+    return torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float [N, K] weight an INT4 layer stands for (computed in fp32, returned in `dtype`)."""
+    q = unpack_int4(qweight).float()
+    k = q.shape[1]
+    zeros = torch.full_like(scales, 8.0) if zeros is None else zeros
+    expand = lambda t: t.float().repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
+    return ((q - expand(zeros)) * expand(scales)).to(dtype)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -10,6 +34,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """x: [T, K] (float), qweight: [N, K] int8, scales: [N] in x's dtype -> [T, N]. Torch reference."""
     out = F.linear(x, qweight.to(x.dtype)) * scales
     return out if bias is None else out + bias
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [T, K] -> [T, N] through the dequantized weight. Torch reference."""
+    return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
 
 
 def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -20,4 +50,149 @@ def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if x.shape[0] > 16:
         return int8_linear(x, qweight, scales, bias)
     out = torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    return out if bias is None else out + bias
+
+
+# --- CPU INT4: torch's packed int4 kernel (tinygemm layout) -------------------------------------------------
+
+def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Our INT4 layer in the layout of torch's CPU int4 kernel (None if this torch lacks it). That kernel
+    computes (q - 8) * scale + offset, so offset = (8 - zero) * scale; it needs K to be a multiple of the group
+    size, so a short last group is padded (int4_linear_cpu pads x with zeros to match)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    q = unpack_int4(qweight).to(torch.int32)
+    padded = scales.shape[1] * group_size
+    q = F.pad(q, (0, padded - q.shape[1]), value=8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    zeros = torch.full_like(scales, 8.0) if zeros is None else zeros
+    offsets = (8.0 - zeros.float()) * scales.float()
+    return packed, torch.stack((scales.float(), offsets), dim=-1).transpose(0, 1).contiguous().to(scales.dtype)
+
+
+def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    padded = scales_and_zeros.shape[0] * group_size
+    x = F.pad(x, (0, padded - x.shape[1])) if x.shape[1] != padded else x.contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    return out if bias is None else out + bias
+
+
+# --- Triton: one dequant-fused matmul for both formats ------------------------------------------------------
+# GEMV-like for decode (BLOCK_M 16, narrow column tiles, split-K so that small matrices still fill the GPU)
+# and GEMM for prefill (BLOCK_M 64/128): the packed tile is loaded, converted to x's dtype (integers up to 255
+# are exact there), multiplied on the tensor cores, and scaled per output column per group afterwards.
+tl = None
+
+
+def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+                         stride_om, k_per_split,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), splits). Program (i, j, s): out[i-tile, j-tile] (+)= the part of
+    x @ W^T over K range [s * k_per_split, (s + 1) * k_per_split). GROUP 0: per-channel scales [N] applied at
+    the end; GROUP > 0: scales[n, k // GROUP] per K tile (BLOCK_K divides GROUP). ATOMIC: add into an fp32
+    output (split-K)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k_start = tl.program_id(2) * k_per_split
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        if BITS == 8:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            q = tl.load(qw_ptr + rn[None, :].to(tl.int64) * stride_qn + rk[:, None],
+                        mask=k_mask[:, None] & n_mask[None, :], other=0)
+            part = tl.dot(x, q.to(dtype), input_precision=DOT_PRECISION)
+        else:
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns: k = 2 * rb (low), 2 * rb + 1 (high)
+            b_mask = 2 * rb < K
+            b = tl.load(qw_ptr + rn[None, :].to(tl.int64) * stride_qn + rb[:, None],
+                        mask=b_mask[:, None] & n_mask[None, :], other=0)
+            x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rb[None, :],
+                           mask=m_mask[:, None] & b_mask[None, :], other=0.0)
+            x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rb[None, :] + 1,
+                           mask=m_mask[:, None] & b_mask[None, :], other=0.0)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N], 8.0, dtype=tl.float32)
+            lo = ((b & 15).to(tl.float32) - z[None, :]).to(dtype)
+            hi = ((b >> 4).to(tl.float32) - z[None, :]).to(dtype)
+            part = tl.dot(x_lo, lo, input_precision=DOT_PRECISION)
+            part = tl.dot(x_hi, hi, acc=part, input_precision=DOT_PRECISION)
+        if GROUP > 0:
+            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+        else:
+            acc += part
+    if GROUP == 0:
+        acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@functools.cache
+def _kernel():
+    global tl
+    import triton
+    import triton.language as tl
+
+    return triton.jit(_quant_matmul_kernel)
+
+
+def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages). Decode (m <= 16): narrow column tiles and
+    enough K splits for about two programs per SM; prefill: GEMM tiles."""
+    block_k = 128 if not group else min(group, 128)
+    if m <= 16:
+        block_m, block_n = 16, 32
+        tiles = -(-n // block_n)
+        splits = 1
+        while tiles * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
+            splits *= 2
+        return block_m, block_n, block_k, splits, 4, 4
+    block_m = 64 if m <= 64 else 128
+    return block_m, 128, min(block_k, 64), 1, 8, 3
+
+
+def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None = None, group_size: int = 0,
+                        bias: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T for an INT8 (qweight int8 [N, K], group_size 0) or INT4 (qweight uint8 [N, K/2]) layer."""
+    bits = 8 if qweight.dtype == torch.int8 else 4
+    if x.dim() != 2 or x.stride(1) != 1:
+        x = x.reshape(-1, x.shape[-1]).contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    if (bits == 8 and qweight.shape[1] != k) or (bits == 4 and 2 * qweight.shape[1] != k):
+        raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
+    if group_size and group_size % block_k:
+        raise ValueError(f"group size {group_size} is not a multiple of BLOCK_K {block_k}")
+    k_per_split = -(-k // (splits * block_k)) * block_k
+    splits = -(-k // k_per_split)
+    atomic = splits > 1
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (-(-m // block_m), -(-n // block_n), splits)
+    _kernel()[grid](x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, x.stride(0),
+                    qweight.stride(0), scales.stride(0), out.stride(0), k_per_split,
+                    BITS=bits, GROUP=group_size, HAS_ZERO=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                    BLOCK_K=block_k, ATOMIC=atomic, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                    num_warps=num_warps, num_stages=num_stages)
+    out = out.to(x.dtype) if atomic else out
     return out if bias is None else out + bias

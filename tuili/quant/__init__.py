@@ -1,7 +1,7 @@
-"""Weight-only quantization: at load time (`--quantization int8`) or ahead of time (`tuili quantize`)."""
-from tuili.quant.int8 import prepare_int8, quantize_model, quantize_per_channel, save_quantized
+"""Weight-only quantization: at load time (`--quantization int8|int4`) or ahead of time (`tuili quantize`)."""
+from tuili.quant.int4 import quantize_groupwise
+from tuili.quant.int8 import quantize_per_channel
+from tuili.quant.model import METHODS, QuantConfig, prepare_quantized, quantize_model, save_quantized
 
-SUPPORTED_QUANTIZATION = ("int8",)
-CHECKPOINT_METHODS = {"tuili-int8": "int8"}  # config.json quant_method -> quantization
-__all__ = ["prepare_int8", "quantize_model", "quantize_per_channel", "save_quantized", "SUPPORTED_QUANTIZATION",
-           "CHECKPOINT_METHODS"]
+__all__ = ["METHODS", "QuantConfig", "prepare_quantized", "quantize_groupwise", "quantize_model",
+           "quantize_per_channel", "save_quantized"]

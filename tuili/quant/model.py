@@ -1,0 +1,126 @@
+"""Quantizing a whole model: which layers, at load time or from a checkpoint saved by `tuili quantize`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
+from tuili.quant.int4 import GROUP_SIZES, quantize_groupwise
+from tuili.quant.int8 import quantize_per_channel
+
+METHODS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """int8: per output channel, symmetric. int4: per group of `group_size` inputs, zero points or symmetric."""
+    method: str
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization {self.method!r} is not supported; supported: {', '.join(METHODS)}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"INT4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    def __str__(self) -> str:
+        if self.method == "int8":
+            return "int8 (per channel)"
+        return f"int4 (group {self.group_size}, {'symmetric' if self.symmetric else 'zero points'})"
+
+    def to_checkpoint(self) -> dict:
+        """config.json's quantization_config: states everything, so that loading guesses nothing."""
+        int4 = self.method == "int4"
+        return {"quant_method": f"tuili-{self.method}", "bits": 4 if int4 else 8,
+                "group_size": self.group_size if int4 else -1, "symmetric": self.symmetric if int4 else True,
+                "modules": "decoder linear layers and the LM head; embeddings and norms float"}
+
+    @classmethod
+    def from_checkpoint(cls, qconfig: dict) -> "QuantConfig":
+        method = qconfig.get("quant_method")
+        if method not in (f"tuili-{m}" for m in METHODS):
+            raise ValueError(f"quantization method {method!r} of this checkpoint is not supported; tuili loads "
+                             f"{', '.join('tuili-' + m for m in METHODS)} (made by `tuili quantize`)")
+        if method == "tuili-int8":
+            return cls("int8")
+        missing = [key for key in ("group_size", "symmetric") if key not in qconfig]
+        if missing:
+            raise ValueError(f"the checkpoint's quantization_config lacks {', '.join(missing)}")
+        return cls("int4", int(qconfig["group_size"]), bool(qconfig["symmetric"]))
+
+
+def _quantized_linears(model: nn.Module) -> list[Linear]:
+    """The modules quantization covers: every Linear of the decoder layers, and the LM head (a tied one gets its
+    own copy, so that the embedding lookup stays float: it reads one row per token)."""
+    if model.lm_head is None:
+        embedding = model.embed_tokens.weight
+        model.lm_head = Linear(embedding.shape[1], embedding.shape[0]).to(embedding.device)
+        model.lm_head.weight = nn.Parameter(embedding, requires_grad=False)
+    return [m for m in (*model.layers.modules(), model.lm_head) if isinstance(m, Linear)]
+
+
+def _quantize_weight(weight: torch.Tensor, qc: QuantConfig) -> tuple:
+    if qc.method == "int8":
+        return (*quantize_per_channel(weight), None, 0)
+    return (*quantize_groupwise(weight, qc.group_size, qc.symmetric), qc.group_size)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, qc: QuantConfig) -> int:
+    """Quantize in place; returns the bytes saved (a tied head gains a packed copy: counted as a cost)."""
+    saved = 0
+    tied = model.lm_head is None
+    for module in _quantized_linears(model):
+        before = 0 if (tied and module is model.lm_head) else module.weight.numel() * module.weight.element_size()
+        module.set_quantized(*_quantize_weight(module.weight, qc))
+        saved += before - sum(p.numel() * p.element_size() for p in (module.qweight, module.scales, module.zeros)
+                              if p is not None)
+    return saved
+
+
+def prepare_quantized(model: nn.Module, qc: QuantConfig) -> None:
+    """Give the model empty packed parameters (with their shard loaders) for a saved checkpoint to load into."""
+    int4 = qc.method == "int4"
+    for module in _quantized_linears(model):
+        (n, k), device, dtype = module.weight.shape, module.weight.device, module.weight.dtype
+        scale_shape = (n, -(-k // qc.group_size)) if int4 else (n,)
+        module.set_quantized(torch.empty((n, k // 2) if int4 else (n, k), device=device,
+                                         dtype=torch.uint8 if int4 else torch.int8),
+                             torch.empty(scale_shape, dtype=dtype, device=device),
+                             torch.empty(scale_shape, dtype=dtype, device=device) if int4 and not qc.symmetric
+                             else None, qc.group_size if int4 else 0)
+        loader = module._load_shard if isinstance(module, MergedLinear) else default_weight_loader
+        for param in (module.qweight, module.scales, module.zeros):
+            if param is not None:
+                param.weight_loader = loader
+
+
+@torch.no_grad()
+def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantConfig) -> None:
+    """Write a quantized model as a folder `--model DIR` loads: config.json (with quantization_config),
+    safetensors with HF tensor names (fused q/k/v and gate/up split back by rows; `.qweight`, `.scales`,
+    `.zeros`), the tokenizer."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, param in model.named_parameters():
+        hf = name if name.startswith("lm_head") else f"model.{name}"
+        for fused, names in parts.items():
+            if f".{fused}." in hf:
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+                for shard_name, (offset, size) in zip(names, module.offsets.values()):
+                    tensors[hf.replace(fused, shard_name)] = param.narrow(0, offset, size).contiguous().cpu()
+                break
+        else:
+            tensors[hf] = param.contiguous().cpu()
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.quantization_config = qc.to_checkpoint()
+    config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
