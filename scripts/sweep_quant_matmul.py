@@ -31,10 +31,11 @@ def main(out: str, m: int = 1) -> None:
             args, group, nbytes = (q, s, z, 128), 128, q.numel() + 4 * s.numel()
         cublas_us = do_bench(lambda: torch.nn.functional.linear(x, w)) * 1e3
         best = None
-        block_ks = (64, 128, 256) if method == "int8" else (64, 128)
-        for bn, bk, splits, (warps, stages) in itertools.product((16, 32, 64), block_ks, (1, 2, 4, 8),
-                                                                 ((4, 3), (4, 4), (8, 3), (2, 4))):
-            tiles = (16, bn, bk, splits, warps, stages)
+        block_ks = (128, 256, 512) if method == "int8" else (64, 128)
+        configs = [(1, bn, bk, splits, warps, stages) for bn, bk, splits, (warps, stages) in itertools.product(
+            (8, 16, 32, 64), block_ks, (1, 2, 4, 8), ((4, 3), (4, 4), (8, 4), (2, 4)))]
+        configs += [(16, 64, 256 if method == "int8" else 128, splits, 4, 4) for splits in (1, 4, 8)]
+        for tiles in configs:
             try:
                 us = do_bench(lambda: quant_linear_triton(x, *args, tiles=tiles), warmup=5, rep=20) * 1e3
             except Exception as e:  # out of resources for a big tile: skip that config

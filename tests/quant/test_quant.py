@@ -76,8 +76,8 @@ TRITON_ATOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 @pytest.mark.parametrize("m, n, k", [(1, 96, 200), (5, 130, 576), (40, 72, 320)])  # awkward: short tiles
 @pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64-sym", "int4-g128"])
 def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
-    """The dequant-fused Triton matmul (GEMV tiles for small m, GEMM tiles and split-K paths) against the torch
-    reference on the same packed weights; the decode tiling is also forced onto a larger m."""
+    """The dequant-fused Triton kernels (the GEMV for a few rows, the tensor-core one with decode and prefill
+    tiles, with and without split-K) against the torch reference on the same packed weights."""
     gen = torch.Generator().manual_seed(m * n + k)
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(m, k, generator=gen).to(DEVICE)
@@ -92,7 +92,7 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
                           group)
     args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if zeros is None else zeros.to(DEVICE).to(dtype), group)
     block_k = min(group or 128, 128) if CUDA else 32
-    for tiles in (None, (16, 32, block_k, 2, 4, 2), (32, 64, 32, 1, 4, 2)):
+    for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, 32, 1, 4, 2)):
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
         got = quant_linear_triton(x.to(dtype), *args, tiles=tiles)
@@ -169,8 +169,8 @@ def test_quantize_save_load_round_trip(tiny_models, tmp_path, family, method):
     """`tuili quantize` writes a folder that loads to exactly the model --quantization makes at load time."""
     flags = METHOD_FLAGS[method]
     path = quantize_tiny(tiny_models, family, tmp_path / "q", *flags)
-    saved = LLM(path, dtype="float32", kv_cache_memory=0.01)
-    at_load = LLM(tiny_models[family], dtype="float32", quantization=flags[1], kv_cache_memory=0.01,
+    saved = LLM(path, device="cpu", dtype="float32", kv_cache_memory=0.01)
+    at_load = LLM(tiny_models[family], device="cpu", dtype="float32", quantization=flags[1], kv_cache_memory=0.01,
                   quant_group_size=int(flags[3]) if len(flags) > 3 else 128, quant_symmetric="--symmetric" in flags)
     qkv = saved.engine.model.layers[1].self_attn.qkv_proj
     assert qkv.qweight.dtype == (torch.int8 if method == "int8" else torch.uint8)

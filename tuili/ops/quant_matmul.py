@@ -80,9 +80,10 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 
 
 # --- Triton: one dequant-fused matmul for both formats ------------------------------------------------------
-# GEMV-like for decode (BLOCK_M 16, narrow column tiles, split-K so that small matrices still fill the GPU)
-# and GEMM for prefill (BLOCK_M 64/128): the packed tile is loaded, converted to x's dtype (integers up to 255
-# are exact there), multiplied on the tensor cores, and scaled per output column per group afterwards.
+# A tensor-core kernel for batches of rows (BLOCK_M 16 for decode batches, 64/128 for prefill): the packed tile
+# is loaded, converted to x's dtype (integers up to 255 are exact there), multiplied on the tensor cores, and
+# scaled per output column per group afterwards; and a CUDA-core GEMV for 1-4 rows (batch-1 decode). Both
+# split K when the column tiles alone would not fill the GPU (fp32 atomics into a zeroed output).
 tl = None
 
 
@@ -144,34 +145,88 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_x
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_om,
+                       k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
+    Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. Per K tile, each output column's partial
+    sum is reduced within its threads; for INT4 the zero point is applied once per tile through
+    sum((q - z) x) = sum(q x) - z sum(x), so a weight costs a mask or shift, a convert and an FMA."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k_start = tl.program_id(2) * k_per_split
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        if BITS == 8:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_mask = rk < K
+            x = tl.load(x_ptr + row * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
+            q = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            part = tl.sum(q.to(tl.float32) * x[None, :], axis=1)
+        else:
+            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            b_mask = 2 * rb < K
+            b = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0)
+            x_lo = tl.load(x_ptr + row * stride_xm + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + row * stride_xm + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
+            part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N], 8.0, dtype=tl.float32)
+            part -= z * (tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0))
+        if GROUP > 0:
+            acc += part * tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            acc += part
+    if GROUP == 0:
+        acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + row * stride_om + rn, acc, mask=n_mask)
+    else:
+        tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
 @functools.cache
-def _kernel():
+def _kernels():
     global tl
     import triton
     import triton.language as tl
 
-    return triton.jit(_quant_matmul_kernel)
+    return triton.jit(_quant_matmul_kernel), triton.jit(_quant_gemv_kernel)
+
+
+GEMV_MAX_ROWS = 4  # up to this many rows of x: the CUDA-core kernel, one row per program
 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages). Decode (m <= 16): narrow column tiles and
-    enough K splits for about two programs per SM; prefill: GEMM tiles."""
-    block_k = 128 if not group else min(group, 128)
-    if m <= 16:
-        block_m, block_n = 16, 32
-        tiles = -(-n // block_n)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. Decode:
+    enough column tiles and K splits for about two programs per SM; prefill: GEMM tiles."""
+    if m <= GEMV_MAX_ROWS:
+        block_n, block_k = 32, 256 if not group else min(group, 256)
+        tiles = m * -(-n // block_n)
         splits = 1
         while tiles * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
             splits *= 2
-        return block_m, block_n, block_k, splits, 4, 4
-    block_m = 64 if m <= 64 else 128
-    return block_m, 128, min(block_k, 64), 1, 8, 3
+        return 1, block_n, block_k, splits, 4, 4
+    block_k = 128 if not group else min(group, 128)
+    if m <= 16:
+        tiles = -(-n // 32)
+        splits = 1
+        while tiles * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
+            splits *= 2
+        return 16, 32, block_k, splits, 4, 4
+    return (64 if m <= 64 else 128), 128, min(block_k, 64), 1, 8, 3
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         zeros: torch.Tensor | None = None, group_size: int = 0,
                         bias: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for an INT8 (qweight int8 [N, K], group_size 0) or INT4 (qweight uint8 [N, K/2]) layer."""
+    """x [M, K] @ W^T for an INT8 (qweight int8 [N, K], group_size 0) or INT4 (qweight uint8 [N, K/2]) layer.
+    `tiles` overrides the choice of `_tiles` (tests, sweeps)."""
     bits = 8 if qweight.dtype == torch.int8 else 4
     if x.dim() != 2 or x.stride(1) != 1:
         x = x.reshape(-1, x.shape[-1]).contiguous()
@@ -188,11 +243,17 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     atomic = splits > 1
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (-(-m // block_m), -(-n // block_n), splits)
-    _kernel()[grid](x, qweight, scales, zeros if zeros is not None else scales, out, m, n, k, x.stride(0),
-                    qweight.stride(0), scales.stride(0), out.stride(0), k_per_split,
-                    BITS=bits, GROUP=group_size, HAS_ZERO=zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_K=block_k, ATOMIC=atomic, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                    num_warps=num_warps, num_stages=num_stages)
+    gemm, gemv = _kernels()
+    zeros = zeros if zeros is not None else scales  # a placeholder pointer when HAS_ZERO is off
+    common = dict(BITS=bits, GROUP=group_size, HAS_ZERO=zeros is not scales, BLOCK_N=block_n, BLOCK_K=block_k,
+                  ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
+    if block_m == 1:
+        gemv[(m, -(-n // block_n), splits)](x, qweight, scales, zeros, out, n, k, x.stride(0), qweight.stride(0),
+                                            scales.stride(0), out.stride(0), k_per_split, **common)
+    else:
+        grid = (-(-m // block_m), -(-n // block_n), splits)
+        gemm[grid](x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
+                   out.stride(0), k_per_split, BLOCK_M=block_m,
+                   DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out
     return out if bias is None else out + bias
