@@ -16,7 +16,7 @@ _ENGINE_HELP = {
     "device": "auto | cpu | cuda",
     "quantization": "int8 (per channel) | int4 (group-wise): weight-only, at load time",
     "quant_group_size": "int4: inputs per group (32, 64, 128)",
-    "quant_symmetric": "int4: scales only, no zero points",
+    "quant_symmetric": "int4: scales only, no offsets (offset -8 * scale)",
     "kv_cache_memory": "GiB of KV cache on CPU",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
     qz.add_argument("--method", default="int8", choices=["int8", "int4"])
     qz.add_argument("--group-size", type=int, default=128, help="int4: inputs per group (32, 64, 128)")
-    qz.add_argument("--symmetric", action="store_true", help="int4: no zero points")
+    qz.add_argument("--symmetric", action="store_true", help="int4: scales only, no offsets")
     qz.add_argument("--out", required=True, help="output folder")
     qz.add_argument("--dtype", default="bfloat16", help="dtype of the float parts (embeddings, norms, scales)")
 

@@ -35,7 +35,7 @@ class EngineArgs:
     dtype: str = "auto"
     quantization: str | None = None     # int8 | int4: weight-only, at load time
     quant_group_size: int = 128         # int4: inputs per group (32, 64, 128)
-    quant_symmetric: bool = False       # int4: no zero points (scale only)
+    quant_symmetric: bool = False       # int4: scales only, no offsets
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None

@@ -162,7 +162,7 @@ def tuili_weights(model) -> dict[str, torch.Tensor]:
             parent, _, fused_name = module_name.rpartition(".")
             for fragment, (fused, shard) in model.packed_modules_mapping.items():
                 if fused == fused_name:
-                    offset, size = module.offsets[shard]
+                    offset, size = module.shards[shard]
                     out[f"model.{parent}.{fragment}.{kind}"] = p.detach()[offset:offset + size]
         else:
             out[name if name.startswith("lm_head") else f"model.{name}"] = p.detach()

@@ -36,14 +36,26 @@ def test_quantize_per_channel_error_is_half_a_step():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_quantize_groupwise_error_is_half_a_step(group_size, symmetric):
     w = torch.randn(48, 200) * torch.rand(48, 1) * 3  # 200: the last group is short for every group size
-    q, scales, zeros = quantize_groupwise(w, group_size, symmetric)
+    q, scales, offsets = quantize_groupwise(w, group_size, symmetric)
     groups = -(-200 // group_size)
     assert q.dtype == torch.uint8 and q.shape == (48, 100) and scales.shape == (48, groups)
-    assert (zeros is None) == symmetric
+    assert (offsets is None) == symmetric
     step = scales.repeat_interleave(group_size, dim=1)[:, :200]
-    assert ((dequantize_int4(q, scales, zeros, group_size) - w).abs() <= step / 2 + 1e-5).all()
-    if not symmetric:
-        assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15
+    assert ((dequantize_int4(q, scales, offsets, group_size) - w).abs() <= step / 2 + 1e-5).all()
+    if not symmetric:  # the group minimum is an exact level
+        groups_min = torch.stack([w[:, g * group_size:(g + 1) * group_size].amin(dim=1) for g in range(groups)], 1)
+        assert torch.allclose(offsets, groups_min)
+
+
+def test_int4_g32_reproduces_q4_1_blocks_exactly():
+    """A weight that is already 4-bit per block of 32 (scale * q + min, GGUF Q4_1's form) comes back unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 256), generator=gen)
+    q[:, ::32], q[:, 1::32] = 0, 15  # every block uses the full range, as Q4_1's quantizer makes it
+    d, m = torch.rand(64, 8, generator=gen) / 10, torch.randn(64, 8, generator=gen) / 10
+    w = q * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+    packed, scales, offsets = quantize_groupwise(w, 32)
+    torch.testing.assert_close(dequantize_int4(packed, scales, offsets, 32), w, atol=1e-6, rtol=1e-5)
 
 
 def test_int4_bad_shapes_fail_clearly():
@@ -57,10 +69,11 @@ def test_int4_bad_shapes_fail_clearly():
 @pytest.mark.parametrize("k, group_size", [(576, 128), (200, 32), (1536, 64)])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-3), (torch.bfloat16, 0.5)])
 def test_int4_cpu_kernel_matches_reference(dtype, atol, k, group_size, rows):
-    q, scales, zeros = quantize_groupwise(torch.randn(96, k), group_size)
-    x = torch.randn(rows, k)
-    ref = int4_linear(x, q, scales, zeros, group_size)
-    got = int4_linear_cpu(x.to(dtype), *int4_cpu_pack(q, scales.to(dtype), zeros.to(dtype), group_size), group_size)
+    q, scales, offsets = quantize_groupwise(torch.randn(96, k), group_size)
+    x = torch.randn(rows, k).to(dtype)
+    scales, offsets = scales.to(dtype), offsets.to(dtype)
+    ref = int4_linear(x.float(), q, scales, offsets, group_size)
+    got = int4_linear_cpu(x, *int4_cpu_pack(q, scales, offsets, group_size), group_size)
     assert got.dtype == dtype and torch.allclose(got.float(), ref, atol=atol, rtol=1e-2)
 
 
@@ -83,14 +96,14 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     x = torch.randn(m, k, generator=gen).to(DEVICE)
     if method == "int8":
         q, scales = quantize_per_channel(w)
-        zeros, group = None, 0
+        offsets, group = None, 0
         ref = int8_linear(x.float(), q.to(DEVICE), scales.to(DEVICE))
     else:
         group = int(method.split("-")[1][1:])
-        q, scales, zeros = quantize_groupwise(w, group, method.endswith("sym"))
-        ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), zeros if zeros is None else zeros.to(DEVICE),
+        q, scales, offsets = quantize_groupwise(w, group, method.endswith("sym"))
+        ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets if offsets is None else offsets.to(DEVICE),
                           group)
-    args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if zeros is None else zeros.to(DEVICE).to(dtype), group)
+    args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
     block_k = min(group or 128, 128) if CUDA else 32
     for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, 32, 1, 4, 2)):
         if tiles is None and not CUDA:
@@ -174,7 +187,7 @@ def test_quantize_save_load_round_trip(tiny_models, tmp_path, family, method):
                   quant_group_size=int(flags[3]) if len(flags) > 3 else 128, quant_symmetric="--symmetric" in flags)
     qkv = saved.engine.model.layers[1].self_attn.qkv_proj
     assert qkv.qweight.dtype == (torch.int8 if method == "int8" else torch.uint8)
-    assert (qkv.zeros is None) == (method != "int4-g32")
+    assert (qkv.offsets is None) == (method != "int4-g32")
     prompt = list(range(3, 40))
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=2)
     a, b = (llm.generate(prompt, params, use_tqdm=False)[0] for llm in (saved, at_load))
@@ -185,7 +198,7 @@ def test_quantize_save_load_round_trip(tiny_models, tmp_path, family, method):
 
 def test_loading_a_checkpoint_with_another_quantization_fails(tiny_models, tmp_path):
     path = quantize_tiny(tiny_models, "llama", tmp_path / "q", *METHOD_FLAGS["int4-g32"])
-    with pytest.raises(ValueError, match="quantized as int4 .group 32, zero points.; it cannot be loaded with"):
+    with pytest.raises(ValueError, match="quantized as int4 .group 32, offsets.; it cannot be loaded with"):
         LLM(path, dtype="float32", kv_cache_memory=0.01, quantization="int8")
     import json
 

@@ -25,20 +25,21 @@ class Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = default_weight_loader
-        self.qweight = self.scales = self.zeros = None
+        self.qweight = self.scales = self.offsets = None
         self.group_size = 0
         self._triton = False
         self._cpu_int4 = None
 
-    def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+    def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                       group_size: int = 0) -> None:
         """Replace the float weight by packed weights (formats: tuili/ops/quant_matmul.py): INT8 per output
         channel (qweight int8 [N, K], scales [N]) or INT4 per group (qweight uint8 [N, K/2], scales and
-        zeros [N, groups])."""
+        offsets [N, groups])."""
         self.weight = None
         self.qweight = nn.Parameter(qweight, requires_grad=False)
-        self.scales = nn.Parameter(scales, requires_grad=False)
-        self.zeros = None if zeros is None else nn.Parameter(zeros, requires_grad=False)
+        layout = quant_matmul.group_major if group_size else (lambda t: t)
+        self.scales = nn.Parameter(layout(scales), requires_grad=False)
+        self.offsets = None if offsets is None else nn.Parameter(layout(offsets), requires_grad=False)
         self.group_size = group_size
         self._cpu_int4 = None
 
@@ -49,19 +50,19 @@ class Linear(nn.Module):
     def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, int8 = self.qweight, self.qweight.dtype == torch.int8
         if qweight.is_cuda and self._triton:
-            return quant_matmul.quant_linear_triton(x, qweight, self.scales, self.zeros, self.group_size, self.bias)
+            return quant_matmul.quant_linear_triton(x, qweight, self.scales, self.offsets, self.group_size, self.bias)
         if qweight.device.type == "cpu" and x.shape[0] <= 16:  # decode-sized: torch's packed CPU kernels
             if int8 and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
             if not int8:
                 if self._cpu_int4 is None:  # made on first use: a saved checkpoint fills qweight after set_quantized
-                    self._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, self.scales, self.zeros, self.group_size) \
+                    self._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, self.scales, self.offsets, self.group_size) \
                         or ()
                 if self._cpu_int4 and x.dtype == self.scales.dtype:
                     return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
         if int8:
             return quant_matmul.int8_linear(x, qweight, self.scales, self.bias)
-        return quant_matmul.int4_linear(x, qweight, self.scales, self.zeros, self.group_size, self.bias)
+        return quant_matmul.int4_linear(x, qweight, self.scales, self.offsets, self.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
@@ -77,14 +78,14 @@ class MergedLinear(Linear):
 
     def __init__(self, in_features: int, shard_sizes: dict, bias: bool = False) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias)
-        self.offsets, offset = {}, 0
+        self.shards, offset = {}, 0
         for shard_id, size in shard_sizes.items():
-            self.offsets[shard_id] = (offset, size)
+            self.shards[shard_id] = (offset, size)
             offset += size
         self.weight.weight_loader = self._load_shard
         if self.bias is not None:
             self.bias.weight_loader = self._load_shard
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
-        offset, size = self.offsets[shard_id]
+        offset, size = self.shards[shard_id]
         default_weight_loader(nn.Parameter(param.data.narrow(0, offset, size), requires_grad=False), loaded)

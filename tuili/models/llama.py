@@ -148,7 +148,7 @@ class LlamaForCausalLM(nn.Module):
         for prefix, module in self.named_modules():
             if isinstance(module, MergedLinear):
                 for pname, _ in module.named_parameters(recurse=False):
-                    expected[f"{prefix}.{pname}"] = set(module.offsets)
+                    expected[f"{prefix}.{pname}"] = set(module.shards)
         loaded: dict[str, set] = {name: set() for name in params}
         for name, tensor in weights:
             name = name.removeprefix("model.")

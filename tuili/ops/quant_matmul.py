@@ -3,8 +3,12 @@
 Formats (made by tuili/quant):
 - INT8, per output channel: qweight [N, K] int8, scales [N]: W[n, k] = scales[n] * qweight[n, k].
 - INT4, group-wise along K: qweight [N, K/2] uint8, byte j of row n holding k = 2j in its low nibble and k = 2j+1
-  in its high nibble; scales, zeros [N, ceil(K / G)]: W[n, k] = scales[n, g] * (q[n, k] - zeros[n, g]) with
-  g = k // G; zeros None means symmetric (zero point 8). K must be even; the last group may be short.
+  in its high nibble; scales, offsets [N, ceil(K / G)]: W[n, k] = scales[n, g] * q[n, k] + offsets[n, g] with
+  g = k // G; offsets None means symmetric (offset -8 * scale). K must be even; the last group may be short.
+  Layers keep scales and offsets group-major in memory (`group_major`): a kernel reading one group of many
+  columns then reads contiguous bytes, where the row-major layout costs a 32-byte sector per column.
+The kernels multiply x by the integers q exactly (in x's dtype on tensor cores, in fp32 on CUDA cores) and
+apply each group's scale and offset to the partial sums: sum_k x_k W_k = s * sum_k x_k q_k + m * sum_k x_k.
 """
 from __future__ import annotations
 
@@ -14,19 +18,24 @@ import torch
 import torch.nn.functional as F
 
 
+def group_major(t: torch.Tensor) -> torch.Tensor:
+    """The same [N, groups] values stored group by group (a transposed view of a [groups, N] tensor)."""
+    return t.t().contiguous().t()
+
+
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """[N, K/2] uint8 -> [N, K] uint8 values 0..15 (low nibble first)."""
     return torch.stack((qweight & 15, qweight >> 4), dim=-1).flatten(-2)
 
 
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float [N, K] weight an INT4 layer stands for (computed in fp32, returned in `dtype`)."""
     q = unpack_int4(qweight).float()
     k = q.shape[1]
-    zeros = torch.full_like(scales, 8.0) if zeros is None else zeros
+    offsets = -8.0 * scales.float() if offsets is None else offsets
     expand = lambda t: t.float().repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
-    return ((q - expand(zeros)) * expand(scales)).to(dtype)
+    return (q * expand(scales) + expand(offsets)).to(dtype)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -36,10 +45,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out if bias is None else out + bias
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, K] -> [T, N] through the dequantized weight. Torch reference."""
-    return F.linear(x, dequantize_int4(qweight, scales, zeros, group_size, x.dtype), bias)
+    return F.linear(x, dequantize_int4(qweight, scales, offsets, group_size, x.dtype), bias)
 
 
 def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -55,27 +64,26 @@ def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 # --- CPU INT4: torch's packed int4 kernel (tinygemm layout) -------------------------------------------------
 
-def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def int4_cpu_pack(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                   group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Our INT4 layer in the layout of torch's CPU int4 kernel (None if this torch lacks it). That kernel
-    computes (q - 8) * scale + offset, so offset = (8 - zero) * scale; it needs K to be a multiple of the group
-    size, so a short last group is padded (int4_linear_cpu pads x with zeros to match)."""
+    computes (q - 8) * scale + its_offset, so its_offset = offset + 8 * scale; it needs K to be a multiple of the
+    group size, so a short last group is padded (int4_linear_cpu pads x with zeros to match)."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return None
     q = unpack_int4(qweight).to(torch.int32)
     padded = scales.shape[1] * group_size
     q = F.pad(q, (0, padded - q.shape[1]), value=8)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    zeros = torch.full_like(scales, 8.0) if zeros is None else zeros
-    offsets = (8.0 - zeros.float()) * scales.float()
-    return packed, torch.stack((scales.float(), offsets), dim=-1).transpose(0, 1).contiguous().to(scales.dtype)
+    its_offsets = 8.0 * scales.float() + (-8.0 * scales.float() if offsets is None else offsets.float())
+    return packed, torch.stack((scales.float(), its_offsets), dim=-1).transpose(0, 1).contiguous().to(scales.dtype)
 
 
-def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: torch.Tensor, group_size: int,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    padded = scales_and_zeros.shape[0] * group_size
+    padded = scales_and_offsets.shape[0] * group_size
     x = F.pad(x, (0, padded - x.shape[1])) if x.shape[1] != padded else x.contiguous()
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_offsets)
     return out if bias is None else out + bias
 
 
@@ -87,9 +95,9 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 tl = None
 
 
-def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
-                         stride_om, k_per_split,
-                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
+                         stride_sg, stride_om, k_per_split,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), splits). Program (i, j, s): out[i-tile, j-tile] (+)= the part of
@@ -123,17 +131,17 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_x
                            mask=m_mask[:, None] & b_mask[None, :], other=0.0)
             x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * rb[None, :] + 1,
                            mask=m_mask[:, None] & b_mask[None, :], other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N], 8.0, dtype=tl.float32)
-            lo = ((b & 15).to(tl.float32) - z[None, :]).to(dtype)
-            hi = ((b >> 4).to(tl.float32) - z[None, :]).to(dtype)
-            part = tl.dot(x_lo, lo, input_precision=DOT_PRECISION)
-            part = tl.dot(x_hi, hi, acc=part, input_precision=DOT_PRECISION)
+            part = tl.dot(x_lo, (b & 15).to(dtype), input_precision=DOT_PRECISION)
+            part = tl.dot(x_hi, (b >> 4).to(dtype), acc=part, input_precision=DOT_PRECISION)
         if GROUP > 0:
-            s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
+            group = (k0 // GROUP) * stride_sg
+            s = tl.load(s_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                m = tl.load(o_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                m = -8.0 * s
+            x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+            acc += part * s[None, :] + x_sum[:, None] * m[None, :]
         else:
             acc += part
     if GROUP == 0:
@@ -145,13 +153,13 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_x
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_om,
-                       k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_sg,
+                       stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. Per K tile, each output column's partial
-    sum is reduced within its threads; for INT4 the zero point is applied once per tile through
-    sum((q - z) x) = sum(q x) - z sum(x), so a weight costs a mask or shift, a convert and an FMA."""
+    sum is reduced within its threads, then scaled and offset once per tile; a weight costs a mask or shift, a
+    convert and an FMA."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
@@ -173,13 +181,14 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_xm, st
             x_lo = tl.load(x_ptr + row * stride_xm + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
             x_hi = tl.load(x_ptr + row * stride_xm + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
             part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                z = tl.full([BLOCK_N], 8.0, dtype=tl.float32)
-            part -= z * (tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0))
         if GROUP > 0:
-            acc += part * tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            group = (k0 // GROUP) * stride_sg
+            s = tl.load(s_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                m = tl.load(o_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                m = -8.0 * s
+            acc += part * s + m * (tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0))
         else:
             acc += part
     if GROUP == 0:
@@ -199,31 +208,28 @@ def _kernels():
     return triton.jit(_quant_matmul_kernel), triton.jit(_quant_gemv_kernel)
 
 
-GEMV_MAX_ROWS = 4  # up to this many rows of x: the CUDA-core kernel, one row per program
+GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. Decode:
-    enough column tiles and K splits for about two programs per SM; prefill: GEMM tiles."""
-    if m <= GEMV_MAX_ROWS:
-        block_n, block_k = 32, 256 if not group else min(group, 256)
-        tiles = m * -(-n // block_n)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From a sweep
+    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py): INT8 is fastest through the
+    tensor-core kernel with 64 x 256 tiles, split 4 ways only for long K on few column tiles."""
+    if group and m <= GEMV_MAX_ROWS:
+        block_n, block_k = 32, min(group, 256)
         splits = 1
-        while tiles * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
+        while m * -(-n // block_n) * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
             splits *= 2
         return 1, block_n, block_k, splits, 4, 4
-    block_k = 128 if not group else min(group, 128)
+    block_k = 256 if not group else min(group, 256)
     if m <= 16:
-        tiles = -(-n // 32)
-        splits = 1
-        while tiles * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
-            splits *= 2
-        return 16, 32, block_k, splits, 4, 4
+        splits = 4 if -(-n // 64) < num_sms and k >= 8192 else 1
+        return 16, 64, block_k, splits, 4, 4
     return (64 if m <= 64 else 128), 128, min(block_k, 64), 1, 8, 3
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                        zeros: torch.Tensor | None = None, group_size: int = 0,
+                        offsets: torch.Tensor | None = None, group_size: int = 0,
                         bias: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K], group_size 0) or INT4 (qweight uint8 [N, K/2]) layer.
     `tiles` overrides the choice of `_tiles` (tests, sweeps)."""
@@ -244,15 +250,19 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     gemm, gemv = _kernels()
-    zeros = zeros if zeros is not None else scales  # a placeholder pointer when HAS_ZERO is off
-    common = dict(BITS=bits, GROUP=group_size, HAS_ZERO=zeros is not scales, BLOCK_N=block_n, BLOCK_K=block_k,
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must have the same layout")
+    scale_strides = (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
+    has_offset = offsets is not None
+    offsets = offsets if has_offset else scales  # a placeholder pointer when HAS_OFFSET is off
+    common = dict(BITS=bits, GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=block_n, BLOCK_K=block_k,
                   ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
-        gemv[(m, -(-n // block_n), splits)](x, qweight, scales, zeros, out, n, k, x.stride(0), qweight.stride(0),
-                                            scales.stride(0), out.stride(0), k_per_split, **common)
+        gemv[(m, -(-n // block_n), splits)](x, qweight, scales, offsets, out, n, k, x.stride(0), qweight.stride(0),
+                                            *scale_strides, out.stride(0), k_per_split, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
-        gemm[grid](x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0),
+        gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
                    out.stride(0), k_per_split, BLOCK_M=block_m,
                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out

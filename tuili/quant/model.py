@@ -16,7 +16,9 @@ METHODS = ("int8", "int4")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """int8: per output channel, symmetric. int4: per group of `group_size` inputs, zero points or symmetric."""
+    """int8: per output channel, symmetric. int4: per group of `group_size` inputs, offsets (Q4_1-like) or
+    symmetric; the LM head stays INT8 per channel under int4 (as llama.cpp keeps its output matrix at 6-8 bits:
+    on the default model an INT4 head alone costs more perplexity than every other layer together)."""
     method: str
     group_size: int = 128
     symmetric: bool = False
@@ -30,14 +32,18 @@ class QuantConfig:
     def __str__(self) -> str:
         if self.method == "int8":
             return "int8 (per channel)"
-        return f"int4 (group {self.group_size}, {'symmetric' if self.symmetric else 'zero points'})"
+        return f"int4 (group {self.group_size}, {'symmetric' if self.symmetric else 'offsets'})"
 
     def to_checkpoint(self) -> dict:
         """config.json's quantization_config: states everything, so that loading guesses nothing."""
         int4 = self.method == "int4"
         return {"quant_method": f"tuili-{self.method}", "bits": 4 if int4 else 8,
                 "group_size": self.group_size if int4 else -1, "symmetric": self.symmetric if int4 else True,
-                "modules": "decoder linear layers and the LM head; embeddings and norms float"}
+                "modules": "decoder linear layers" + (", the LM head in int8 per channel" if int4 else
+                                                      " and the LM head") + "; embeddings and norms float"}
+
+    def for_module(self, model: nn.Module, module: nn.Module) -> "QuantConfig":
+        return QuantConfig("int8") if module is model.lm_head and self.method == "int4" else self
 
     @classmethod
     def from_checkpoint(cls, qconfig: dict) -> "QuantConfig":
@@ -76,25 +82,26 @@ def quantize_model(model: nn.Module, qc: QuantConfig) -> int:
     tied = model.lm_head is None
     for module in _quantized_linears(model):
         before = 0 if (tied and module is model.lm_head) else module.weight.numel() * module.weight.element_size()
-        module.set_quantized(*_quantize_weight(module.weight, qc))
-        saved += before - sum(p.numel() * p.element_size() for p in (module.qweight, module.scales, module.zeros)
+        module.set_quantized(*_quantize_weight(module.weight, qc.for_module(model, module)))
+        saved += before - sum(p.numel() * p.element_size() for p in (module.qweight, module.scales, module.offsets)
                               if p is not None)
     return saved
 
 
 def prepare_quantized(model: nn.Module, qc: QuantConfig) -> None:
     """Give the model empty packed parameters (with their shard loaders) for a saved checkpoint to load into."""
-    int4 = qc.method == "int4"
     for module in _quantized_linears(model):
+        mqc = qc.for_module(model, module)
+        int4 = mqc.method == "int4"
         (n, k), device, dtype = module.weight.shape, module.weight.device, module.weight.dtype
-        scale_shape = (n, -(-k // qc.group_size)) if int4 else (n,)
+        scale_shape = (n, -(-k // mqc.group_size)) if int4 else (n,)
         module.set_quantized(torch.empty((n, k // 2) if int4 else (n, k), device=device,
                                          dtype=torch.uint8 if int4 else torch.int8),
                              torch.empty(scale_shape, dtype=dtype, device=device),
-                             torch.empty(scale_shape, dtype=dtype, device=device) if int4 and not qc.symmetric
-                             else None, qc.group_size if int4 else 0)
+                             torch.empty(scale_shape, dtype=dtype, device=device) if int4 and not mqc.symmetric
+                             else None, mqc.group_size if int4 else 0)
         loader = module._load_shard if isinstance(module, MergedLinear) else default_weight_loader
-        for param in (module.qweight, module.scales, module.zeros):
+        for param in (module.qweight, module.scales, module.offsets):
             if param is not None:
                 param.weight_loader = loader
 
@@ -103,7 +110,7 @@ def prepare_quantized(model: nn.Module, qc: QuantConfig) -> None:
 def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantConfig) -> None:
     """Write a quantized model as a folder `--model DIR` loads: config.json (with quantization_config),
     safetensors with HF tensor names (fused q/k/v and gate/up split back by rows; `.qweight`, `.scales`,
-    `.zeros`), the tokenizer."""
+    `.offsets`), the tokenizer."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -113,7 +120,7 @@ def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantC
         for fused, names in parts.items():
             if f".{fused}." in hf:
                 module = model.get_submodule(name.rsplit(".", 1)[0])
-                for shard_name, (offset, size) in zip(names, module.offsets.values()):
+                for shard_name, (offset, size) in zip(names, module.shards.values()):
                     tensors[hf.replace(fused, shard_name)] = param.narrow(0, offset, size).contiguous().cpu()
                 break
         else:
