@@ -113,7 +113,7 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
     n_mask = rn < N
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):  # a last split may run past K
         if BITS == 8:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
@@ -155,11 +155,11 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
 
 def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_sg,
                        stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. Per K tile, each output column's partial
-    sum is reduced within its threads, then scaled and offset once per tile; a weight costs a mask or shift, a
-    convert and an FMA."""
+    sum is reduced within its threads, then scaled and offset once per tile. INT4 weights are read as int32
+    words where K allows (WORDS), and turned into floats with integer ops and one add."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
@@ -167,13 +167,26 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
     n_mask = rn < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):  # a last split may run past K
         if BITS == 8:
             rk = k0 + tl.arange(0, BLOCK_K)
             k_mask = rk < K
             x = tl.load(x_ptr + row * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
             q = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
             part = tl.sum(q.to(tl.float32) * x[None, :], axis=1)
+        elif WORDS:  # qweight read as int32 words of 8 nibbles: nibble j of word w is k = 8w + j
+            rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            w_mask = 8 * rw < K
+            words = tl.load(w_rows + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+            terms = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+            x_total = 0.0
+            for j in tl.static_range(8):
+                x_j = tl.load(x_ptr + row * stride_xm + 8 * rw + j, mask=w_mask, other=0.0).to(tl.float32)
+                # int -> float without the (quarter-rate) convert unit: 2^23 + q has q in its low mantissa bits
+                q_j = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                terms += q_j * x_j[None, :]
+                x_total += tl.sum(x_j, axis=0)
+            part = tl.sum(terms, axis=1)
         else:
             rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             b_mask = 2 * rb < K
@@ -181,6 +194,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
             x_lo = tl.load(x_ptr + row * stride_xm + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
             x_hi = tl.load(x_ptr + row * stride_xm + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
             part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
+            x_total = tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0)
         if GROUP > 0:
             group = (k0 // GROUP) * stride_sg
             s = tl.load(s_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
@@ -188,7 +202,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
                 m = tl.load(o_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
             else:
                 m = -8.0 * s
-            acc += part * s + m * (tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0))
+            acc += part * s + m * x_total
         else:
             acc += part
     if GROUP == 0:
@@ -258,8 +272,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     common = dict(BITS=bits, GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=block_n, BLOCK_K=block_k,
                   ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
-        gemv[(m, -(-n // block_n), splits)](x, qweight, scales, offsets, out, n, k, x.stride(0), qweight.stride(0),
-                                            *scale_strides, out.stride(0), k_per_split, **common)
+        words = bits == 4 and k % 8 == 0 and qweight.is_contiguous()
+        qw = qweight.view(torch.int32) if words else qweight
+        gemv[(m, -(-n // block_n), splits)](x, qw, scales, offsets, out, n, k, x.stride(0), qw.stride(0),
+                                            *scale_strides, out.stride(0), k_per_split, WORDS=words, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
