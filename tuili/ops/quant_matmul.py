@@ -227,14 +227,15 @@ GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From a sweep
-    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py): INT8 is fastest through the
-    tensor-core kernel with 64 x 256 tiles, split 4 ways only for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:
-        block_n, block_k = 32, min(group, 256)
+    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py, docs/benchmarks/quant_sweep.json):
+    INT8 is fastest through the tensor-core kernel with 64 x 256 tiles, split 4 ways only for long K on few
+    column tiles; INT4 through the GEMV."""
+    if group and m <= GEMV_MAX_ROWS:  # best of the sweep for every shape: 64 columns, K split up to 8 ways
+        block_k = min(group, 256)
         splits = 1
-        while m * -(-n // block_n) * splits < 2 * num_sms and k // (splits * 2) >= 4 * block_k:
+        while splits < 8 and k // (splits * 2) >= 4 * block_k:
             splits *= 2
-        return 1, block_n, block_k, splits, 4, 4
+        return 1, 64, block_k, splits, 4, 4
     block_k = 256 if not group else min(group, 256)
     if m <= 16:
         splits = 4 if -(-n // 64) < num_sms and k >= 8192 else 1
