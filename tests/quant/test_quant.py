@@ -157,6 +157,24 @@ def test_int8_greedy_agreement_and_logprobs(smollm, smollm_int8):
     assert sum(diffs) / len(diffs) < 0.15, sum(diffs) / len(diffs)
 
 
+def test_int4_g32_answers_like_the_unquantized_model(smollm, default_model_path):
+    """INT4 g32 has the form of the file's Q4_1 blocks: same answer, and the same greedy next token at >= 95% of
+    the positions of the unquantized model's answers to the fixed prompts (teacher-forced)."""
+    llm = LLM(default_model_path, dtype="float32", quantization="int4", quant_group_size=32, kv_cache_memory=0.1)
+    assert llm.engine.model.layers[0].mlp.down_proj.qweight.dtype == torch.uint8
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    answers = smollm.chat(convs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert llm.chat(convs[:1], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0].text == \
+        answers[0].outputs[0].text == "The capital of France is Paris."
+    agree = []
+    for conv, answer in zip(convs, answers):
+        ids = smollm.encode_chat(conv) + answer.outputs[0].token_ids
+        got = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0].prompt_logprobs
+        agree += [got[pos][ids[pos]].rank == 1 for pos in range(len(ids) - len(answer.outputs[0].token_ids), len(ids))]
+    assert sum(agree) / len(agree) >= 0.95, sum(agree) / len(agree)
+
+
 def test_unknown_quantization_is_a_clear_error():
     with pytest.raises(ValueError, match="quantization must be int8 or int4"):
         LLM(quantization="int3")
