@@ -101,8 +101,8 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     else:
         group = int(method.split("-")[1][1:])
         q, scales, offsets = quantize_groupwise(w, group, method.endswith("sym"))
-        ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets if offsets is None else offsets.to(DEVICE),
-                          group)
+        offsets_dev = None if offsets is None else offsets.to(DEVICE)
+        ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets_dev, group)
     args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
     block_k = min(group or 128, 128) if CUDA else 32
     for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, 32, 1, 4, 2)):
