@@ -95,6 +95,14 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: t
 tl = None
 
 
+def _group_scale_offset(s_ptr, o_ptr, offs, n_mask, HAS_OFFSET: tl.constexpr):
+    """One group's scale and offset for a tile of columns (fp32); symmetric layers have offset -8 * scale."""
+    s = tl.load(s_ptr + offs, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        return s, tl.load(o_ptr + offs, mask=n_mask, other=0.0).to(tl.float32)
+    return s, -8.0 * s
+
+
 def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                          stride_sg, stride_om, k_per_split,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -134,12 +142,7 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
             part = tl.dot(x_lo, (b & 15).to(dtype), input_precision=DOT_PRECISION)
             part = tl.dot(x_hi, (b >> 4).to(dtype), acc=part, input_precision=DOT_PRECISION)
         if GROUP > 0:
-            group = (k0 // GROUP) * stride_sg
-            s = tl.load(s_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                m = tl.load(o_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                m = -8.0 * s
+            s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
             x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
             acc += part * s[None, :] + x_sum[:, None] * m[None, :]
         else:
@@ -196,12 +199,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
             part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
             x_total = tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0)
         if GROUP > 0:
-            group = (k0 // GROUP) * stride_sg
-            s = tl.load(s_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-            if HAS_OFFSET:
-                m = tl.load(o_ptr + rn * stride_sn + group, mask=n_mask, other=0.0).to(tl.float32)
-            else:
-                m = -8.0 * s
+            s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
             acc += part * s + m * x_total
         else:
             acc += part
@@ -215,10 +213,11 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
 
 @functools.cache
 def _kernels():
-    global tl
+    global tl, _group_scale_offset  # the kernel bodies look these up as module globals when they are compiled
     import triton
     import triton.language as tl
 
+    _group_scale_offset = triton.jit(_group_scale_offset)
     return triton.jit(_quant_matmul_kernel), triton.jit(_quant_gemv_kernel)
 
 
