@@ -18,6 +18,8 @@ _ENGINE_HELP = {
     "quant_group_size": "int4: inputs per group (32, 64, 128)",
     "quant_symmetric": "int4: scales only, no offsets (offset -8 * scale)",
     "kv_cache_memory": "GiB of KV cache on CPU",
+    "kv_cache_dtype": "auto (the model's dtype) | fp8 (e4m3) | int8: K/V quantized per token and head; about "
+                      "twice the blocks",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
 }

@@ -41,6 +41,7 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: float = 1.0        # GiB of KV cache on CPU
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | fp8 (e4m3) | int8: quantized K/V + scales
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None  # fixes the block count (tests, experiments)
     max_num_seqs: int = 256
@@ -56,6 +57,7 @@ class EngineArgs:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         parse_dtype(self.dtype)
         self.quant_config()  # validates
+        self.kv_dtype()
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.attention_backend not in ("auto", "triton", "torch"):
@@ -96,6 +98,16 @@ class EngineArgs:
         if self.quantization not in METHODS:
             raise ValueError(f"quantization must be {' or '.join(METHODS)} (or unset), got {self.quantization!r}")
         return QuantConfig(self.quantization, self.quant_group_size, self.quant_symmetric)
+
+    def kv_dtype(self) -> torch.dtype | None:
+        """The KV cache's dtype: None (auto: the model's), float8_e4m3fn or int8."""
+        from tuili.ops.attention import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype == "auto":
+            return None
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto, {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def use_triton(self, device: torch.device) -> tuple[bool, bool]:
         """(fused Triton ops, Triton attention) for `device`: Triton needs a GPU; the switches turn it off."""

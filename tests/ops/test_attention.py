@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from tuili.ops.attention import paged_attention, store_kv_cache  # noqa: E402
+from tuili.ops.attention import dequantize_kv, paged_attention, quantize_kv, store_kv_cache  # noqa: E402
 from tuili.ops.attention_metadata import AttentionMetadata  # noqa: E402
 from tuili.ops.attention_triton import (  # noqa: E402
     _kernels, choose_num_splits, paged_attention_triton, paged_decode_attention, paged_prefill_attention,
@@ -165,7 +165,7 @@ def _select(meta: AttentionMetadata, rows: list[int]) -> AttentionMetadata:
 def test_warm_up_runs_every_variant_and_writes_nothing():
     _, k_cache, v_cache = make_batch([1], [40], 16, 2, 64, torch.float32)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    warm_up_kernels(k_cache, v_cache, num_heads=4, max_splits=4)
+    warm_up_kernels(k_cache, v_cache, num_heads=4, dtype=torch.float32, max_splits=4)
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
@@ -181,7 +181,7 @@ def test_warm_up_compiles_what_mixed_steps_need(dtype):
     """After the warm-up, mixed batches of any shape (decodes sliced off at any offset, any table width, any
     split count) compile nothing new: the first requests of a server do not wait for Triton."""
     _, k_cache, v_cache = make_batch([1], [1], 16, 8, 128, dtype)
-    warm_up_kernels(k_cache, v_cache, num_heads=32)
+    warm_up_kernels(k_cache, v_cache, num_heads=32, dtype=dtype)
     before = _compiled_variants()
     for query_lens, seq_lens in [([1, 1, 20, 45, 1], [100, 17, 20, 130, 1]), ([1, 1, 1, 300], [5000, 70, 3, 2500]),
                                  ([2100], [2100]), ([1] * 7, [1, 20, 33, 400, 1000, 17, 9]), ([1, 77], [3000, 77]),
@@ -242,6 +242,75 @@ def test_mixed_batch_splits_leading_decodes(query_lens, seq_lens, dtype):
     q = random_q(meta, 8, 64, dtype)
     check(paged_attention_triton(q, k_cache, v_cache, meta, 0.125),
           reference(q, k_cache, v_cache, meta, 0.125), dtype)
+
+
+# ---- quantized KV cache (fp8 e4m3 / int8 with a scale per token and kv head) ---------------------------------
+
+KV_DTYPES = [pytest.param(torch.float8_e4m3fn, id="fp8"), pytest.param(torch.int8, id="int8")]
+# error of one quantized value relative to its row's amax: int8 half a step of 1/127; e4m3 a 3-bit mantissa
+KV_REL_ERR = {torch.int8: 0.5 / 127 + 1e-6, torch.float8_e4m3fn: 2.0 ** -4 + 1e-6}
+
+
+def quantized_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, kv_dtype: torch.dtype):
+    """(k values, v values, k scales, v scales) of the caches, quantized by the torch reference."""
+    (kq, ks), (vq, vs) = quantize_kv(k_cache, kv_dtype), quantize_kv(v_cache, kv_dtype)
+    return kq, vq, ks, vs
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+def test_store_kv_cache_quantized(dtype, kv_dtype):
+    """The Triton store quantizes like the reference (one step apart at most, where a division rounds the
+    other way), and the stored values come back within the format's error."""
+    meta, k_cache, v_cache = make_batch([5, 1, 17], [20, 9, 17], 16, 3, 64, dtype)
+    k, v = (torch.randn(23, 3, 64, device=DEVICE).to(dtype) * 3 for _ in range(2))
+    caches = []
+    for store in (store_kv_cache, store_kv_cache_triton):
+        kq, vq, ks, vs = quantized_caches(k_cache, v_cache, kv_dtype)
+        store(k, v, kq, vq, meta.slot_mapping, ks, vs)
+        caches.append([dequantize_kv(kq, ks, torch.float32), dequantize_kv(vq, vs, torch.float32), ks, vs])
+    for ref, out in zip(*caches):
+        assert torch.equal(ref.view(-1, *ref.shape[2:])[meta.slot_mapping.long()] != 0,
+                           out.view(-1, *out.shape[2:])[meta.slot_mapping.long()] != 0)
+    (k_ref, v_ref, ks, vs), (k_out, v_out, _, _) = caches
+    for x, ref, out, s in ((k, k_ref, k_out, ks), (v, v_ref, v_out, vs)):
+        step = (s * (1.0 if kv_dtype == torch.int8 else 32.0))[..., None]  # one int step; fp8: the top step
+        assert ((ref - out).abs() <= step * 1.001).all()
+        stored = out.view(-1, 3, 64)[meta.slot_mapping.long()]
+        amax = x.float().abs().amax(-1, keepdim=True)
+        assert ((stored - x.float()).abs() <= amax * KV_REL_ERR[kv_dtype]).all()
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("query_lens, seq_lens", [([1, 1, 1, 1, 1], [1, 15, 17, 100, 333]),
+                                                  ([1, 20, 1, 45, 1], [100, 20, 17, 130, 1]),
+                                                  ([7, 32, 50], [50, 100, 50])])
+def test_attention_reads_quantized_cache(query_lens, seq_lens, dtype, kv_dtype):
+    """Decode, prefill and mixed steps over an fp8/int8 cache equal the reference over the same quantized
+    cache, and stay close to attention over the unquantized one."""
+    meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, 64, dtype)
+    q = random_q(meta, 6, 64, dtype)
+    kq, vq, ks, vs = quantized_caches(k_cache, v_cache, kv_dtype)
+    if meta.is_pure_decode:
+        out = paged_decode_attention(q, kq, vq, meta.block_tables, meta.seq_lens, 0.125, 4,
+                                     block_n=DECODE_BLOCK_N, k_scale=ks, v_scale=vs)
+    else:
+        out = paged_attention_triton(q, kq, vq, meta, 0.125, k_scale=ks, v_scale=vs)
+    ref = paged_attention(q.float(), kq, vq, meta, 0.125, ks, vs)
+    check(out, ref, dtype)
+    exact = reference(q, k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(out.float(), exact, atol=0.05 if kv_dtype == torch.int8 else 0.2, rtol=0)
+
+
+def test_quantized_cache_needs_its_scales():
+    meta, k_cache, v_cache = make_batch([1], [20], 16, 2, 64, torch.float32)
+    kq, vq, ks, vs = quantized_caches(k_cache, v_cache, torch.int8)
+    q = random_q(meta, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="scale"):
+        paged_decode_attention(q, kq, vq, meta.block_tables, meta.seq_lens, 0.1, 1)
+    with pytest.raises(ValueError, match="scale"):
+        paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.1, 1, k_scale=ks, v_scale=vs)
 
 
 # ---- big shapes, CUDA only ----------------------------------------------------------------------------------

@@ -89,9 +89,13 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         fused_ops, triton_attention = args.use_triton(self.device)
         self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids,
-                                  fused_ops, triton_attention)
-        self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.dtype)
+                                  fused_ops, triton_attention, args.kv_dtype())
+        self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.runner.kv_cache_dtype)
         self.runner.allocate_kv_cache(self.cache_config.num_blocks)
+        num_blocks = self.cache_config.num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks, args.block_size,
+                    num_blocks * args.block_size, num_blocks * self.runner.bytes_per_block() / 2**30,
+                    str(self.runner.kv_cache_dtype).removeprefix("torch."))
         self.max_model_len = self._max_model_len()
         if self.device.type == "cuda" and triton_attention:
             self.runner.warm_up_kernels()

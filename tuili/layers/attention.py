@@ -9,13 +9,15 @@ from tuili.ops.attention_metadata import get_attention_metadata
 
 
 class Attention(nn.Module):
-    """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]. The runner assigns `k_cache`/`v_cache` after profiling."""
+    """q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]. The runner assigns `k_cache`/`v_cache` (and, for an
+    fp8/int8 cache, `k_scale`/`v_scale`) after profiling."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = None
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
@@ -30,5 +32,5 @@ class Attention(nn.Module):
         meta = get_attention_metadata()
         if not self.k_cache.numel():  # memory profiling runs before the cache exists
             return attention_ops.varlen_causal_attention(q, k, v, meta, self.scale)
-        self._store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self._attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        self._store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale)

@@ -2,6 +2,9 @@
 
 Cache layout (per layer): k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
 Token t of a sequence lives in block block_table[t // block_size] at offset t % block_size.
+
+Quantized caches (--kv-cache-dtype fp8|int8) hold K/V in float8_e4m3fn or int8 with one fp32 scale per token
+and kv head (k_scale, v_scale: [num_blocks, block_size, num_kv_heads]): x ~ q * scale, scale = amax|x| / QMAX.
 """
 from __future__ import annotations
 
@@ -11,36 +14,72 @@ import torch.nn.functional as F
 from tuili.ops.attention_metadata import AttentionMetadata
 
 
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (values in cache_dtype, fp32 scales [...]). int8 rounds with floor(x / scale + 0.5), as
+    the Triton store kernel does."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / QMAX[cache_dtype]).clamp_min(1e-8)
+    y = xf / scale[..., None]
+    if cache_dtype == torch.int8:
+        y = torch.floor(y + 0.5).clamp_(-127, 127)
+    return y.to(cache_dtype), scale
+
+
+def dequantize_kv(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return values.to(dtype)
+    return (values.float() * scale[..., None]).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as raw bytes: CPU index_copy_ has no fp8 kernel."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Write new K/V ([T, KVH, D]) into the cache at `slot_mapping` ([T] flat slot ids)."""
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """Write new K/V ([T, KVH, D]) into the cache at `slot_mapping` ([T] flat slot ids), quantized (with
+    their scales) when the cache is fp8/int8."""
     kvh, d = k.shape[1:]
     slot_mapping = slot_mapping.long()
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
+    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if scales is not None:
+            x, s = quantize_kv(x, cache.dtype)
+            scales.view(-1, kvh).index_copy_(0, slot_mapping, s)
+        _bytes(cache).view(-1, kvh, d).index_copy_(0, slot_mapping, _bytes(x.to(cache.dtype)))
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` tokens of one sequence's K or V: [length, KVH, D]."""
+def _gather(cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor, length: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The first `length` tokens of one sequence's K or V: [length, KVH, D] in `dtype`."""
     num_blocks = -(-length // cache.shape[1])
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+    pages = block_table[:num_blocks]
+    return dequantize_kv(cache[pages].flatten(0, 1)[:length],
+                         None if scales is None else scales[pages].flatten(0, 1)[:length], dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the new tokens q ([T, H, D]) over each sequence's whole context in the cache.
 
     A sequence's new tokens are the last query_len of its seq_len positions, so chunked prefill, plain
     prefill and decode are the same computation. Returns [T, H, D].
     """
     if meta.is_pure_decode:
-        return _decode(q, k_cache, v_cache, meta, scale)
+        return _decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     out = torch.empty_like(q)
     start = 0
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         qi = q[start:start + q_len].transpose(0, 1)                      # [H, q_len, D]
-        k = _gather(k_cache, meta.block_tables[i], ctx).transpose(0, 1)  # [KVH, ctx, D]
-        v = _gather(v_cache, meta.block_tables[i], ctx).transpose(0, 1)
+        table = meta.block_tables[i]
+        k = _gather(k_cache, k_scale, table, ctx, q.dtype).transpose(0, 1)  # [KVH, ctx, D]
+        v = _gather(v_cache, v_scale, table, ctx, q.dtype).transpose(0, 1)
         mask = None
         if q_len > 1:  # query j sits at position ctx - q_len + j and sees keys up to there
             rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
@@ -63,17 +102,17 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+            scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """One query token per sequence: gather every sequence's pages at once, mask past each length."""
     b = q.shape[0]
     num_blocks = -(-meta.max_seq_len // k_cache.shape[1])
     tables = meta.block_tables[:, :num_blocks]
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2)                   # [B, KVH, S, D]
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    # CPU SDPA is several times faster in fp32
+    dtype = torch.float32 if q.device.type == "cpu" else q.dtype
+    k, v = (dequantize_kv(cache[tables], None if s is None else s[tables], dtype).flatten(1, 2).transpose(1, 2)
+            for cache, s in ((k_cache, k_scale), (v_cache, v_scale)))  # [B, KVH, S, D]
     mask = torch.arange(k.shape[2], device=q.device)[None, :] < meta.seq_lens[:, None]  # [B, S]
-    qv = q.view(b, -1, 1, q.shape[-1])
-    if q.device.type == "cpu" and q.dtype != torch.float32:  # CPU SDPA is several times faster in fp32
-        qv, k, v = qv.float(), k.float(), v.float()
+    qv = q.view(b, -1, 1, q.shape[-1]).to(dtype)
     o = F.scaled_dot_product_attention(qv, k, v, attn_mask=mask[:, None, None, :], scale=scale,
                                        enable_gqa=True)                 # [B, H, 1, D]
     return o.to(q.dtype).view(b, -1, q.shape[-1])

@@ -26,11 +26,14 @@ tl = None  # triton.language, bound by _kernels()
 
 # ---- kernels (plain functions here; _kernels() jit-compiles them) ------------------------------------------
 
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_mapping_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
-                     NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per new token t: copy k[t], v[t] ([KVH, D], strided) to cache slot slot_mapping[t]."""
+                     NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     QMAX: tl.constexpr):
+    """One program per new token t: copy k[t], v[t] ([KVH, D], strided) to cache slot slot_mapping[t].
+    QMAX > 0: a quantized cache (int8: 127, fp8 e4m3: 448); each head's row is stored as x / s with
+    s = amax|x| / QMAX, and s goes to the scale tensors ([slots, KVH], contiguous)."""
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:  # padding token (e.g. a CUDA-graph batch padded to its bucket): nothing to store
@@ -40,15 +43,40 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     mask = offs_h < NUM_KV_HEADS
     k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
-    tl.store(k_cache_ptr + slot * stride_kc_slot + offs_h * stride_kc_h + offs_d, k, mask=mask)
-    tl.store(v_cache_ptr + slot * stride_vc_slot + offs_h * stride_vc_h + offs_d, v, mask=mask)
+    k_dst = k_cache_ptr + slot * stride_kc_slot + offs_h * stride_kc_h + offs_d
+    v_dst = v_cache_ptr + slot * stride_vc_slot + offs_h * stride_vc_h + offs_d
+    if QMAX > 0:
+        _store_quantized(k, k_dst, k_scale_ptr + slot * NUM_KV_HEADS + offs_h, mask, QMAX)
+        _store_quantized(v, v_dst, v_scale_ptr + slot * NUM_KV_HEADS + offs_h, mask, QMAX)
+    else:
+        tl.store(k_dst, k, mask=mask)
+        tl.store(v_dst, v, mask=mask)
 
 
-def _attend_tile(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, load_mask, score_mask, m_i, l_i, acc,
-                 qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _store_quantized(x, dst, scale_dst, mask, QMAX: tl.constexpr):
+    """Store rows x ([H, D]) as x / s in dst's dtype (int8: rounded, floor(. + 0.5)), s ([H, 1]) at scale_dst."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 1, keep_dims=True) / QMAX, 1e-8)
+    y = tl.div_rn(x, scale)  # IEEE division, as torch's: `/` is approximate on GPUs
+    if dst.dtype.element_ty == tl.int8:
+        y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+    else:  # round to e4m3's 3 mantissa bits here (to nearest, ties to even), so the cast below is exact: the
+        # Triton interpreter's own fp8 cast loses the carry into the exponent (124.0 -> 64.0)
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+        y = bits.to(tl.float32, bitcast=True)
+    tl.store(dst, y.to(dst.dtype.element_ty), mask=mask)
+    tl.store(scale_dst, scale, mask=mask)
+
+
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, kv_head, n, load_mask,
+                 score_mask, m_i, l_i, acc, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                 stride_vh, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                 KV_QUANT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step of q ([M, D]) over the keys at positions n ([N]), gathered through the block
-    table. load_mask ([N]) guards the gather; score_mask ([M, N] or None) hides keys a row must not see."""
+    table. load_mask ([N]) guards the gather; score_mask ([M, N] or None) hides keys a row must not see.
+    KV_QUANT: the cache holds int8/fp8 values with one scale per (slot, kv head); K's scales multiply the
+    scores' columns and V's the probabilities' columns, so the dots run on the raw values (exact in q's dtype)."""
     offs_d = tl.arange(0, HEAD_DIM)
     page = tl.load(table_ptr + n // PAGE_SIZE, mask=load_mask, other=0).to(tl.int64)
     offset = n % PAGE_SIZE
@@ -56,22 +84,34 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, load_mask, 
                 + offs_d[None, :], mask=load_mask[:, None], other=0.0)
     v = tl.load(v_cache_ptr + page[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
                 + offs_d[None, :], mask=load_mask[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
+    if KV_QUANT:
+        slot = (page * PAGE_SIZE + offset) * NUM_KV_HEADS + kv_head
+        k_scale = tl.load(k_scale_ptr + slot, mask=load_mask, other=0.0)
+        v_scale = tl.load(v_scale_ptr + slot, mask=load_mask, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
     if score_mask is not None:
         s = tl.where(score_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first tile on: every row sees that tile's first key
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_QUANT:
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, scale,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+                   out_ptr, lse_ptr, scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
+                   NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g (rows padded to BLOCK_G >= 16 for tl.dot) over split s of sequence b's context: split s covers
     whole pages [s * split_len, (s + 1) * split_len), split_len = ceil(ceil(seq_len / splits) / page) * page,
@@ -100,9 +140,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_p
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, valid, valid[None, :],
-                                     m_i, l_i, acc, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb,
-                                     stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, DOT_PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, kv_head, n,
+                                     valid, valid[None, :], m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
+                                     stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE,
+                                     NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
     # an empty split (seq_len <= start) writes out 0 and lse -inf, which the merge weighs 0
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -132,10 +173,11 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, st
     tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    out_ptr, scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, stride_ot, stride_oh,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+                    query_start_loc_ptr, out_ptr, scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """FlashAttention over a varlen batch whose keys all live in the paged cache. Grid (query tiles, batch,
     heads). Program (i, b, h) takes query rows [i * BLOCK_M, (i + 1) * BLOCK_M) of sequence b (they sit at
@@ -170,15 +212,17 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     causal_end = tl.minimum(first_pos + BLOCK_M, seq_len)  # one past the last row's position
     for n0 in range(0, full_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, n < full_end, None,
-                                     m_i, l_i, acc, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb,
-                                     stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, DOT_PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, kv_head, n,
+                                     n < full_end, None, m_i, l_i, acc, qk_scale, stride_kb, stride_ks, stride_kh,
+                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS, KV_QUANT,
+                                     DOT_PRECISION)
     for n0 in range(full_end, causal_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         visible = n[None, :] <= pos[:, None]
-        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, n, n < causal_end,
-                                     visible, m_i, l_i, acc, qk_scale, stride_kb, stride_ks, stride_kh,
-                                     stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, DOT_PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, kv_head, n,
+                                     n < causal_end, visible, m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
+                                     stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, NUM_KV_HEADS,
+                                     KV_QUANT, DOT_PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -187,11 +231,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """Import triton and jit-compile the kernels above, once, on first use."""
-    global tl, _attend_tile  # the kernel bodies look these up as module globals when they are compiled
+    global tl, _attend_tile, _store_quantized  # the kernels look these up as module globals when compiled
     import triton
     import triton.language as tl
 
     _attend_tile = triton.jit(_attend_tile)
+    _store_quantized = triton.jit(_store_quantized)
     # Triton compiles a kernel once per "specialization" of its arguments (an int equal to 1 or divisible by
     # 16, a pointer 16-byte aligned). Block tables and lengths arrive as views of one buffer at any offset and
     # width, so they would make a server compile new variants (about a second each) in the middle of serving;
@@ -235,8 +280,26 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return head_dim, num_heads // num_kv_heads
 
 
+_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
+    """(k_scale, v_scale, quantized?) as kernel arguments: a quantized cache needs both scale tensors,
+    [num_blocks, block_size, KVH] contiguous; an unquantized one passes its cache as a pointer never read."""
+    quantized = k_cache.dtype in _QMAX
+    if quantized != (k_scale is not None and v_scale is not None):
+        raise ValueError(f"a {k_cache.dtype} cache needs {'both' if quantized else 'no'} scale tensors")
+    if not quantized:
+        return k_cache, k_cache, False
+    if k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_scale.shape or not (
+            k_scale.is_contiguous() and v_scale.is_contiguous()) or k_scale.dtype != torch.float32:
+        raise ValueError(f"scales must be contiguous fp32 {tuple(k_cache.shape[:3])}")
+    return k_scale, v_scale, True
+
+
 def store_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> None:
+                          slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> None:
     """Write new K/V ([T, KVH, D], any strides) into the cache at `slot_mapping` ([T] flat slot ids).
 
     Like `store_kv_cache`, plus: a negative slot (a padding token) is skipped.
@@ -249,12 +312,14 @@ def store_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
     if k_cache.stride(1) * k_cache.shape[1] != k_cache.stride(0) or v_cache.stride(1) * v_cache.shape[1] != \
             v_cache.stride(0):
         raise ValueError("each cache block's slots must be laid out back to back")
+    k_scale, v_scale, quantized = _scales(k_cache, k_scale, v_scale)
     k = k if k.stride(2) == 1 else k.contiguous()
     v = v if v.stride(2) == 1 else v.contiguous()
     _kernels().store_kv[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_power_of_2(num_kv_heads), HEAD_DIM=head_dim)
+        NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        QMAX=_QMAX[k_cache.dtype] if quantized else 0.0)
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, max_model_len: int, block_size: int = 16,
@@ -278,7 +343,8 @@ def _decode_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int, block_n: int | None = None) -> torch.Tensor:
+                           num_splits: int, block_n: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] over each sequence's first seq_lens[b] cached tokens.
 
     Reads no device value on the host and launches a grid that depends only on B and num_splits, so it can be
@@ -289,6 +355,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if seq_lens.shape[0] != batch or block_tables.shape[0] != batch:
         raise ValueError(f"decode needs one query per sequence: q has {batch} rows, seq_lens "
                          f"{seq_lens.shape[0]}, block_tables {block_tables.shape[0]}")
+    k_scale, v_scale, quantized = _scales(k_cache, k_scale, v_scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     block_g = max(16, _next_power_of_2(group))
     tile_n, num_warps, num_stages = _decode_tiles(head_dim, q.dtype)
@@ -303,10 +370,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         partial_strides = partial.stride()[:3]
     kernels.decode[(batch, k_cache.shape[2], num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, partial, lse, scale, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, partial, lse, scale, q.stride(0),
+        q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *partial_strides, lse.stride(0), lse.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_N=block_n,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
+        NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         kernels.merge[(batch, num_heads)](
@@ -328,29 +396,35 @@ def _prefill_tiles(head_dim: int, dtype: torch.dtype, max_query_len: int) -> tup
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float, block_m: int | None = None,
-                            block_n: int | None = None) -> torch.Tensor:
+                            block_n: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a varlen batch of new tokens (prefill, chunked prefill, decodes) over the cache."""
     head_dim, group = _check_cache(q, k_cache, v_cache)
+    k_scale, v_scale, quantized = _scales(k_cache, k_scale, v_scale)
     q = q if q.stride(2) == 1 else q.contiguous()
     tile_m, tile_n, num_warps, num_stages = _prefill_tiles(head_dim, q.dtype, meta.max_query_len)
     block_m, block_n = block_m or tile_m, block_n or tile_n
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     batch, num_heads = meta.block_tables.shape[0], q.shape[1]
     _kernels().prefill[(-(-meta.max_query_len // block_m), batch, num_heads)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale,
+        q, k_cache, v_cache, k_scale, v_scale, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_KV_HEADS=k_cache.shape[2],
+        KV_QUANT=quantized, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                           meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for `paged_attention`: q [T, H, D] -> [T, H, D]; flash-decoding when every query is a decode."""
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if meta.is_pure_decode:
         num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits)
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
+                                      **scales)
     # a mixed batch: its leading decodes (the runner puts them first) go to the GQA-aware decode kernel, which
     # reads each K/V page once for all query heads; the prefill kernel would read it once per head
     num_decodes = 0
@@ -359,37 +433,39 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             break
         num_decodes += 1
     if num_decodes == 0:
-        return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+        return paged_prefill_attention(q, k_cache, v_cache, meta, scale, **scales)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     d = num_decodes
     num_splits = choose_num_splits(d, k_cache.shape[2], max(meta.seq_lens_cpu[:d]), k_cache.shape[1])
     out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d], scale,
-                                     num_splits)
+                                     num_splits, **scales)
     rest = dataclasses.replace(
         meta, slot_mapping=meta.slot_mapping[d:], block_tables=meta.block_tables[d:], seq_lens=meta.seq_lens[d:],
         query_start_loc=meta.query_start_loc[d:] - d, seq_lens_cpu=meta.seq_lens_cpu[d:],
         query_lens_cpu=meta.query_lens_cpu[d:], max_seq_len=max(meta.seq_lens_cpu[d:]))
-    out[d:] = paged_prefill_attention(q[d:], k_cache, v_cache, rest, scale)
+    out[d:] = paged_prefill_attention(q[d:], k_cache, v_cache, rest, scale, **scales)
     return out
 
 
-def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, max_splits: int = 64) -> None:
+def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
+                    max_splits: int = 64, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> None:
     """Compile now the attention kernel variants that serving meets later (each first use of a variant costs
     about a second of Triton compilation, which the request that meets it would wait for): decode with every
     split count choose_num_splits can return, and prefill with each tile shape. Reads the cache, writes nothing
     to it."""
-    device, dtype = k_cache.device, k_cache.dtype
-    head_dim = k_cache.shape[-1]
+    device, head_dim = k_cache.device, k_cache.shape[-1]
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     table = torch.zeros(1, 1, dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
     splits = 1
     while splits <= max_splits:
-        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits)
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
         splits *= 2
     starts = torch.tensor([0, 1], dtype=torch.int32, device=device)
     for max_query_len in (1, 4096):  # the rows past the one real query are masked out
         meta = AttentionMetadata(slot_mapping=seq_lens, block_tables=table, seq_lens=seq_lens,
                                  query_start_loc=starts, seq_lens_cpu=[1], query_lens_cpu=[1],
                                  max_query_len=max_query_len, max_seq_len=1)
-        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0)
+        paged_prefill_attention(q, k_cache, v_cache, meta, 1.0, **scales)

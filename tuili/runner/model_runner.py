@@ -22,9 +22,12 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
-                 eos_token_ids: set[int], fused_ops: bool = False, triton_attention: bool = False) -> None:
+                 eos_token_ids: set[int], fused_ops: bool = False, triton_attention: bool = False,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        self.kv_quantized = self.kv_cache_dtype in (torch.int8, torch.float8_e4m3fn)
         self.triton_attention = triton_attention
         model.set_backends(fused_ops, triton_attention)
         self.graphs: DecodeGraphs | None = None
@@ -37,7 +40,9 @@ class ModelRunner:
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        """K and V of block_size tokens in every layer (+ one fp32 scale per token and head when quantized)."""
+        per_head = self.head_dim * self.kv_cache_dtype.itemsize + 4 * self.kv_quantized
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * per_head
 
     @torch.no_grad()
     def profile_free_memory(self, num_tokens: int, utilization: float) -> int:
@@ -63,15 +68,20 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = (num_blocks + 1, self.block_size, self.num_kv_heads, self.head_dim)
         for layer in self.model.layers:
-            layer.self_attn.attn.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.self_attn.attn.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            attn = layer.self_attn.attn
+            attn.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            if self.kv_quantized:
+                attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
+                attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
 
     def warm_up_kernels(self) -> None:
         """Compile the attention kernel variants of mixed steps before the first request (Triton attention)."""
         from tuili.ops.attention_triton import warm_up_kernels
 
         attn = self.model.layers[0].self_attn
-        warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads)
+        warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads, self.dtype,
+                        k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale)
         torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
