@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [quant-sweep] [quant] [latency] [prefill] [throughput] [ablation] [serve]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [quant-sweep] [quant] [kv] [latency] [prefill] [throughput]
+#        [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 set -uo pipefail
@@ -78,6 +79,13 @@ for step in "$@"; do
         --gpu-memory-utilization 0.45 $HF_QWEN --json "$OUT/throughput_qwen3.json" --plot "$OUT/throughput_qwen3.png"
       timeout 200 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
         --gpu-memory-utilization 0.6 --hf-batch-size 16 --json "$OUT/throughput_8b.json" --plot "$OUT/throughput_8b.png" ;;
+    kv)
+      # the throughput workload on 8B with a KV cache of bf16, fp8 and int8 in the same memory (0.3 of the GPU:
+      # ~7 GB of KV on an H100 after the weights, so the cache's capacity limits the batch)
+      for kv in auto fp8 int8; do
+        timeout 170 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
+          --gpu-memory-utilization 0.3 --kv-cache-dtype $kv --json "$OUT/throughput_8b_kv_$kv.json" 2>&1 | tail -2
+      done ;;
     ablation|ablation8b)
       # workload 4 on workload 1: each technique off in turn, one JSON per configuration
       configs="all-on:

@@ -17,6 +17,8 @@ _ENGINE_HELP = {
     "quantization": "int8 (per channel) | int4 (group-wise): weight-only, at load time",
     "quant_group_size": "int4: inputs per group (32, 64, 128)",
     "quant_symmetric": "int4: scales only, no offsets (offset -8 * scale)",
+    "gguf_dequantize": "load a GGUF's quantized blocks as float weights (default: kept packed, read by the "
+                       "INT8/INT4 kernels)",
     "kv_cache_memory": "GiB of KV cache on CPU",
     "kv_cache_dtype": "auto (the model's dtype) | fp8 (e4m3) | int8: K/V quantized per token and head; about "
                       "twice the blocks",
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     ppl.add_argument("--json", default=None)
     add_engine_args(ppl)
+    agr = ev_sub.add_parser("agreement", help="greedy agreement with the unquantized model over fixed prompts")
+    agr.add_argument("--reference-model", default=None, help="default: --model, float (GGUF dequantized)")
+    agr.add_argument("--reference-dtype", default="float32")
+    agr.add_argument("--max-tokens", type=int, default=32, help="length of the reference's greedy answers")
+    agr.add_argument("--json", default=None)
+    add_engine_args(agr)
 
     qz = sub.add_parser("quantize", help="quantize a model ahead of time into a folder that --model loads")
     qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
@@ -151,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.chat import run_chat
 
             return run_chat(ns, engine_args_from(ns), sampling_params_from(ns))
+        if ns.command == "eval" and ns.metric == "agreement":
+            from tuili.bench.quality import run_agreement
+
+            return run_agreement(ns, engine_args_from(ns))
         if ns.command == "eval":
             from tuili.bench.perplexity import run_ppl
 

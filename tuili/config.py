@@ -36,6 +36,7 @@ class EngineArgs:
     quantization: str | None = None     # int8 | int4: weight-only, at load time
     quant_group_size: int = 128         # int4: inputs per group (32, 64, 128)
     quant_symmetric: bool = False       # int4: scales only, no offsets
+    gguf_dequantize: bool = False       # a GGUF's quantized blocks load as float (default: kept packed)
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0
     max_model_len: int | None = None

@@ -19,6 +19,7 @@ from tuili import LLM, SamplingParams
 from tuili.layers.linear import MergedLinear
 from tuili.layers.rotary import rope_parameters
 from tuili.loader import dummy, gguf_file
+from tuili.ops.quant_matmul import dequantize_int4, dequantize_int8
 from tuili.models.registry import build_model
 
 QT = gguf.GGMLQuantizationType
@@ -152,12 +153,24 @@ def expected_weight(hf: str, raw: np.ndarray, qtype: QT) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(w))
 
 
+def dequantized(module) -> torch.Tensor:
+    """The float weight a packed (GGUF blocks kept packed) layer stands for."""
+    if module.qweight.dtype == torch.int8:
+        return dequantize_int8(module.qweight, module.scales, module.group_size)
+    return dequantize_int4(module.qweight, module.scales, module.offsets, module.group_size)
+
+
 def tuili_weights(model) -> dict[str, torch.Tensor]:
-    """tuili's parameters under HF names, fused q/k/v and gate/up split back into their shards."""
+    """tuili's parameters under HF names (packed layers dequantized), fused q/k/v and gate/up split back into
+    their shards."""
     out = {}
     for name, p in model.named_parameters():
         module_name, _, kind = name.rpartition(".")
         module = model.get_submodule(module_name)
+        if kind in ("scales", "offsets"):
+            continue
+        if kind == "qweight":
+            kind, p = "weight", dequantized(module)
         if isinstance(module, MergedLinear):
             parent, _, fused_name = module_name.rpartition(".")
             for fragment, (fused, shard) in model.packed_modules_mapping.items():
@@ -165,6 +178,7 @@ def tuili_weights(model) -> dict[str, torch.Tensor]:
                     offset, size = module.shards[shard]
                     out[f"model.{parent}.{fragment}.{kind}"] = p.detach()[offset:offset + size]
         else:
+            name = f"{module_name}.{kind}"
             out[name if name.startswith("lm_head") else f"model.{name}"] = p.detach()
     return out
 
@@ -196,6 +210,13 @@ def test_gguf_tensor_type(tmp_path, tiny_llama_state, type_name):
     assert "tokenizer.ggml.model" not in gguf.GGUFReader(path).fields
 
     llm = LLM(path, dtype="float32", kv_cache_memory=0.01)
+    packed = {"Q8_0": (torch.int8, 32), "Q6_K": (torch.int8, 16), "Q4_0": (torch.uint8, 32),
+              "Q4_1": (torch.uint8, 32), "Q4_K": (torch.uint8, 32)}.get(type_name)
+    for module in (m for m in llm.engine.model.modules() if isinstance(m, MergedLinear)):
+        if packed is None:
+            assert module.qweight is None and module.weight is not None
+        else:  # the blocks kept packed (GGUF_TYPES has no mixed file: fused shards share their type)
+            assert module.weight is None and (module.qweight.dtype, module.group_size) == packed
     assert llm.get_tokenizer() is None, "no tokenizer metadata: token-id prompts only"
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("hello", use_tqdm=False)
@@ -219,6 +240,12 @@ def test_gguf_tensor_type(tmp_path, tiny_llama_state, type_name):
         assert torch.equal(hf_state[hf_name], w), hf_name
     check_against_hf(llm, hf, PROMPT, atol=1e-4, greedy_tokens=32)
     assert llm.engine.block_manager.num_used_blocks == 0
+    if packed is not None:  # --gguf-dequantize: the old float path, the same tokens
+        float_llm = LLM(path, dtype="float32", kv_cache_memory=0.01, gguf_dequantize=True)
+        assert float_llm.engine.model.layers[0].mlp.gate_up_proj.qweight is None
+        params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+        assert float_llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids == \
+            llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_gguf_without_vocab_size_or_tokens(tmp_path, tiny_llama_state):

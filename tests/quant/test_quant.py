@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import os
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf.quants import dequantize as gguf_dequantize
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.ops.quant_matmul import (  # noqa: E402
-    dequantize_int4, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear, int8_linear_cpu, quant_linear_triton)
+    dequantize_int4, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear, int8_linear_cpu,
+    quant_linear_triton)
 from tuili.quant import quantize_groupwise, quantize_per_channel  # noqa: E402
+from tuili.quant.gguf_blocks import NATIVE, PackedFormat, common_format, transcode  # noqa: E402
+from tuili.quant.int8 import quantize_groupwise_int8  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -87,7 +93,7 @@ TRITON_ATOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 
 @pytest.mark.parametrize("dtype", _triton_dtypes())
 @pytest.mark.parametrize("m, n, k", [(1, 96, 200), (2, 40, 202), (5, 130, 576), (40, 72, 320)])  # awkward sizes
-@pytest.mark.parametrize("method", ["int8", "int4-g32", "int4-g64-sym", "int4-g128"])
+@pytest.mark.parametrize("method", ["int8", "int8-g16", "int8-g32", "int4-g32", "int4-g64-sym", "int4-g128"])
 def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     """The dequant-fused Triton kernels (the GEMV for a few rows, the tensor-core one with decode and prefill
     tiles, with and without split-K) against the torch reference on the same packed weights."""
@@ -98,14 +104,19 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
         q, scales = quantize_per_channel(w)
         offsets, group = None, 0
         ref = int8_linear(x.float(), q.to(DEVICE), scales.to(DEVICE))
+    elif method.startswith("int8"):  # groups: the form of GGUF Q8_0 / Q6_K blocks
+        group = int(method.split("-")[1][1:])
+        (q, scales), offsets = quantize_groupwise_int8(w, group), None
+        ref = int8_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), group_size=group)
+        torch.testing.assert_close(ref, x.float() @ w.to(DEVICE).t(), atol=0.05 * k ** 0.5, rtol=0)
     else:
         group = int(method.split("-")[1][1:])
         q, scales, offsets = quantize_groupwise(w, group, method.endswith("sym"))
         offsets_dev = None if offsets is None else offsets.to(DEVICE)
         ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets_dev, group)
     args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
-    block_k = min(group or 128, 128) if CUDA else 32
-    for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, 32, 1, 4, 2)):
+    block_k = min(group or 128, 128) if CUDA else min(group or 32, 32)
+    for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, min(group or 32, 32), 1, 4, 2)):
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
         got = quant_linear_triton(x.to(dtype), *args, tiles=tiles)
@@ -276,3 +287,44 @@ def test_int8_perplexity_close_to_unquantized(smollm, smollm_int8):
     got, _ = perplexity(smollm_int8, ids, context=512)
     assert count == 1022 and 5 < ref < 60
     assert abs(got / ref - 1) < 0.02, (got, ref)
+
+
+# ---- GGUF blocks kept packed (tests/loader/test_loaders.py runs each type end to end against HF) ------------
+
+def _random_blocks(qtype: str, n: int, k: int, rng) -> np.ndarray:
+    """Random bytes as blocks of `qtype`, with finite fp16 factors."""
+    t = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    factors = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
+    for at in factors:
+        raw[..., at:at + 2] = rng.uniform(-0.01, 0.01, raw.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_blocks_transcode_exactly_and_mixed_shards_requantize_closely(qtype):
+    """Each block type's native packed form is gguf's dequantization exactly; the common format of mixed fused
+    shards (INT8 g16, or INT4 g32 with offsets for Q4_0) stays within half an INT8 step of each 16 weights."""
+    rng = np.random.default_rng(0)
+    n, k = 12, 512
+    raw = _random_blocks(qtype, n, k, rng)
+    ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, gguf.GGMLQuantizationType[qtype])).reshape(n, k))
+    for fmt in {NATIVE[qtype], common_format([NATIVE[qtype], NATIVE["Q4_1"]])}:
+        parts = transcode(raw, qtype, n, k, fmt, torch.float32)
+        if fmt.bits == 8:
+            got = dequantize_int8(parts["qweight"], parts["scales"], fmt.group_size)
+        else:
+            got = dequantize_int4(parts["qweight"], parts["scales"], parts.get("offsets"), fmt.group_size)
+        if fmt == NATIVE[qtype] or fmt.bits == 4:  # native, or Q4_0 given explicit offsets
+            assert torch.equal(got, ref), (qtype, fmt)
+        else:
+            step = ref.view(n, -1, 16).abs().amax(-1, keepdim=True) / 127
+            assert ((got - ref).view(n, -1, 16).abs() <= step / 2 * 1.001).all()
+
+
+def test_gguf_common_format():
+    assert common_format([NATIVE["Q4_K"]] * 3) == NATIVE["Q4_K"]
+    assert common_format([NATIVE["Q4_0"], NATIVE["Q4_1"]]) == PackedFormat(4, 32, True)
+    assert common_format([NATIVE["Q4_K"], NATIVE["Q4_K"], NATIVE["Q6_K"]]) == PackedFormat(8, 16, False)
+    assert common_format([NATIVE["Q8_0"], NATIVE["Q6_K"]]) == PackedFormat(8, 16, False)

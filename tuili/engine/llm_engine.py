@@ -1,6 +1,7 @@
 """LLMEngine: the one loop. add_request / step / abort; each step schedules, runs the model, samples, detokenizes."""
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -17,7 +18,7 @@ from tuili.engine.sequence import Request, Sequence
 from tuili.loader import load_model_source
 from tuili.loader.dummy import init_random_weights
 from tuili.models.registry import build_model
-from tuili.quant import QuantConfig, prepare_quantized, quantize_model
+from tuili.quant import QuantConfig, prepare_packed, prepare_quantized, quantize_model
 from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
 
@@ -53,6 +54,12 @@ def load_model(source, device: torch.device, dtype: torch.dtype, quantization: Q
             raise ValueError(f"the checkpoint is quantized as {source.quantization}; "
                              f"it cannot be loaded with quantization {quantization}")
         prepare_quantized(model, source.quantization)
+    if source.packed and quantization is None:  # a GGUF's quantized blocks, transcoded as they load
+        plan = prepare_packed(model, source.packed)
+        counts = collections.Counter(str(fmt) for fmt in plan.values())
+        logger.info("GGUF blocks kept packed: %s", ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items()))
+    elif source.packed:
+        source.packed = None  # --quantization requantizes the float weights
     if source.weights is None:
         init_random_weights(model, seed)
     else:
@@ -75,7 +82,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs, show_progress: bool = False) -> None:
         self.args = args
         self.device = args.resolve_device()
-        source = load_model_source(args.model, args.load_format, args.tokenizer)
+        source = load_model_source(args.model, args.load_format, args.tokenizer, args.gguf_dequantize)
         self.model_name = source.name
         self.model_config = config = source.config
         self.tokenizer = source.tokenizer

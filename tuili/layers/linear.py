@@ -28,20 +28,20 @@ class Linear(nn.Module):
         self.qweight = self.scales = self.offsets = None
         self.group_size = 0
         self._triton = False
-        self._cpu_int4 = None
+        self._cpu_int4 = self._cpu_dense = None
 
     def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                       group_size: int = 0) -> None:
         """Replace the float weight by packed weights (formats: tuili/ops/quant_matmul.py): INT8 per output
-        channel (qweight int8 [N, K], scales [N]) or INT4 per group (qweight uint8 [N, K/2], scales and
-        offsets [N, groups])."""
+        channel (qweight int8 [N, K], scales [N]) or per group (scales [N, groups]), or INT4 per group (qweight
+        uint8 [N, K/2], scales and offsets [N, groups])."""
         self.weight = None
         self.qweight = nn.Parameter(qweight, requires_grad=False)
         layout = quant_matmul.group_major if group_size else (lambda t: t)
         self.scales = nn.Parameter(layout(scales), requires_grad=False)
         self.offsets = None if offsets is None else nn.Parameter(layout(offsets), requires_grad=False)
         self.group_size = group_size
-        self._cpu_int4 = None
+        self._cpu_int4 = self._cpu_dense = None
 
     def use_triton(self, enabled: bool) -> None:
         """Quantized layers on CUDA: the dequant-fused Triton matmul (else the torch reference)."""
@@ -51,17 +51,22 @@ class Linear(nn.Module):
         qweight, int8 = self.qweight, self.qweight.dtype == torch.int8
         if qweight.is_cuda and self._triton:
             return quant_matmul.quant_linear_triton(x, qweight, self.scales, self.offsets, self.group_size, self.bias)
-        if qweight.device.type == "cpu" and x.shape[0] <= 16:  # decode-sized: torch's packed CPU kernels
-            if int8 and hasattr(torch, "_weight_int8pack_mm"):
+        if qweight.device.type == "cpu":  # torch's packed CPU kernels (int8: decode-sized batches only)
+            if int8 and not self.group_size and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
+            if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
+                if self._cpu_dense is None or self._cpu_dense.dtype != x.dtype:
+                    self._cpu_dense = quant_matmul.dequantize_int8(qweight, self.scales, self.group_size, x.dtype)
+                return F.linear(x, self._cpu_dense, self.bias)
             if not int8:
                 if self._cpu_int4 is None:  # made on first use: a saved checkpoint fills qweight after set_quantized
                     self._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, self.scales, self.offsets, self.group_size) \
                         or ()
-                if self._cpu_int4 and x.dtype == self.scales.dtype:
+                # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
+                if self._cpu_int4 and x.dtype == self.scales.dtype and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
                     return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
         if int8:
-            return quant_matmul.int8_linear(x, qweight, self.scales, self.bias)
+            return quant_matmul.int8_linear(x, qweight, self.scales, self.bias, self.group_size)
         return quant_matmul.int4_linear(x, qweight, self.scales, self.offsets, self.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

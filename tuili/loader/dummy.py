@@ -64,10 +64,12 @@ def load(model: str) -> ModelSource:
 
 @torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int) -> None:
-    """Normal(0, 0.02) for matrices and biases, 1 for norm weights; the same seed gives the same model."""
+    """Normal(0, 0.02) for matrices and biases, 1 for norm weights; the same seed gives the same model (in any
+    dtype: drawn in fp32, then rounded)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
-            param.normal_(0.0, 0.02, generator=gen)
+            param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).normal_(
+                0.0, 0.02, generator=gen))

@@ -1,4 +1,6 @@
-"""A .gguf file: config, tokenizer and chat template from its metadata, tensors dequantized to float.
+"""A .gguf file: config, tokenizer and chat template from its metadata; linear layers' quantized blocks kept
+packed (transcoded to tuili's INT8/INT4 formats: tuili/quant/gguf_blocks.py), everything else (the token
+embedding, a table read one row at a time, and norms) as float. `--gguf-dequantize` makes every tensor float.
 
 A file without tokenizer metadata (no `tokenizer.ggml.model`) loads with tokenizer None.
 
@@ -125,7 +127,9 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load(path: str) -> ModelSource:
+def load(path: str, dequantize: bool = False) -> ModelSource:
+    from tuili.quant.gguf_blocks import NATIVE, transcode
+
     reader = open_reader(path)
     config = config_from_metadata(reader, path)
     bad = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
@@ -134,17 +138,35 @@ def load(path: str) -> ModelSource:
     # a file without tokenizer metadata still runs, on token-id prompts (or with --tokenizer)
     tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
     permute = _field(reader, "general.architecture") == "llama"
+    packed = {} if dequantize else {
+        hf_name(t.name): NATIVE[t.tensor_type.name] for t in reader.tensors
+        if t.tensor_type.name in NATIVE and len(t.shape) == 2 and t.name != "token_embd.weight"}
+
+    def rows(name: str):
+        """llama.cpp's q/k row order -> HF's (a function of an array with rows first), or None."""
+        if permute and name.endswith("attn_q.weight"):
+            return lambda a: _unpermute(a, config.num_attention_heads)
+        if permute and name.endswith("attn_k.weight"):
+            return lambda a: _unpermute(a, config.num_key_value_heads)
+        return None
 
     def weights() -> WeightIterator:
-        from gguf.quants import dequantize
+        from gguf.quants import dequantize as dequantize_blocks
 
         for t in reader.tensors:
-            data = dequantize(t.data, t.tensor_type)
+            name, reorder = hf_name(t.name), rows(t.name)
+            fmt = source.packed.get(name) if source.packed else None  # the loader may have unified fused shards
+            if fmt is not None:
+                n, k = int(t.shape[1]), int(t.shape[0])
+                parts = transcode(t.data, t.tensor_type.name, n, k, fmt, torch.float32, reorder)
+                for part, tensor in parts.items():
+                    yield name.removesuffix("weight") + part, tensor
+                continue
+            data = dequantize_blocks(t.data, t.tensor_type)
             data = data.reshape([int(d) for d in reversed(t.shape)])
-            if permute and t.name.endswith("attn_q.weight"):
-                data = _unpermute(data, config.num_attention_heads)
-            elif permute and t.name.endswith("attn_k.weight"):
-                data = _unpermute(data, config.num_key_value_heads)
-            yield hf_name(t.name), torch.from_numpy(np.array(data, dtype=np.float32))
+            if reorder is not None:
+                data = reorder(data)
+            yield name, torch.from_numpy(np.array(data, dtype=np.float32))
 
-    return ModelSource(path, config, tokenizer, weights, torch.float32)
+    source = ModelSource(path, config, tokenizer, weights, torch.float32, packed=packed or None)
+    return source

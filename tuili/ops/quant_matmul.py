@@ -1,7 +1,8 @@
 """Matmuls that read packed weights (weight-only quantization): torch references, CPU paths, Triton kernels.
 
-Formats (made by tuili/quant):
-- INT8, per output channel: qweight [N, K] int8, scales [N]: W[n, k] = scales[n] * qweight[n, k].
+Formats (made by tuili/quant, or transcoded from GGUF blocks by tuili/quant/gguf_blocks.py):
+- INT8, per output channel: qweight [N, K] int8, scales [N]: W[n, k] = scales[n] * qweight[n, k]; or per group
+  of G inputs (GGUF Q8_0: G 32, Q6_K: G 16): scales [N, ceil(K / G)], W[n, k] = scales[n, k // G] * qweight[n, k].
 - INT4, group-wise along K: qweight [N, K/2] uint8, byte j of row n holding k = 2j in its low nibble and k = 2j+1
   in its high nibble; scales, offsets [N, ceil(K / G)]: W[n, k] = scales[n, g] * q[n, k] + offsets[n, g] with
   g = k // G; offsets None means symmetric (offset -8 * scale). K must be even; the last group may be short.
@@ -38,9 +39,20 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.
     return (q * expand(scales) + expand(offsets)).to(dtype)
 
 
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int = 0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float [N, K] weight an INT8 layer stands for (computed in fp32, returned in `dtype`)."""
+    if not group_size:
+        return (qweight.float() * scales.float()[:, None]).to(dtype)
+    expand = scales.float().repeat_interleave(group_size, dim=1)[:, :qweight.shape[1]]
+    return (qweight.float() * expand).to(dtype)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, K] (float), qweight: [N, K] int8, scales: [N] in x's dtype -> [T, N]. Torch reference."""
+                bias: torch.Tensor | None = None, group_size: int = 0) -> torch.Tensor:
+    """x: [T, K] (float), qweight: [N, K] int8, scales: [N] (or [N, groups]) in x's dtype -> [T, N]. Reference."""
+    if group_size:
+        return F.linear(x, dequantize_int8(qweight, scales, group_size, x.dtype), bias)
     out = F.linear(x, qweight.to(x.dtype)) * scales
     return out if bias is None else out + bias
 
@@ -141,7 +153,10 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
                            mask=m_mask[:, None] & b_mask[None, :], other=0.0)
             part = tl.dot(x_lo, (b & 15).to(dtype), input_precision=DOT_PRECISION)
             part = tl.dot(x_hi, (b >> 4).to(dtype), acc=part, input_precision=DOT_PRECISION)
-        if GROUP > 0:
+        if GROUP > 0 and BITS == 8:  # symmetric INT8 groups: no offsets
+            s = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0)
+            acc += part * s.to(tl.float32)[None, :]
+        elif GROUP > 0:
             s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
             x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
             acc += part * s[None, :] + x_sum[:, None] * m[None, :]
@@ -198,7 +213,10 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
             x_hi = tl.load(x_ptr + row * stride_xm + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
             part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
             x_total = tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0)
-        if GROUP > 0:
+        if GROUP > 0 and BITS == 8:
+            acc += part * tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask,
+                                  other=0.0).to(tl.float32)
+        elif GROUP > 0:
             s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
             acc += part * s + m * x_total
         else:
@@ -229,7 +247,7 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py, docs/benchmarks/quant_sweep.json):
     INT8 is fastest through the tensor-core kernel with 64 x 256 tiles, split 4 ways only for long K on few
     column tiles; INT4 through the GEMV."""
-    if group and m <= GEMV_MAX_ROWS:  # best of the sweep for every shape: 64 columns, K split up to 8 ways
+    if group and m <= GEMV_MAX_ROWS:  # INT4: best of the sweep for every shape: 64 columns, K split up to 8 ways
         block_k = min(group, 256)
         splits = 1
         while splits < 8 and k // (splits * 2) >= 4 * block_k:
@@ -245,7 +263,7 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         offsets: torch.Tensor | None = None, group_size: int = 0,
                         bias: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for an INT8 (qweight int8 [N, K], group_size 0) or INT4 (qweight uint8 [N, K/2]) layer.
+    """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     `tiles` overrides the choice of `_tiles` (tests, sweeps)."""
     bits = 8 if qweight.dtype == torch.int8 else 4
     if x.dim() != 2 or x.stride(1) != 1:

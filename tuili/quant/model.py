@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
+from tuili.quant.gguf_blocks import PackedFormat, common_format
 from tuili.quant.int4 import GROUP_SIZES, quantize_groupwise
 from tuili.quant.int8 import quantize_per_channel
 
@@ -93,17 +94,50 @@ def prepare_quantized(model: nn.Module, qc: QuantConfig) -> None:
     for module in _quantized_linears(model):
         mqc = qc.for_module(model, module)
         int4 = mqc.method == "int4"
-        (n, k), device, dtype = module.weight.shape, module.weight.device, module.weight.dtype
-        scale_shape = (n, -(-k // mqc.group_size)) if int4 else (n,)
-        module.set_quantized(torch.empty((n, k // 2) if int4 else (n, k), device=device,
-                                         dtype=torch.uint8 if int4 else torch.int8),
-                             torch.empty(scale_shape, dtype=dtype, device=device),
-                             torch.empty(scale_shape, dtype=dtype, device=device) if int4 and not mqc.symmetric
-                             else None, mqc.group_size if int4 else 0)
-        loader = module._load_shard if isinstance(module, MergedLinear) else default_weight_loader
-        for param in (module.qweight, module.scales, module.offsets):
-            if param is not None:
-                param.weight_loader = loader
+        _prepare(module, PackedFormat(4, mqc.group_size, not mqc.symmetric) if int4 else PackedFormat(8, 0, False))
+
+
+def prepare_packed(model: nn.Module, hf_formats: dict[str, PackedFormat]) -> dict[str, PackedFormat]:
+    """Packed parameters for the linears of a GGUF file kept packed. `hf_formats` maps HF weight names (e.g.
+    'model.layers.0.self_attn.q_proj.weight') to their blocks' formats; the shards of a fused layer get one
+    common format, written back into `hf_formats` (the loader transcodes to it). Returns module -> format."""
+    groups: dict[str, list[str]] = {}
+    for hf in hf_formats:
+        name = hf.removeprefix("model.").removesuffix(".weight")
+        for fragment, (fused, _) in model.packed_modules_mapping.items():
+            if f".{fragment}" in name:
+                name = name.replace(fragment, fused)
+                break
+        groups.setdefault(name, []).append(hf)
+    plan = {}
+    for name, shards in groups.items():
+        module = model.get_submodule(name)
+        expected = len(module.shards) if isinstance(module, MergedLinear) else 1
+        if len(shards) != expected:  # some shards float in the file: the whole layer loads float
+            for hf in shards:
+                del hf_formats[hf]
+            continue
+        fmt = common_format([hf_formats[hf] for hf in shards])
+        for hf in shards:
+            hf_formats[hf] = fmt
+        _prepare(module, fmt)
+        plan[name] = fmt
+    return plan
+
+
+def _prepare(module: Linear, fmt: PackedFormat) -> None:
+    (n, k), device, dtype = module.weight.shape, module.weight.device, module.weight.dtype
+    int4 = fmt.bits == 4
+    scale_shape = (n, -(-k // fmt.group_size)) if fmt.group_size else (n,)
+    module.set_quantized(torch.empty((n, k // 2) if int4 else (n, k), device=device,
+                                     dtype=torch.uint8 if int4 else torch.int8),
+                         torch.empty(scale_shape, dtype=dtype, device=device),
+                         torch.empty(scale_shape, dtype=dtype, device=device) if fmt.offsets else None,
+                         fmt.group_size)
+    loader = module._load_shard if isinstance(module, MergedLinear) else default_weight_loader
+    for param in (module.qweight, module.scales, module.offsets):
+        if param is not None:
+            param.weight_loader = loader
 
 
 @torch.no_grad()
