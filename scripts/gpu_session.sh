@@ -52,15 +52,16 @@ for step in "$@"; do
     tests)
       python -m pytest tests/gpu tests/engine/test_engine.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu_tests.log" ;;
     kernels)
-      python -m pytest tests/ops tests/quant -q -p no:cacheprovider -k "not unquantized_model and not greedy_agreement and not perplexity" 2>&1 | tail -30 | tee "$OUT/kernel_tests.log" ;;
+      python -m pytest tests/ops tests/quant -q -p no:cacheprovider -k "not unquantized_model and not greedy_agreement and not perplexity and not answers_like" 2>&1 | tail -30 | tee "$OUT/kernel_tests.log" ;;
     quant-sweep)
       python scripts/sweep_quant_matmul.py "$OUT/quant_sweep.json" 2>&1 | tail -12 ;;
     quant)
-      # workload 1 with packed weights; the bf16 run of the same call (latency step) is the peer
-      for q in "int8" "int4 --quant-group-size 128"; do
+      # workload 1 with packed weights, and bf16 as the peer in the same call
+      for q in "bf16" "int8" "int4 --quant-group-size 128"; do
         tag=$(cut -d' ' -f1 <<<"$q")
+        flags="--quantization $q"; [ $tag = bf16 ] && flags=""
         tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 128 --output-len 256 \
-          --gpu-memory-utilization 0.5 --max-num-seqs 8 --no-hf --quantization $q \
+          --gpu-memory-utilization 0.5 --max-num-seqs 8 --no-hf $flags \
           --json "$OUT/latency_8b_bs1_$tag.json" | tail -1
       done ;;
     latency)
