@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [quant-sweep] [quant] [kv] [latency] [prefill] [throughput]
-#        [ablation] [serve]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
+#        [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
 set -uo pipefail
@@ -87,6 +87,17 @@ for step in "$@"; do
         timeout 170 python -m tuili.cli bench throughput --load-format dummy --model llama-3.1-8b \
           --gpu-memory-utilization 0.3 --kv-cache-dtype $kv --json "$OUT/throughput_8b_kv_$kv.json" 2>&1 | tail -2
       done ;;
+    distill)
+      # issue 7: the training loop's speed on random weights (no real weights travel): llama-3.2-1b pruned to
+      # half by tuili prune, then distilled from it for 40 steps of 8 x 1024 tokens (bf16 teacher, fp32 student
+      # with bf16 autocast)
+      python scripts/make_dummy_tokenizer.py /tmp/tok_1b llama-3.2-1b >/dev/null
+      tuili prune --model llama-3.2-1b --load-format dummy --tokenizer /tmp/tok_1b --ratio 0.5 --out /tmp/student_1b \
+        --device cuda 2>&1 | tail -1 | tee "$OUT/distill_1b.txt"
+      TQDM_MININTERVAL=10 tuili distill --teacher llama-3.2-1b --load-format dummy --tokenizer /tmp/tok_1b \
+        --student /tmp/student_1b --out /tmp/distilled_1b --steps 40 --batch-size 8 --seq-len 1024 \
+        --checkpoint-every 0 --device cuda 2>&1 | tail -2 | tee -a "$OUT/distill_1b.txt"
+      cp /tmp/distilled_1b/distill.json "$OUT/distill_1b.json"; cp /tmp/distilled_1b/loss.png "$OUT/distill_1b_loss.png" ;;
     ablation|ablation8b)
       # workload 4 on workload 1: each technique off in turn, one JSON per configuration
       configs="all-on:

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     agr.add_argument("--json", default=None)
     add_engine_args(agr)
 
+    from tuili.compress.prune import add_prune_args
+
+    add_prune_args(sub.add_parser("prune", help="structured pruning (depth, MLP width, kv heads, hidden) to a "
+                                                "smaller HF-format model"))
+    from tuili.compress.distill import add_distill_args
+
+    add_distill_args(sub.add_parser("distill", help="knowledge distillation of a student from a teacher (KL on "
+                                                    "logits)"))
     qz = sub.add_parser("quantize", help="quantize a model ahead of time into a folder that --model loads")
     qz.add_argument("--model", default=None, help="HF folder or .gguf file (default: the default model)")
     qz.add_argument("--method", default="int8", choices=["int8", "int4"])
@@ -167,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.bench.perplexity import run_ppl
 
             return run_ppl(ns, engine_args_from(ns))
+        if ns.command == "prune":
+            from tuili.compress.prune import run_prune
+
+            return run_prune(ns)
+        if ns.command == "distill":
+            from tuili.compress.distill import run_distill
+
+            return run_distill(ns)
         if ns.command == "quantize":
             return _quantize(ns)
         if ns.command == "serve":

@@ -50,31 +50,8 @@ def hf_reference_model(llm: LLM):
     else:
         with torch.device(engine.device):
             model = AutoModelForCausalLM.from_config(engine.model_config, dtype=engine.dtype)
-        model.load_state_dict(hf_state_dict(engine.model), strict=False)
+        model.load_state_dict(engine.model.hf_state_dict(), strict=False)
     return model.to(engine.device).eval()
-
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """tuili's fused parameters split back into HF's names."""
-    out = {}
-    for name, p in model.named_parameters():
-        attn = "self_attn.qkv_proj." in name
-        if attn or "mlp.gate_up_proj." in name:
-            layer = model.layers[int(name.split(".")[1])]
-            if attn:
-                a = layer.self_attn
-                parts = dict(zip("qkv", p.split([a.q_size, a.kv_size, a.kv_size])))
-                for k, t in parts.items():
-                    out["model." + name.replace("qkv_proj", f"{k}_proj")] = t
-            else:
-                gate, up = p.chunk(2)
-                out["model." + name.replace("gate_up_proj", "gate_proj")] = gate
-                out["model." + name.replace("gate_up_proj", "up_proj")] = up
-        elif name.startswith("lm_head"):
-            out[name] = p
-        else:
-            out["model." + name] = p
-    return out
 
 
 @torch.no_grad()

@@ -136,6 +136,26 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters (float or packed) under HF checkpoint names: fused q/k/v and gate/up split back into their
+        shards by rows (views, not copies)."""
+        fused: dict[str, list] = {}
+        for fragment, (name, shard) in self.packed_modules_mapping.items():
+            fused.setdefault(name, []).append((fragment, shard))
+        out = {}
+        for name, p in self.named_parameters():
+            module_name, _, kind = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            prefix = "" if name.startswith("lm_head") else "model."
+            if leaf in fused:
+                module = self.get_submodule(module_name)
+                for fragment, shard in fused[leaf]:
+                    offset, size = module.shards[shard]
+                    out[f"{prefix}{parent}.{fragment}.{kind}"] = p.narrow(0, offset, size)
+            else:
+                out[prefix + name] = p
+        return out
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:                                           # tied embeddings
             return F.linear(hidden, self.embed_tokens.weight)              # [N, vocab]

@@ -147,18 +147,7 @@ def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantC
     `.offsets`), the tokenizer."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-    for name, param in model.named_parameters():
-        hf = name if name.startswith("lm_head") else f"model.{name}"
-        for fused, names in parts.items():
-            if f".{fused}." in hf:
-                module = model.get_submodule(name.rsplit(".", 1)[0])
-                for shard_name, (offset, size) in zip(names, module.shards.values()):
-                    tensors[hf.replace(fused, shard_name)] = param.narrow(0, offset, size).contiguous().cpu()
-                break
-        else:
-            tensors[hf] = param.contiguous().cpu()
+    tensors = {name: t.contiguous().cpu() for name, t in model.hf_state_dict().items()}
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.quantization_config = qc.to_checkpoint()

@@ -1,0 +1,1 @@
+"""Model compression: structured pruning (`tuili prune`) and knowledge distillation (`tuili distill`)."""
