@@ -21,12 +21,12 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
              tie_word_embeddings=True)
 
 
-def make_model(path: str, vocab_size: int = 512, **overrides) -> str:
-    """A random HF Llama plus a word-level tokenizer of the prose's most frequent words."""
+def make_model(path: str, vocab_size: int = 512, model_type: str = "llama", **overrides) -> str:
+    """A random HF model (Llama unless said) plus a word-level tokenizer of the prose's most frequent words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    config = AutoConfig.for_model("llama", **{**SMALL, "vocab_size": vocab_size, **overrides})
+    config = AutoConfig.for_model(model_type, **{**SMALL, "vocab_size": vocab_size, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -118,6 +118,19 @@ def test_prune_explicit_sizes_loads_in_tuili_and_hf(teacher, tmp_path):
             assert lp.logprob == pytest.approx(float(ref[pos, token]), abs=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_prune_qwen_keeps_a_loadable_config(tmp_path, model_type):
+    """Qwen configs list a type per layer: the pruned one lists the kept layers' (HF checks the count)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_model(str(tmp_path / "qwen"), model_type=model_type, head_dim=16)
+    out = str(tmp_path / "pruned")
+    cli("prune", "--model", teacher, "--out", out, "--ratio", "0.6", "--calibration-tokens", "256", "--window", "64")
+    assert saved_params(out) == count_params(json_config(out))
+    AutoModelForCausalLM.from_pretrained(out)
+    LLM(out, dtype="float32", kv_cache_memory=0.01).generate(PROMPT, SamplingParams(max_tokens=2), use_tqdm=False)
+
+
 def test_prune_bad_arguments_fail_clearly(teacher, tmp_path):
     total = saved_params(teacher)
     with pytest.raises(ValueError, match="not in"):
@@ -154,6 +167,20 @@ def test_distill_lowers_kl_and_resumes_on_the_same_curve(teacher, tmp_path):
     assert len(resumed["train_kl"]) == 12
     torch.testing.assert_close(torch.tensor(resumed["train_kl"]), torch.tensor(report["train_kl"]), rtol=1e-4,
                                atol=1e-5)
+    with pytest.raises(ValueError, match="other settings than the checkpoint's: lr"):
+        cli("distill", "--teacher", teacher, "--student", student, "--out", split, "--steps", "12", "--resume",
+            *DISTILL, "--lr", "1e-2")
+
+
+def test_distill_on_text_the_teacher_writes(teacher, tmp_path):
+    student = str(tmp_path / "student")
+    cli("prune", "--model", teacher, "--out", student, "--ratio", "0.5", "--calibration-tokens", "256",
+        "--window", "64")
+    out = str(tmp_path / "out")
+    cli("distill", "--teacher", teacher, "--student", student, "--out", out, "--steps", "3", "--generate", "24",
+        *DISTILL)
+    report = json.load(open(os.path.join(out, "distill.json")))
+    assert len(report["train_kl"]) == 3 and report["evals"][-1]["step"] == 3
 
 
 def test_distill_refuses_a_student_with_another_vocabulary(teacher, tmp_path):

@@ -304,19 +304,21 @@ def _random_blocks(qtype: str, n: int, k: int, rng) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_blocks_transcode_exactly_and_mixed_shards_requantize_closely(qtype):
-    """Each block type's native packed form is gguf's dequantization exactly; the common format of mixed fused
-    shards (INT8 g16, or INT4 g32 with offsets for Q4_0) stays within half an INT8 step of each 16 weights."""
+    """Each block type's native packed form is gguf's dequantization exactly; so is the common format of mixed
+    fused shards (INT8 g16; INT4 g32 with offsets for Q4_0) except for Q4_1/Q4_K shards in INT8 g16, which stay
+    within half an INT8 step of each 16 weights."""
     rng = np.random.default_rng(0)
     n, k = 12, 512
     raw = _random_blocks(qtype, n, k, rng)
     ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, gguf.GGMLQuantizationType[qtype])).reshape(n, k))
-    for fmt in {NATIVE[qtype], common_format([NATIVE[qtype], NATIVE["Q4_1"]])}:
+    for fmt in {NATIVE[qtype], common_format([NATIVE[qtype], NATIVE["Q4_1"]]),
+                common_format([NATIVE[qtype], NATIVE["Q6_K"]])}:
         parts = transcode(raw, qtype, n, k, fmt, torch.float32)
         if fmt.bits == 8:
             got = dequantize_int8(parts["qweight"], parts["scales"], fmt.group_size)
         else:
             got = dequantize_int4(parts["qweight"], parts["scales"], parts.get("offsets"), fmt.group_size)
-        if fmt == NATIVE[qtype] or fmt.bits == 4:  # native, or Q4_0 given explicit offsets
+        if fmt == NATIVE[qtype] or fmt.bits == 4 or qtype in ("Q8_0", "Q4_0"):  # exact transcodes
             assert torch.equal(got, ref), (qtype, fmt)
         else:
             step = ref.view(n, -1, 16).abs().amax(-1, keepdim=True) / 127

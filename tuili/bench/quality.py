@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+
+import torch
 
 from tuili.config import EngineArgs
 from tuili.engine.llm import LLM
@@ -38,33 +41,51 @@ def prompt_ids(llm: LLM, prompts: list[str] | None = None) -> list[list[int]]:
     return [tokenizer.encode(p) for p in prompts]
 
 
-def agreement(reference: LLM, llm: LLM, prompts: list[list[int]], max_tokens: int = 32) -> dict:
-    """Compare `llm` with `reference` on token-id `prompts` (see the module's docstring)."""
+def reference_run(reference: LLM, prompts: list[list[int]], max_tokens: int = 32) -> dict:
+    """The reference's side of `agreement`: its greedy answers and its log-probs of them (teacher-forced)."""
     greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
     answers = [o.outputs[0].token_ids for o in reference.generate(prompts, greedy, use_tqdm=False)]
-    mine = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     forced = [p + a for p, a in zip(prompts, answers)]
     scored = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-    refs = reference.generate(forced, scored, use_tqdm=False)
-    gots = llm.generate(forced, scored, use_tqdm=False)
+    logprobs = [[out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(len(p), len(ids))]
+                for p, ids, out in zip(prompts, forced, reference.generate(forced, scored, use_tqdm=False))]
+    return {"prompts": prompts, "answers": answers, "logprobs": logprobs, "max_tokens": max_tokens}
+
+
+def compare(llm: LLM, ref: dict) -> dict:
+    """`llm` against a `reference_run` (see the module's docstring)."""
+    prompts, answers = ref["prompts"], ref["answers"]
+    mine = [o.outputs[0].token_ids for o in llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=ref["max_tokens"]), use_tqdm=False)]
+    forced = [p + a for p, a in zip(prompts, answers)]
+    outs = llm.generate(forced, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     agree = diffs = count = 0
-    for ids, n_prompt, ref, got in zip(forced, map(len, prompts), refs, gots):
-        for pos in range(n_prompt, len(ids)):
-            mine_lp, ref_lp = got.prompt_logprobs[pos][ids[pos]], ref.prompt_logprobs[pos][ids[pos]]
+    for ids, prompt, ref_lps, got in zip(forced, prompts, ref["logprobs"], outs):
+        for pos, ref_lp in zip(range(len(prompt), len(ids)), ref_lps):
+            mine_lp = got.prompt_logprobs[pos][ids[pos]]
             agree += mine_lp.rank == 1
-            diffs += abs(mine_lp.logprob - ref_lp.logprob)
+            diffs += abs(mine_lp.logprob - ref_lp)
             count += 1
     return {"top1_agreement": agree / max(count, 1), "mean_abs_logprob_diff": diffs / max(count, 1),
             "positions": count, "exact_answers": sum(a == b for a, b in zip(answers, mine)) / len(prompts),
             "prompts": len(prompts)}
 
 
+def agreement(reference: LLM, llm: LLM, prompts: list[list[int]], max_tokens: int = 32) -> dict:
+    """Compare `llm` with `reference` on token-id `prompts` (see the module's docstring)."""
+    return compare(llm, reference_run(reference, prompts, max_tokens))
+
+
 def run_agreement(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     ref_args = dataclasses.replace(engine_args, quantization=None, kv_cache_dtype="auto", gguf_dequantize=True,
                                    dtype=ns.reference_dtype, model=ns.reference_model or engine_args.model)
     reference = LLM(**dataclasses.asdict(ref_args))
-    llm = LLM(**dataclasses.asdict(engine_args))
-    report = agreement(reference, llm, prompt_ids(reference), ns.max_tokens)
+    ref = reference_run(reference, prompt_ids(reference), ns.max_tokens)
+    del reference  # one engine at a time: each takes its share of GPU memory for its KV cache
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report = compare(LLM(**dataclasses.asdict(engine_args)), ref)
     print(f"top-1 agreement {report['top1_agreement']:.1%} over {report['positions']} positions "
           f"(mean |d logprob| {report['mean_abs_logprob_diff']:.3f}); identical greedy answers "
           f"{report['exact_answers']:.0%} of {report['prompts']} prompts")

@@ -1,13 +1,13 @@
 """`tuili distill`: knowledge distillation of a student (e.g. `tuili prune`'s output) from a teacher.
 
 Loss: T^2 * KL(teacher || student) of the next-token distributions at temperature T over every position of
-windows of text (the shipped prose by default, or a file), plus optionally a weighted MSE between the two
+windows of text (the shipped prose by default, a file, or --generate N answers the teacher samples), plus optionally a weighted MSE between the two
 models' final (normalised) hidden states when their widths match. Both models are tuili's own classes in
 torch (the teacher without gradients) on the same device: fp32 on the CPU; on a GPU the teacher runs in bf16
 and the student keeps fp32 weights with bf16 autocast. AdamW, linear warm-up then cosine decay to 10%,
 gradient accumulation. The last 5% of the windows are held out: validation KL, the student's perplexity and
-its top-1 agreement with the teacher, before training and at the end. Checkpoints (`checkpoint.pt` in --out)
-every --checkpoint-every steps and at the end; `--resume` continues from one on the same loss curve (the data
+its top-1 agreement with the teacher, before training, at every checkpoint and at the end. Checkpoints
+(`checkpoint.pt` in --out) every --checkpoint-every steps and at the end; `--resume` continues from one on the same loss curve (the data
 order is a function of the seed and the step). Writes the student as a HF folder, `distill.json` and
 `loss.png`.
 """
@@ -55,6 +55,8 @@ class Distiller:
     def __init__(self, ns: argparse.Namespace, device: torch.device) -> None:
         self.ns, self.device = ns, device
         gpu = device.type == "cuda"
+        # the teacher writes its text first, alone on the device (a resumed run reads it from the checkpoint)
+        ids = teacher_text(ns) if ns.generate and not ns.resume else None
         self.teacher, tsrc = load_float_model(ns.teacher, device, torch.bfloat16 if gpu else torch.float32,
                                               ns.load_format, ns.tokenizer)
         self.student, ssrc = load_float_model(ns.student, device, torch.float32)
@@ -73,15 +75,21 @@ class Distiller:
         if self.hidden_loss and tsrc.config.hidden_size != ssrc.config.hidden_size:
             raise ValueError("--hidden-loss-weight needs the student's hidden size to be the teacher's "
                              f"({ssrc.config.hidden_size} vs {tsrc.config.hidden_size})")
-        windows = windows_of(text_token_ids(tokenizer, ns.text), ns.seq_len, device)
-        held = max(1, windows.shape[0] // 20)
-        if windows.shape[0] - held < 1:
-            raise ValueError(f"the text gives {windows.shape[0]} windows of {ns.seq_len} tokens: too few to train")
-        self.train, self.val = windows[:-held], windows[-held:]
+        self._set_text(ids if ids is not None else text_token_ids(tokenizer, ns.text))
         self.opt = torch.optim.AdamW([p for p in self.student.parameters()], lr=ns.lr, weight_decay=0.01,
                                      betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, ns.warmup, ns.steps))
         self.step, self.history, self.evals = 0, [], []
+
+    def _set_text(self, ids: list[int]) -> None:
+        """Training windows and the held-out last 5% of them."""
+        self.ids = ids
+        windows = windows_of(ids, self.ns.seq_len, self.device)
+        held = max(1, windows.shape[0] // 20)
+        if windows.shape[0] - held < 1:
+            raise ValueError(f"the text gives {windows.shape[0]} windows of {self.ns.seq_len} tokens: too few to "
+                             "train")
+        self.train, self.val = windows[:-held], windows[-held:]
 
     def _losses(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), self.autocast:
@@ -115,15 +123,22 @@ class Distiller:
 
     def save_checkpoint(self) -> None:
         os.makedirs(self.ns.out, exist_ok=True)
+        path = os.path.join(self.ns.out, "checkpoint.pt")
         torch.save({"step": self.step, "student": self.student.state_dict(), "opt": self.opt.state_dict(),
                     "sched": self.sched.state_dict(), "history": self.history, "evals": self.evals,
-                    "args": vars(self.ns)}, os.path.join(self.ns.out, "checkpoint.pt"))
+                    "args": vars(self.ns), "ids": self.ids}, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a run cut off while saving keeps the previous checkpoint
 
     def resume(self) -> None:
         path = os.path.join(self.ns.out, "checkpoint.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        changed = [k for k in RESUME_KEYS if ckpt["args"].get(k) != getattr(self.ns, k)]
+        if changed:
+            raise ValueError(f"--resume with other settings than the checkpoint's: {', '.join(changed)} (the data "
+                             "order and schedule depend on them); run with the same ones")
+        self._set_text(ckpt["ids"])
         self.student.load_state_dict(ckpt["student"])
         self.opt.load_state_dict(ckpt["opt"])
         self.sched.load_state_dict(ckpt["sched"])
@@ -157,6 +172,7 @@ class Distiller:
             bar.set_postfix(kl=f"{total:.3f}", lr=f"{self.sched.get_last_lr()[0]:.1e}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if ns.checkpoint_every and self.step % ns.checkpoint_every == 0 and self.step < ns.steps:
+                self.evals.append(self.evaluate())  # the validation curve
                 self.save_checkpoint()
         bar.close()
         seconds = time.perf_counter() - start
@@ -174,6 +190,30 @@ class Distiller:
         with open(os.path.join(self.ns.out, "distill.json"), "w") as f:
             json.dump(report, f, indent=2)
         plot_losses(report, os.path.join(self.ns.out, "loss.png"))
+
+
+RESUME_KEYS = ("teacher", "student", "load_format", "text", "generate", "steps", "batch_size", "seq_len",
+               "grad_accum", "lr", "warmup", "temperature", "hidden_loss_weight", "seed")
+
+
+def teacher_text(ns: argparse.Namespace) -> list[int]:
+    """Training tokens written by the teacher: --generate answers (sampled at temperature 0.8, up to 256 tokens)
+    to the fixed prompt set of tuili/bench/quality.py, cycled, each with its prompt (chat template). The engine
+    is freed before training starts; seed 0, as load_float_model's random weights (--load-format dummy) use.
+    The held-out windows come from the last answers, to prompts that earlier answers share."""
+    import gc
+
+    from tuili import LLM, SamplingParams
+    from tuili.bench.quality import PROMPTS, prompt_ids
+
+    llm = LLM(ns.teacher, load_format=ns.load_format, tokenizer=ns.tokenizer, device=ns.device, seed=0)
+    prompts = prompt_ids(llm, [PROMPTS[i % len(PROMPTS)] for i in range(ns.generate)])
+    outs = llm.generate(prompts, SamplingParams(temperature=0.8, max_tokens=256))
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [t for p, o in zip(prompts, outs) for t in p + o.outputs[0].token_ids]
 
 
 def plot_losses(report: dict, path: str) -> None:
@@ -224,6 +264,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                                                                "shape (speed tests)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the teacher (default: its own)")
     parser.add_argument("--text", default=None, help="training text (default: the shipped prose)")
+    parser.add_argument("--generate", type=int, default=0, help="train instead on N answers the teacher writes "
+                                                                "to fixed prompts")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)

@@ -99,6 +99,8 @@ def count_params(config) -> int:
     attn = h * (heads + 2 * kv) * d + heads * d * h
     if getattr(config, "attention_bias", False):
         attn += (heads + 2 * kv) * d + h
+    elif config.model_type == "qwen2":  # q/k/v biases, always
+        attn += (heads + 2 * kv) * d
     qk_norm = 2 * d if config.model_type == "qwen3" else 0
     mlp = 3 * h * inter + (inter * 2 + h if getattr(config, "mlp_bias", False) else 0)
     return embed + h + layers * (attn + qk_norm + mlp + 2 * h)
@@ -157,6 +159,8 @@ def plan(config, imp: Importance, target_params: int | None = None, num_layers: 
         while count_params(new) > target_params and new.num_hidden_layers > 1 and num_layers is None:
             new.num_hidden_layers -= 1  # MLP at its floor: more depth
     keep_layers = _top(imp.layer, new.num_hidden_layers).tolist()
+    if getattr(config, "layer_types", None):  # Qwen2/3: one entry per layer, checked against the layer count
+        new.layer_types = [config.layer_types[i] for i in keep_layers]
     return PrunePlan(
         layers=keep_layers, mlp=[_top(imp.mlp[i], new.intermediate_size) for i in keep_layers],
         kv_groups=[_top(imp.kv_group[i], new.num_key_value_heads) for i in keep_layers],

@@ -41,7 +41,10 @@ def load_model(source, device: torch.device, dtype: torch.dtype, quantization: Q
                seed: int = 0, show_progress: bool = False):
     """Build the model of `source` on `device` in `dtype` and fill it: its checkpoint (quantized or not) or
     random weights; `quantization` quantizes a float checkpoint after loading."""
-    with torch.device(device):
+    # a GGUF kept packed is built on the CPU (its float linears are only address space there, never touched)
+    # and moved once its packed parameters replace them: on a GPU the float model would be allocated first
+    packed = bool(source.packed) and quantization is None
+    with torch.device("cpu" if packed else device):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -54,8 +57,9 @@ def load_model(source, device: torch.device, dtype: torch.dtype, quantization: Q
             raise ValueError(f"the checkpoint is quantized as {source.quantization}; "
                              f"it cannot be loaded with quantization {quantization}")
         prepare_quantized(model, source.quantization)
-    if source.packed and quantization is None:  # a GGUF's quantized blocks, transcoded as they load
+    if packed:  # a GGUF's quantized blocks, transcoded as they load
         plan = prepare_packed(model, source.packed)
+        model.to(device)
         counts = collections.Counter(str(fmt) for fmt in plan.values())
         logger.info("GGUF blocks kept packed: %s", ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items()))
     elif source.packed:

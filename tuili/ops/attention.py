@@ -94,7 +94,10 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                             scale: float) -> torch.Tensor:
     """Causal attention within each sequence of a flat batch of fresh prompts (no cache, no earlier context)."""
     out = torch.empty_like(q)
-    for start, end in zip(meta.query_start_loc.tolist()[:-1], meta.query_start_loc.tolist()[1:]):
+    starts = [0]
+    for n in meta.query_lens_cpu:  # host lists: no device sync
+        starts.append(starts[-1] + n)
+    for start, end in zip(starts[:-1], starts[1:]):
         qi, ki, vi = (x[start:end].transpose(0, 1) for x in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
                                                          enable_gqa=True).transpose(0, 1)

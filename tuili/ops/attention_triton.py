@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tuili.ops.attention import QMAX
 from tuili.ops.attention_metadata import AttentionMetadata
 
 tl = None  # triton.language, bound by _kernels()
@@ -56,7 +57,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scal
 def _store_quantized(x, dst, scale_dst, mask, QMAX: tl.constexpr):
     """Store rows x ([H, D]) as x / s in dst's dtype (int8: rounded, floor(. + 0.5)), s ([H, 1]) at scale_dst."""
     x = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 1, keep_dims=True) / QMAX, 1e-8)
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1, keep_dims=True), QMAX), 1e-8)
     y = tl.div_rn(x, scale)  # IEEE division, as torch's: `/` is approximate on GPUs
     if dst.dtype.element_ty == tl.int8:
         y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
@@ -76,7 +77,8 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
     """One online-softmax step of q ([M, D]) over the keys at positions n ([N]), gathered through the block
     table. load_mask ([N]) guards the gather; score_mask ([M, N] or None) hides keys a row must not see.
     KV_QUANT: the cache holds int8/fp8 values with one scale per (slot, kv head); K's scales multiply the
-    scores' columns and V's the probabilities' columns, so the dots run on the raw values (exact in q's dtype)."""
+    scores' columns (the dot runs on the raw values, exact in q's dtype), V is dequantized in fp32 (scaling the
+    probabilities instead could push them below fp16's normal range)."""
     offs_d = tl.arange(0, HEAD_DIM)
     page = tl.load(table_ptr + n // PAGE_SIZE, mask=load_mask, other=0).to(tl.int64)
     offset = n % PAGE_SIZE
@@ -89,7 +91,7 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
         k_scale = tl.load(k_scale_ptr + slot, mask=load_mask, other=0.0)
         v_scale = tl.load(v_scale_ptr + slot, mask=load_mask, other=0.0)
         k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
@@ -99,8 +101,6 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if KV_QUANT:
-        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -280,13 +280,10 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return head_dim, num_heads // num_kv_heads
 
 
-_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
-
-
 def _scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None):
     """(k_scale, v_scale, quantized?) as kernel arguments: a quantized cache needs both scale tensors,
     [num_blocks, block_size, KVH] contiguous; an unquantized one passes its cache as a pointer never read."""
-    quantized = k_cache.dtype in _QMAX
+    quantized = k_cache.dtype in QMAX
     if quantized != (k_scale is not None and v_scale is not None):
         raise ValueError(f"a {k_cache.dtype} cache needs {'both' if quantized else 'no'} scale tensors")
     if not quantized:
@@ -319,7 +316,7 @@ def store_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
         k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, BLOCK_H=_next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        QMAX=_QMAX[k_cache.dtype] if quantized else 0.0)
+        QMAX=QMAX[k_cache.dtype] if quantized else 0.0)
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, max_model_len: int, block_size: int = 16,

@@ -8,10 +8,11 @@ tuili's kernels read (tuili/ops/quant_matmul.py).
   Q4_K  256: 8 x (32 x 4-bit), 6-bit sc/m w = d sc_j * q - dmin m_j   -> INT4, groups of 32, offsets
 
 Each is exact: the integers are copied, the scales (and offsets) are products of the block's fp16 factors,
-rounded once to the model's dtype. Layers that llama.cpp fuses differently from tuili (tuili's q/k/v and
-gate/up matmuls are one each) need one format for all their shards: Q4_0 with Q4_1/Q4_K shards takes explicit
-offsets (exact); shards of different bit widths (Q4_K_M's q/k in Q4_K with v in Q6_K) are requantized to INT8
-groups of 16 from their dequantized values (an error below half an INT8 step of each 16 weights).
+rounded once to the model's dtype (fp32: exact; bf16 keeps 8 of the fp16 factors' 11 significant bits). Layers
+that llama.cpp stores separately and tuili fuses (q/k/v, gate/up) need one format for all their shards: Q4_0
+with Q4_1/Q4_K shards takes explicit offsets (exact); shards of different bit widths (Q4_K_M's q/k in Q4_K with
+v in Q6_K) go to INT8 groups of 16: exactly for Q8_0, Q6_K and Q4_0 (q - 8), by requantizing the dequantized
+values for Q4_1 and Q4_K (an error below half an INT8 step of each 16 weights).
 """
 from __future__ import annotations
 
@@ -100,10 +101,14 @@ def transcode(raw: np.ndarray, qtype: str, n: int, k: int, fmt: PackedFormat, dt
     """A GGUF tensor's blocks -> {"qweight", "scales"[, "offsets"]} in `fmt` (scales in `dtype`). `permute` (rows
     -> rows, numpy) reorders output rows (llama.cpp's q/k interleaving)."""
     native = NATIVE[qtype]
-    if fmt == native or (qtype == "Q4_0" and fmt == PackedFormat(4, 32, True)):
+    exact_int8 = fmt == MIXED and qtype in ("Q8_0", "Q4_0")  # groups of 32 -> 16: each scale twice
+    if fmt == native or (qtype == "Q4_0" and fmt == PackedFormat(4, 32, True)) or exact_int8:
         q, scales, offsets = _unpack(raw, qtype, n, k)
         if fmt.offsets and offsets is None:
             offsets = -8.0 * scales
+        if exact_int8:
+            q = q.astype(np.int16) - (8 if qtype == "Q4_0" else 0)
+            scales = np.repeat(scales, 2, axis=1)
         if permute is not None:
             q, scales = permute(q), permute(scales)
             offsets = None if offsets is None else permute(offsets)
@@ -112,23 +117,17 @@ def transcode(raw: np.ndarray, qtype: str, n: int, k: int, fmt: PackedFormat, dt
         if offsets is not None:
             out["offsets"] = torch.from_numpy(np.ascontiguousarray(offsets)).to(dtype)
         return out
-    # another format (a fused layer with mixed shards): requantize the dequantized values
+    # Q4_1 / Q4_K in a fused layer with 8-bit shards (common_format gives MIXED): requantize
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from tuili.quant.int4 import quantize_groupwise
     from tuili.quant.int8 import quantize_groupwise_int8
 
+    assert fmt == MIXED, (qtype, fmt)
     w = dequantize(raw, GGMLQuantizationType[qtype]).reshape(n, k)
     w = torch.from_numpy(np.ascontiguousarray(permute(w) if permute is not None else w)).float()
-    if fmt.bits == 8:
-        qweight, scales = quantize_groupwise_int8(w, fmt.group_size)
-        return {"qweight": qweight, "scales": scales.to(dtype)}
-    qweight, scales, offsets = quantize_groupwise(w, fmt.group_size, symmetric=not fmt.offsets)
-    out = {"qweight": qweight, "scales": scales.to(dtype)}
-    if offsets is not None:
-        out["offsets"] = offsets.to(dtype)
-    return out
+    qweight, scales = quantize_groupwise_int8(w, fmt.group_size)
+    return {"qweight": qweight, "scales": scales.to(dtype)}
 
 
 # ---- writing K-quant blocks (the gguf package writes Q8_0/Q4_0/Q4_1 but not these): for test files and the

@@ -8,6 +8,7 @@ from torch import nn
 
 from tuili.engine.scheduler import ScheduledSeq
 from tuili.engine.sequence import Sequence
+from tuili.ops.attention import QMAX
 from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
 from tuili.runner.cuda_graph import DecodeGraphs
 from tuili.runner.sampler import Sampler, SamplerOutput, top_logprobs
@@ -27,7 +28,11 @@ class ModelRunner:
         self.model = model
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
-        self.kv_quantized = self.kv_cache_dtype in (torch.int8, torch.float8_e4m3fn)
+        self.kv_quantized = self.kv_cache_dtype in QMAX
+        if self.kv_cache_dtype == torch.float8_e4m3fn and device.type == "cuda" and \
+                torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError("kv_cache_dtype fp8 needs a GPU with fp8 support (compute capability 8.9+: Ada, "
+                             "Hopper); use int8 here")
         self.triton_attention = triton_attention
         model.set_backends(fused_ops, triton_attention)
         self.graphs: DecodeGraphs | None = None
