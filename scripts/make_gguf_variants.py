@@ -5,9 +5,10 @@
 Each layer is dequantized and quantized again (Q8_0/Q4_0/Q4_1 by the gguf package, Q4_K/Q6_K by
 tuili/quant/gguf_blocks.py's min/max fits); Q4_K_M here approximates llama.cpp's mix: every attn_v and ffn_down
 in Q6_K (llama.cpp picks some of them), the rest Q4_K. K-quants need a multiple of 256 inputs; other layers fall
-back (here Q4_K -> Q4_1, Q6_K -> Q8_0; llama.cpp uses Q5_0 for the former, which tuili does not read): in SmolLM2-135M (hidden 576) only ffn_down (1536 inputs) can be K-quantized. Metadata
-(tokenizer, chat template) and the other tensors (token embedding, norms) are copied as they are. Starting from
-the default model's Q4_1 file, every variant is a requantization of already 4-bit weights.
+back (here Q4_K -> Q4_1, Q6_K -> Q8_0; llama.cpp uses Q5_0 for the former, which tuili does not read): in
+SmolLM2-135M (hidden 576) only ffn_down (1536 inputs) can be K-quantized. Metadata (tokenizer, chat template)
+and the other tensors (token embedding, norms) are copied as they are. Starting from the default model's Q4_1
+file, every variant is a requantization of already 4-bit weights.
 """
 from __future__ import annotations
 

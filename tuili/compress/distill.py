@@ -1,15 +1,15 @@
 """`tuili distill`: knowledge distillation of a student (e.g. `tuili prune`'s output) from a teacher.
 
 Loss: T^2 * KL(teacher || student) of the next-token distributions at temperature T over every position of
-windows of text (the shipped prose by default, a file, or --generate N answers the teacher samples), plus optionally a weighted MSE between the two
-models' final (normalised) hidden states when their widths match. Both models are tuili's own classes in
-torch (the teacher without gradients) on the same device: fp32 on the CPU; on a GPU the teacher runs in bf16
-and the student keeps fp32 weights with bf16 autocast. AdamW, linear warm-up then cosine decay to 10%,
-gradient accumulation. The last 5% of the windows are held out: validation KL, the student's perplexity and
-its top-1 agreement with the teacher, before training, at every checkpoint and at the end. Checkpoints
-(`checkpoint.pt` in --out) every --checkpoint-every steps and at the end; `--resume` continues from one on the same loss curve (the data
-order is a function of the seed and the step). Writes the student as a HF folder, `distill.json` and
-`loss.png`.
+windows of text (the shipped prose by default, a file, or --generate N answers the teacher samples), plus
+optionally a weighted MSE between the two models' final (normalised) hidden states when their widths match.
+Both models are tuili's own classes in torch (the teacher without gradients) on the same device: fp32 on the
+CPU; on a GPU the teacher runs in bf16 and the student keeps fp32 weights with bf16 autocast. AdamW, linear
+warm-up then cosine decay to 10%, gradient accumulation. The last 5% of the windows are held out: validation
+KL, the student's perplexity and its top-1 agreement with the teacher, before training, at every checkpoint and
+at the end. Checkpoints (`checkpoint.pt` in --out) every --checkpoint-every steps and at the end; `--resume`
+continues from one on the same loss curve (the data order is a function of the seed and the step). Writes the
+student as a HF folder, `distill.json` and `loss.png`.
 """
 from __future__ import annotations
 
