@@ -139,6 +139,9 @@ def test_prune_bad_arguments_fail_clearly(teacher, tmp_path):
         cli("prune", "--model", teacher, "--out", str(tmp_path / "x"), "--num-layers", "9")
     with pytest.raises(ValueError, match="--ratio must be in"):
         cli("prune", "--model", teacher, "--out", str(tmp_path / "x"), "--ratio", "1.5")
+    with pytest.raises(ValueError, match="explicit sizes leave"):
+        cli("prune", "--model", teacher, "--out", str(tmp_path / "x"), "--ratio", "0.3", "--num-layers", "4",
+            "--intermediate-size", "128")
 
 
 DISTILL = ["--seq-len", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup", "2"]

@@ -158,6 +158,9 @@ def plan(config, imp: Importance, target_params: int | None = None, num_layers: 
             new.intermediate_size = max(1, new.intermediate_size - int(-(-over // per_channel)))
         while count_params(new) > target_params and new.num_hidden_layers > 1 and num_layers is None:
             new.num_hidden_layers -= 1  # MLP at its floor: more depth
+        if count_params(new) > target_params * 1.02:
+            raise ValueError(f"the explicit sizes leave {count_params(new):,} parameters, above the target of "
+                             f"{target_params:,}: give fewer explicit sizes or a larger target")
     keep_layers = _top(imp.layer, new.num_hidden_layers).tolist()
     if getattr(config, "layer_types", None):  # Qwen2/3: one entry per layer, checked against the layer count
         new.layer_types = [config.layer_types[i] for i in keep_layers]
