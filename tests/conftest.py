@@ -24,19 +24,10 @@ TINY_FAMILIES = {
 
 def make_tiny_model(path: str, family: str, seed: int = 0) -> str:
     """Save a randomly initialised HF model of `family` (safetensors + config.json) into `path`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from reference import random_hf_model
 
     model_type, extra = TINY_FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **TINY, **extra)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0: randomise them so they are tested
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
+    random_hf_model(model_type, seed, **TINY, **extra).save_pretrained(path)
     return path
 
 

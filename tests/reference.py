@@ -1,7 +1,23 @@
-"""HF transformers as the reference: greedy decoding and log-softmax of its logits."""
+"""HF transformers as the reference: random models of a family, greedy decoding, log-softmax of its logits."""
 from __future__ import annotations
 
 import torch
+
+
+@torch.no_grad()
+def random_hf_model(model_type: str, seed: int = 0, **config):
+    """A randomly initialised HF model (fp32). HF's init leaves norms at 1 and biases at 0: they are randomised
+    too, so that their loading is tested."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.add_(torch.randn_like(p) * 0.1)
+        elif name.endswith("bias"):
+            p.normal_(0, 0.1)
+    return model
 
 
 @torch.no_grad()

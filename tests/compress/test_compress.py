@@ -24,16 +24,11 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
 def make_model(path: str, vocab_size: int = 512, model_type: str = "llama", **overrides) -> str:
     """A random HF model (Llama unless said) plus a word-level tokenizer of the prose's most frequent words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config = AutoConfig.for_model(model_type, **{**SMALL, "vocab_size": vocab_size, **overrides})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
+    from reference import random_hf_model
+
+    random_hf_model(model_type, **{**SMALL, "vocab_size": vocab_size, **overrides}).save_pretrained(path)
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         words = collections.Counter(f.read().split()).most_common(vocab_size - 1)
     vocab = {w: i for i, (w, _) in enumerate(words)}

@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from reference import hf_greedy, hf_logprobs
+from reference import hf_greedy, hf_logprobs, random_hf_model
 from tuili import LLM, SamplingParams
 from tuili.layers.linear import MergedLinear
 from tuili.layers.rotary import rope_parameters
@@ -91,14 +91,7 @@ def to_float(raw: np.ndarray, qtype: QT) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_llama_state() -> dict[str, np.ndarray]:
     """A random HF Llama's weights (norms randomised too, so their loading is tested)."""
-    config = AutoConfig.for_model("llama", **TINY_LLAMA)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.1)
-    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    return {k: v.numpy().copy() for k, v in random_hf_model("llama", **TINY_LLAMA).state_dict().items()}
 
 
 def write_tiny_gguf(path: str, state: dict[str, np.ndarray], qtype: QT, vocab_size_key: bool = True):
@@ -153,33 +146,20 @@ def expected_weight(hf: str, raw: np.ndarray, qtype: QT) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(w))
 
 
-def dequantized(module) -> torch.Tensor:
-    """The float weight a packed (GGUF blocks kept packed) layer stands for."""
-    if module.qweight.dtype == torch.int8:
-        return dequantize_int8(module.qweight, module.scales, module.group_size)
-    return dequantize_int4(module.qweight, module.scales, module.offsets, module.group_size)
-
-
 def tuili_weights(model) -> dict[str, torch.Tensor]:
-    """tuili's parameters under HF names (packed layers dequantized), fused q/k/v and gate/up split back into
-    their shards."""
+    """tuili's parameters under HF names (model.hf_state_dict()), packed layers dequantized."""
+    state = model.hf_state_dict()
     out = {}
-    for name, p in model.named_parameters():
-        module_name, _, kind = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if kind in ("scales", "offsets"):
-            continue
+    for name, t in state.items():
+        prefix, kind = name.rsplit(".", 1)
         if kind == "qweight":
-            kind, p = "weight", dequantized(module)
-        if isinstance(module, MergedLinear):
-            parent, _, fused_name = module_name.rpartition(".")
-            for fragment, (fused, shard) in model.packed_modules_mapping.items():
-                if fused == fused_name:
-                    offset, size = module.shards[shard]
-                    out[f"model.{parent}.{fragment}.{kind}"] = p.detach()[offset:offset + size]
-        else:
-            name = f"{module_name}.{kind}"
-            out[name if name.startswith("lm_head") else f"model.{name}"] = p.detach()
+            scales, offsets = state[f"{prefix}.scales"], state.get(f"{prefix}.offsets")
+            k = t.shape[1] * (1 if t.dtype == torch.int8 else 2)
+            group = k // scales.shape[1]
+            out[f"{prefix}.weight"] = dequantize_int8(t, scales, group) if t.dtype == torch.int8 else \
+                dequantize_int4(t, scales, offsets, group)
+        elif kind not in ("scales", "offsets"):
+            out[name] = t.detach()
     return out
 
 

@@ -9,6 +9,11 @@ import torch
 from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda if present) | cpu | cuda[:N]."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_float_model(model: str | None, device: torch.device, dtype: torch.dtype = torch.float32,
                      load_format: str = "auto", tokenizer: str | None = None):
     """(model, source) in float: a GGUF's blocks dequantized, no quantization, no KV cache (attention over the

@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tuili.compress.common import forward, load_float_model, save_hf_folder, text_token_ids, windows_of
+from tuili.compress.common import (forward, load_float_model, resolve_device, save_hf_folder, text_token_ids,
+                                   windows_of)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -243,7 +244,7 @@ def run_distill(ns: argparse.Namespace) -> int:
     if ns.temperature <= 0 or ns.lr <= 0:
         raise ValueError("--temperature and --lr must be > 0")
     torch.manual_seed(ns.seed)
-    device = torch.device(ns.device if ns.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(ns.device)
     d = Distiller(ns, device)
     if ns.resume:
         d.resume()

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tuili.compress.common import forward, load_float_model, save_hf_folder, text_token_ids, windows_of
+from tuili.compress.common import (forward, load_float_model, resolve_device, save_hf_folder, text_token_ids,
+                                   windows_of)
 
 logger = logging.getLogger("tuili")
 
@@ -217,7 +218,7 @@ def apply(state: dict[str, torch.Tensor], config, p: PrunePlan) -> dict[str, tor
 def run_prune(ns: argparse.Namespace) -> int:
     from tuili.config import parse_dtype
 
-    device = torch.device(ns.device if ns.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(ns.device)
     model, source = load_float_model(ns.model, device, load_format=ns.load_format, tokenizer=ns.tokenizer)
     config = source.config
     total = count_params(config)
