@@ -24,6 +24,13 @@ _ENGINE_HELP = {
                       "twice the blocks",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
     "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
+    "speculative_model": "draft model for speculative decoding (same tokenizer; its KV cache shares the target's "
+                         "blocks)",
+    "speculative_method": "draft (with --speculative-model) | ngram (prompt lookup, no second model)",
+    "num_speculative_tokens": "tokens proposed per step (k; default 4 when speculating)",
+    "prompt_lookup_max": "ngram: longest suffix looked up in the sequence",
+    "prompt_lookup_min": "ngram: shortest suffix looked up",
+    "speculative_disable_batch_size": "speculate only while at most this many sequences run",
 }
 
 
@@ -140,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     thr.add_argument("--json", default=None)
     thr.add_argument("--plot", default=None)
     add_engine_args(thr)
+    sp = bench_sub.add_parser("spec", help="speculative decoding: speed-up and acceptance against no speculation, "
+                                           "per batch size")
+    sp.add_argument("--batch-size", type=int, action="append", default=None, help="repeatable (default 1)")
+    sp.add_argument("--noise", type=float, action="append", default=None,
+                    help="replace proposed tokens by random ones with this probability (repeatable; sets acceptance)")
+    sp.add_argument("--num-prompts", type=int, default=8, help="prompts (the fixed chat prompts, or random ones)")
+    sp.add_argument("--input-len", type=int, default=None, help="random prompts of this length (default: chat)")
+    sp.add_argument("--repeat", type=int, default=1, help="random prompts: repeat the random block this many times")
+    sp.add_argument("--output-len", type=int, default=128)
+    sp.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
+    sp.add_argument("--json", default=None)
+    sp.add_argument("--plot", default=None)
+    add_engine_args(sp)
     sv = bench_sub.add_parser("serve", help="an OpenAI-compatible server under Poisson arrivals: TTFT, TPOT, ITL, "
                                             "goodput")
     sv.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
@@ -189,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             from tuili.server import serve
 
             return serve(ns, engine_args_from(ns))
+        if ns.command == "bench" and ns.workload == "spec":
+            from tuili.bench.spec import run_spec
+
+            return run_spec(ns, engine_args_from(ns))
         if ns.command == "bench" and ns.workload == "latency":
             from tuili.bench.latency import run_latency
 

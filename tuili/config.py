@@ -52,6 +52,12 @@ class EngineArgs:
     attention_backend: str = "auto"     # auto (triton on GPU, torch on CPU) | triton | torch
     no_fused_ops: bool = False          # torch references instead of the fused Triton norm/RoPE/SiLU kernels
     async_scheduling: str = "auto"      # auto (on for CUDA) | on | off: prepare step N+1 while step N runs
+    speculative_model: str | None = None         # draft model (same tokenizer) for speculative decoding
+    speculative_method: str | None = None        # draft (with --speculative-model) | ngram (prompt lookup)
+    num_speculative_tokens: int | None = None    # k tokens proposed per step (default 4 when speculating)
+    prompt_lookup_max: int = 4                   # ngram: longest suffix matched
+    prompt_lookup_min: int = 1                   # ngram: shortest suffix matched
+    speculative_disable_batch_size: int = 4      # no speculation while more sequences than this run
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -81,6 +87,31 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        if self.speculative_method is None and self.speculative_model is not None:
+            self.speculative_method = "draft"
+        method = self.speculative_method
+        if method not in (None, "draft", "ngram"):
+            raise ValueError(f"speculative_method must be draft or ngram (or unset), got {method!r}")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method 'draft' needs --speculative-model (a model with the same tokenizer)")
+        if method == "ngram" and self.speculative_model:
+            raise ValueError("speculative_method 'ngram' uses no draft model; drop --speculative-model")
+        if method is None:
+            if self.num_speculative_tokens is not None:
+                raise ValueError("num_speculative_tokens needs --speculative-method ngram or --speculative-model")
+            return
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = 4
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1 when speculating, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.speculative_disable_batch_size < 1:
+            raise ValueError(f"speculative_disable_batch_size must be >= 1, got {self.speculative_disable_batch_size}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -141,3 +172,5 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    num_speculative_tokens: int = 0      # k slots reserved after a decoding sequence's token (0: no speculation)
+    speculative_disable_batch_size: int = 0  # speculate only while at most this many sequences run

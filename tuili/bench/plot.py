@@ -66,3 +66,32 @@ def throughput_plot(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def spec_plot(report: dict, path: str) -> None:
+    """Speculative decoding: speed-up against acceptance rate (noise sweep), and against batch size."""
+    plt = _pyplot()
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
+    runs = report["runs"]
+    for bs in sorted({r["batch_size"] for r in runs}):
+        rows = sorted((r for r in runs if r["batch_size"] == bs), key=lambda r: r["speculative"]["acceptance_rate"])
+        ax_a.plot([r["speculative"]["acceptance_rate"] for r in rows], [r["speedup"] for r in rows], "o-",
+                  label=f"batch {bs}")
+    ax_a.axhline(1.0, color="gray", ls="--")
+    ax_a.set_xlabel("acceptance rate")
+    ax_a.set_ylabel("decode speed-up vs no speculation")
+    ax_a.set_title("speed-up vs acceptance")
+    ax_a.legend()
+    clean = sorted((r for r in runs if r["noise"] == min(x["noise"] for x in runs)), key=lambda r: r["batch_size"])
+    ax_b.plot([r["batch_size"] for r in clean], [r["speedup"] for r in clean], "o-")
+    ax_b.axhline(1.0, color="gray", ls="--")
+    ax_b.set_xscale("log", base=2)
+    ax_b.set_xlabel("batch size")
+    ax_b.set_ylabel("decode speed-up")
+    ax_b.set_title("where speculation stops paying")
+    args = report["engine_args"]
+    fig.suptitle(f"{report['model']} {report['dtype']}, {args['speculative_method']} k={args['num_speculative_tokens']} "
+                 f"on {report['device']} ({report['commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -51,7 +51,8 @@ class AsyncLLMEngine:
     def stats(self) -> dict:
         scheduler = self.engine.scheduler  # read without the loop thread: lengths only, a snapshot is enough
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting) + len(self._incoming),
-                "kv_usage": self.engine.block_manager.usage}
+                "kv_usage": self.engine.block_manager.usage,
+                "spec": self.engine.spec_stats.as_dict() if self.engine.proposer is not None else None}
 
     def _run(self) -> None:
         while not self._stopped:

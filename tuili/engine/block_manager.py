@@ -47,3 +47,11 @@ class BlockManager:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_draft_computed = 0
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Return the blocks past those that hold `num_tokens` tokens (rejected speculative tokens' slots)."""
+        keep = -(-num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.free_blocks.extend(seq.block_table[keep:])
+            del seq.block_table[keep:]

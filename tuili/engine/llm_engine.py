@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -12,7 +13,7 @@ import torch
 from tuili.config import CacheConfig, EngineArgs, SchedulerConfig, parse_dtype
 from tuili.engine.block_manager import BlockManager
 from tuili.engine.detokenizer import Detokenizer, find_stop_string
-from tuili.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tuili.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, SpecMetrics
 from tuili.engine.scheduler import Scheduler
 from tuili.engine.sequence import Request, Sequence
 from tuili.loader import load_model_source
@@ -21,8 +22,26 @@ from tuili.models.registry import build_model
 from tuili.quant import QuantConfig, prepare_packed, prepare_quantized, quantize_model
 from tuili.runner.model_runner import ModelRunner
 from tuili.sampling_params import SamplingParams
+from tuili.spec.draft import DraftProposer
+from tuili.spec.ngram import NgramProposer
 
 logger = logging.getLogger("tuili")
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding since the engine started: verification steps, per-sequence steps, tokens."""
+
+    steps: int = 0
+    seq_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "acceptance_rate": self.proposed and self.accepted / self.proposed,
+                "mean_accepted_length": self.seq_steps and self.accepted / self.seq_steps}
 
 
 @dataclass
@@ -101,18 +120,32 @@ class LLMEngine:
         fused_ops, triton_attention = args.use_triton(self.device)
         self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids,
                                   fused_ops, triton_attention, args.kv_dtype())
+        self.proposer, self.draft_runner = None, None
+        if args.speculative_method == "ngram":
+            self.proposer = NgramProposer(args.prompt_lookup_max, args.prompt_lookup_min)
+        elif args.speculative_method == "draft":
+            self.draft_runner = self._load_draft(fused_ops, triton_attention, show_progress)
+            self.proposer = DraftProposer(self.draft_runner)
+        runners = [r for r in (self.runner, self.draft_runner) if r is not None]
         self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.runner.kv_cache_dtype)
-        self.runner.allocate_kv_cache(self.cache_config.num_blocks)
         num_blocks = self.cache_config.num_blocks
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s)", num_blocks, args.block_size,
-                    num_blocks * args.block_size, num_blocks * self.runner.bytes_per_block() / 2**30,
-                    str(self.runner.kv_cache_dtype).removeprefix("torch."))
+        for runner in runners:  # the draft's cache has the same blocks (see tuili/spec/draft.py)
+            runner.allocate_kv_cache(num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB, %s%s)", num_blocks, args.block_size,
+                    num_blocks * args.block_size, num_blocks * self._bytes_per_block() / 2**30,
+                    str(self.runner.kv_cache_dtype).removeprefix("torch."),
+                    ", with the draft model's" if self.draft_runner is not None else "")
         self.max_model_len = self._max_model_len()
         if self.device.type == "cuda" and triton_attention:
-            self.runner.warm_up_kernels()
-            if not args.enforce_eager:
-                self.runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len)
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len)
+            for runner in runners:
+                runner.warm_up_kernels()
+                if not args.enforce_eager:  # the target also gets graphs for verification steps
+                    spec = (args.num_speculative_tokens + 1, args.speculative_disable_batch_size) \
+                        if runner is self.runner and self.proposer is not None else (0, 0)
+                    runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len, *spec)
+        self.scheduler_config = SchedulerConfig(
+            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
+            args.num_speculative_tokens or 0, args.speculative_disable_batch_size if self.proposer else 0)
         self.block_manager = BlockManager(self.cache_config.num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
@@ -123,6 +156,28 @@ class LLMEngine:
             args.async_scheduling == "auto" and self.device.type == "cuda")
         self._in_flight = None     # the launched step not yet collected (async scheduling)
         self._last_collect = 0.0
+        self.spec_stats = SpecStats()
+
+    def _load_draft(self, fused_ops: bool, triton_attention: bool, show_progress: bool) -> ModelRunner:
+        """The draft model of --speculative-model, in the target's dtype, load format and KV cache dtype."""
+        args = self.args
+        source = load_model_source(args.speculative_model, args.load_format, args.tokenizer, args.gguf_dequantize)
+        if source.config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"the draft model {source.name} has a vocabulary of {source.config.vocab_size} tokens; "
+                             f"the target's has {self.model_config.vocab_size}: they must share the tokenizer")
+        if source.tokenizer is not None and self.tokenizer is not None:
+            probe = "Speculative decoding: 1234 tokens, naïve café! def f(x): return x"
+            if source.tokenizer.encode(probe) != self.tokenizer.encode(probe):
+                raise ValueError(f"the draft model {source.name} tokenizes text differently from the target: "
+                                 "they must share the tokenizer")
+        model = load_model(source, self.device, self.dtype, None, args.seed, show_progress)
+        logger.info("speculative decoding: draft model %s, %d tokens per step", source.name,
+                    args.num_speculative_tokens)
+        return ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids, fused_ops,
+                           triton_attention, args.kv_dtype())
+
+    def _bytes_per_block(self) -> int:
+        return self.runner.bytes_per_block() + (self.draft_runner.bytes_per_block() if self.draft_runner else 0)
 
     # ---- setup ----------------------------------------------------------------------------------------
     def _auto_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -134,7 +189,7 @@ class LLMEngine:
         args = self.args
         if args.num_gpu_blocks_override is not None:
             return args.num_gpu_blocks_override
-        per_block = self.runner.bytes_per_block()
+        per_block = self._bytes_per_block()
         if self.device.type == "cuda":
             free = self.runner.profile_free_memory(args.max_num_batched_tokens, args.gpu_memory_utilization)
             if free < per_block:
@@ -235,15 +290,27 @@ class LLMEngine:
         sampled in step N take their new token from the device. Outputs thus lag one step behind."""
         prev, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
-        if prev is not None and any(s.needs_host_tokens for s in self.scheduler.running):
-            outputs += self._collect(prev, finished_only)  # penalties or prompt logprobs: no overlap
+        running = self.scheduler.running
+        speculating = 0 < len(running) <= self.scheduler_config.speculative_disable_batch_size
+        if prev is not None and (speculating or any(s.needs_host_tokens for s in running)):
+            # penalties, prompt logprobs or speculation (proposals need the newest token): no overlap
+            outputs += self._collect(prev, finished_only)
             prev = None
         batch = self.scheduler.schedule()
+        draft_seconds = 0.0
+        if self.proposer is not None and any(item.num_lookahead for item in batch):
+            start = time.perf_counter()
+            self.proposer.propose([item for item in batch if item.num_lookahead])
+            draft_seconds = time.perf_counter() - start
+            for item in batch:  # slots reserved for proposals that did not come
+                if len(item.draft_token_ids) < item.num_lookahead:
+                    self.block_manager.trim(item.seq, item.seq.num_computed_tokens + item.num_new_tokens)
         launched = self._launch(batch, prev) if batch else None
         if prev is not None:
             outputs += self._collect(prev, finished_only)
         if launched is not None:
-            if self.async_scheduling:
+            launched.draft_seconds = draft_seconds
+            if self.async_scheduling and not launched.spec:
                 self._in_flight = launched
             else:
                 outputs += self._collect(launched, finished_only)
@@ -278,14 +345,26 @@ class LLMEngine:
             seq.prompt_logprobs.extend(entries)
         now = time.time()
         touched: dict[str, Request] = {}
-        for seq, token, logprobs in result.sampled:
+        entries = [(seq, [token], [logprobs], None) for seq, token, logprobs in result.sampled]
+        if result.spec:
+            entries += [(seq, tokens, [None] * len(tokens), proposed) for seq, tokens, proposed in result.spec]
+            self._count_spec(result.spec, launched.draft_seconds, time.perf_counter() - launched.start)
+        for seq, tokens, logprobs, proposed in entries:
             seq.num_pending -= 1
+            if proposed is not None:  # rejected proposals: their K/V (target and draft) no longer count
+                seq.num_computed_tokens -= proposed - (len(tokens) - 1)
+                seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
                 continue
             request = seq.request
             touched[request.request_id] = request
             try:
-                self._append_token(seq, token, logprobs)
+                for token, lp in zip(tokens, logprobs):  # stop conditions apply inside an accepted run
+                    self._append_token(seq, token, lp)
+                    if seq.is_finished:
+                        break
+                if proposed is not None and not seq.is_finished:
+                    self.block_manager.trim(seq, seq.num_computed_tokens)
             except Exception as e:  # a failure in one request ends that request only
                 logger.exception("request %s failed", request.request_id)
                 for s in request.seqs:
@@ -303,6 +382,22 @@ class LLMEngine:
                 continue
             outputs.append(self.make_output(request))
         return outputs
+
+    def _count_spec(self, spec, draft_seconds: float, verify_seconds: float) -> None:
+        stats = self.spec_stats
+        stats.steps += 1
+        stats.draft_seconds += draft_seconds
+        stats.verify_seconds += verify_seconds
+        for seq, tokens, proposed in spec:
+            seq.spec_steps += 1
+            seq.spec_proposed += proposed
+            seq.spec_accepted += len(tokens) - 1
+            stats.seq_steps += 1
+            stats.proposed += proposed
+            stats.accepted += len(tokens) - 1
+        for request in {id(seq.request): seq.request for seq, _, _ in spec}.values():
+            request.draft_time += draft_seconds
+            request.verify_time += verify_seconds
 
     def _append_token(self, seq: Sequence, token: int, logprobs) -> None:
         params = seq.params
@@ -349,10 +444,14 @@ class LLMEngine:
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         first = request.seqs[0]
+        spec = None
+        if self.proposer is not None:
+            spec = SpecMetrics(sum(s.spec_steps for s in request.seqs), sum(s.spec_proposed for s in request.seqs),
+                               sum(s.spec_accepted for s in request.seqs), request.draft_time, request.verify_time)
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=first.prompt_logprobs, outputs=outputs, finished=request.is_finished,
-            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time),
+            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time, spec),
             error=request.error)
 
 

@@ -24,12 +24,34 @@ class CompletionOutput:
 
 
 @dataclass
+class SpecMetrics:
+    """Speculative decoding of one request (all its sequences): verification steps, proposed and accepted
+    tokens, and the seconds of the steps it was in spent proposing (draft) and verifying (target pass)."""
+
+    steps: int
+    proposed_tokens: int
+    accepted_tokens: int
+    draft_time: float
+    verify_time: float
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Proposals accepted per verification step (each step also emits one token of the target's)."""
+        return self.accepted_tokens / self.steps if self.steps else None
+
+
+@dataclass
 class RequestMetrics:
-    """Wall-clock times (time.time()) of the request's life, for TTFT and latency."""
+    """Wall-clock times (time.time()) of the request's life, for TTFT and latency; speculation's counts."""
 
     arrival_time: float
     first_token_time: float | None
     finish_time: float | None
+    spec: SpecMetrics | None = None    # None when the engine does not speculate
 
     @property
     def ttft(self) -> float | None:

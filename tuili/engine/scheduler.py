@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from tuili.config import SchedulerConfig
 from tuili.engine.block_manager import BlockManager
@@ -16,11 +18,19 @@ class ScheduledSeq:
 
     seq: Sequence
     num_new_tokens: int
+    num_lookahead: int = 0        # speculation: slots reserved for up to this many proposed tokens
+    draft_token_ids: list[int] = field(default_factory=list)  # the proposals (included in num_new_tokens)
+    draft_probs: torch.Tensor | None = None  # [len(draft_token_ids), V]: the draft's q (sampled draft only)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a new token is sampled after it."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+
+    def set_drafts(self, token_ids: list[int], probs: torch.Tensor | None = None) -> None:
+        assert len(token_ids) <= self.num_lookahead
+        self.num_new_tokens += len(token_ids) - len(self.draft_token_ids)
+        self.draft_token_ids, self.draft_probs = token_ids, probs
 
 
 class Scheduler:
@@ -29,6 +39,9 @@ class Scheduler:
     When blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back to
     the front of the queue, to be recomputed (prompt + output so far) when memory allows; its output is
     unchanged because recompute reproduces the same K/V.
+
+    Speculation (num_speculative_tokens k > 0): while at most speculative_disable_batch_size sequences run, a
+    decoding sequence gets blocks and budget for 1 + k tokens; the engine fills in the proposals.
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
@@ -48,19 +61,24 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         preempted = False
+        speculate = 0 < len(self.running) <= self.config.speculative_disable_batch_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
+            k = self._lookahead(seq, budget) if speculate else 0
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n + k):
+                if k:  # no room for the lookahead: plain decode first
+                    k = 0
+                    continue
                 self._preempt(self.running[-1])
                 preempted = True
                 if i >= len(self.running):  # `seq` itself was the newest and is gone
                     break
             else:
-                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
-                batch.append(ScheduledSeq(seq, n))
-                budget -= n
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n + k)
+                batch.append(ScheduledSeq(seq, n, num_lookahead=k))
+                budget -= n + k
                 i += 1
         # no new admissions in a step that had to preempt: memory is short
         while (not preempted and self.waiting and budget > 0
@@ -76,6 +94,16 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, n))
             budget -= n
         return batch
+
+    def _lookahead(self, seq: Sequence, budget: int) -> int:
+        """How many tokens `seq` may have proposed this step: k, bounded by the budget, max_model_len and
+        max_tokens; none while a token is in flight, in prefill, or when the request wants logprobs."""
+        if seq.num_pending or seq.num_uncomputed_tokens != 1 or seq.params.logprobs is not None:
+            return 0
+        k = min(self.config.num_speculative_tokens, budget - 1, self.config.max_model_len - len(seq) - 1)
+        if seq.params.max_tokens is not None:
+            k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(k, 0)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

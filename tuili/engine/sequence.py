@@ -34,6 +34,10 @@ class Sequence:
         self.num_computed_tokens = 0          # tokens whose K/V are in the cache
         self.num_pending = 0                  # sampled on the device, not yet appended (async scheduling)
         self.block_table: list[int] = []
+        self.num_draft_computed = 0           # tokens whose K/V are in the draft model's cache (speculation)
+        self.spec_steps = 0                   # speculative steps, tokens proposed and accepted in them
+        self.spec_proposed = 0
+        self.spec_accepted = 0
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.logprobs: list[PositionLogprobs] | None = [] if self.params.logprobs is not None else None
@@ -89,6 +93,27 @@ class Sequence:
         self.token_ids.append(token_id)
 
 
+class PrefixView:
+    """`seq` as it would be with `extra` tokens appended: what the logits processors read when they score a
+    speculative position (penalties see the proposed tokens before it; min_tokens counts them)."""
+
+    def __init__(self, seq: Sequence, extra: list[int]) -> None:
+        self.seq, self.extra = seq, extra
+        self.params, self.generator, self.num_pending = seq.params, seq.generator, seq.num_pending
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.extra
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.extra
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.seq.num_output_tokens + len(self.extra)
+
+
 @dataclass
 class Request:
     """A user request: one prompt, its sampling parameters and the n sequences generated from it."""
@@ -101,6 +126,8 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    draft_time: float = 0.0       # seconds of the speculative steps it was in: proposing, verifying
+    verify_time: float = 0.0
     seqs: list[Sequence] = field(default_factory=list)
 
     def __post_init__(self) -> None:

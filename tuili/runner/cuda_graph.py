@@ -4,6 +4,10 @@ A decode step of a small model is hundreds of short kernel launches; replaying a
 launch overhead that otherwise dominates (HF transformers' 10 tok/s on an H100 is mostly launch overhead).
 Batches are padded up to the next captured size; padded rows write their K/V into a scratch block that the
 block manager never hands out, and their outputs are dropped.
+
+Speculative verification steps, where every sequence has the same number q = k + 1 of new tokens, get graphs
+of their own (keyed by (q, batch size), for the small batches where speculation runs): their attention goes
+through the paged prefill kernel, whose grid depends only on q and the batch size.
 """
 from __future__ import annotations
 
@@ -25,69 +29,77 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captured decode forwards. `run` returns None when the batch is not pure decode or too big."""
+    """Captured decode forwards. `run` returns None when the batch has no graph (mixed or too big)."""
 
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_model_len: int,
-                 block_size: int, scratch_block: int) -> None:
+                 block_size: int, scratch_block: int, spec_query_len: int = 0, spec_max_batch: int = 0) -> None:
         self.model = model
-        self.sizes = capture_sizes(max_batch)
-        self.max_batch = self.sizes[-1]
+        self.sizes = {1: capture_sizes(max_batch)}             # query length -> captured batch sizes
+        if spec_query_len > 1 and spec_max_batch > 0:
+            self.sizes[spec_query_len] = capture_sizes(min(spec_max_batch, max_batch))
         self.block_size = block_size
         self.scratch_slot = scratch_block * block_size
         max_blocks = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
-        b = self.max_batch
-        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((b,), self.scratch_slot, dtype=torch.long, device=device)
+        b = max(sizes[-1] for sizes in self.sizes.values())
+        rows = max(q * sizes[-1] for q, sizes in self.sizes.items())
+        self.input_ids = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((rows,), self.scratch_slot, dtype=torch.long, device=device)
         self.block_tables = torch.full((b, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.query_start_loc = {q: torch.arange(b + 1, dtype=torch.int32, device=device) * q for q in self.sizes}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.scratch_block = scratch_block
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
-        # max_seq_len is the bound the kernels are launched for: the whole context window, so that one
+    def _metadata(self, q: int, bs: int) -> AttentionMetadata:
+        # max_seq_len is the bound the decode kernels are launched for: the whole context window, so that one
         # captured launch serves every replay (the kernels read the true lengths from seq_lens)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
-            query_start_loc=self.query_start_loc[:bs + 1], seq_lens_cpu=[], query_lens_cpu=[1] * bs,
-            max_query_len=1, max_seq_len=self.max_model_len)
+            slot_mapping=self.slot_mapping[:bs * q], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[q][:bs + 1], seq_lens_cpu=[], query_lens_cpu=[q] * bs,
+            max_query_len=q, max_seq_len=self.max_model_len)
 
     @torch.no_grad()
     def capture(self) -> None:
         pool = None
-        for bs in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            meta = self._metadata(bs)
+        # largest first: the smaller graphs reuse its memory pool
+        for q, bs in sorted(((q, bs) for q, sizes in self.sizes.items() for bs in sizes),
+                            key=lambda x: -x[0] * x[1]):
+            self.seq_lens.fill_(q)  # while capturing: every row's position >= 0, all in the scratch block
+            meta = self._metadata(q, bs)
             set_attention_metadata(meta)
             try:
                 for _ in range(2):  # warm-up: Triton autotuning and lazy init happen outside the capture
-                    self.model(self.input_ids[:bs], self.positions[:bs])
+                    self.model(self.input_ids[:bs * q], self.positions[:bs * q])
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    self.outputs[q, bs] = self.model(self.input_ids[:bs * q], self.positions[:bs * q])
             finally:
                 set_attention_metadata(None)
             pool = graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[q, bs] = graph
         torch.cuda.synchronize()
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        bs = input_ids.shape[0]
-        if not meta.is_pure_decode or bs > self.max_batch or not self.graphs:
+        q, lens = meta.max_query_len, meta.query_lens_cpu
+        bs = len(lens)
+        sizes = self.sizes.get(q)
+        if not sizes or bs > sizes[-1] or not self.graphs or (q > 1 and any(n != q for n in lens)):
             return None
-        size = self.sizes[bisect.bisect_left(self.sizes, bs)]
-        self.input_ids[:bs].copy_(input_ids)
-        self.positions[:bs].copy_(positions)
-        self.slot_mapping[:bs].copy_(meta.slot_mapping)
+        size = sizes[bisect.bisect_left(sizes, bs)]
+        rows = bs * q
+        self.input_ids[:rows].copy_(input_ids)
+        self.positions[:rows].copy_(positions)
+        self.slot_mapping[:rows].copy_(meta.slot_mapping)
         self.seq_lens[:bs].copy_(meta.seq_lens)
         width = meta.block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(meta.block_tables)
-        if size > bs:  # padded rows: length 1, writing into the scratch block
-            self.slot_mapping[bs:size].fill_(self.scratch_slot)
-            self.seq_lens[bs:size].fill_(1)
-            self.block_tables[bs:size, 0].fill_(self.scratch_block)
-        self.graphs[size].replay()
-        return self.outputs[size][:bs]
+        if size > bs:  # padded rows: length q, writing into the scratch block
+            self.slot_mapping[rows:size * q].fill_(self.scratch_slot)
+            self.seq_lens[bs:size].fill_(q)
+            self.block_tables[bs:size].fill_(self.scratch_block)
+        self.graphs[q, size].replay()
+        return self.outputs[q, size][:rows]

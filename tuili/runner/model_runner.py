@@ -19,6 +19,7 @@ from tuili.sampling_params import PositionLogprobs
 class RunnerOutput:
     sampled: list[tuple[Sequence, int, PositionLogprobs | None]]           # (seq, new token, its logprobs)
     prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]          # entries to append per sequence
+    spec: list[tuple[Sequence, list[int], int]]                             # (seq, new tokens, proposed)
 
 
 class ModelRunner:
@@ -89,11 +90,14 @@ class ModelRunner:
                         k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale)
         torch.cuda.synchronize(self.device)
 
-    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Capture decode graphs (GPU, Triton attention only: the torch path reads lengths on the host)."""
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int, spec_query_len: int = 0,
+                            spec_max_batch: int = 0) -> None:
+        """Capture decode graphs (GPU, Triton attention only: the torch path reads lengths on the host), and
+        verification graphs for batches of up to spec_max_batch sequences of spec_query_len tokens each."""
         assert self.device.type == "cuda" and self.triton_attention and self.num_blocks
         self.graphs = DecodeGraphs(self.model, self.device, max_batch, max_model_len, self.block_size,
-                                   scratch_block=self.num_blocks)
+                                   scratch_block=self.num_blocks, spec_query_len=spec_query_len,
+                                   spec_max_batch=spec_max_batch)
         self.graphs.capture()
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -150,37 +154,49 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []          # row of each sampling sequence's last token
+        spec_rows: list[int] = []            # rows of speculating sequences: their token, then each proposal
         from_prev: list[int] = []            # rows whose input token is in prev's sampled tensor ...
         prev_index: list[int] = []           # ... at this index
         prompt_rows: list[tuple[int, Sequence, int, int]] = []  # (first row, seq, first target, count)
         for item in batch:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             row0 = len(input_ids)
-            ids = seq.token_ids[start:start + n]
-            if len(ids) < n:  # the last token is still on the device
+            drafts = item.draft_token_ids
+            ids = seq.token_ids[start:start + n - len(drafts)]
+            if len(ids) < n - len(drafts):  # the last token is still on the device
                 assert len(ids) == n - 1 and prev is not None, "only the newest token can be pending"
                 from_prev.append(row0 + n - 1)
                 prev_index.append(prev.row_of[seq.seq_id])
                 ids.append(0)
-            input_ids += ids
+            input_ids += ids + drafts
             pos = range(start, start + n)
             positions += pos
             slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-            if item.samples:
+            if drafts:
+                spec_rows += range(row0, row0 + n)
+            elif item.samples:
                 sample_rows.append(row0 + n - 1)
             if seq.wants_prompt_logprobs:  # logits at position p score prompt token p + 1
                 first = len(seq.prompt_logprobs)
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if first - 1 >= start and last >= first:
                     prompt_rows.append((row0 + first - 1 - start, seq, first, last - first + 1))
-        meta, (input_ids_t, positions_t, sample_rows_t, from_prev_t, prev_index_t) = self._metadata(
+        meta, (input_ids_t, positions_t, sample_rows_t, from_prev_t, prev_index_t, spec_rows_t) = self._metadata(
             [i.num_new_tokens for i in batch], [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
-            [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, from_prev, prev_index)
+            [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, from_prev, prev_index,
+            spec_rows)
         if from_prev:
             input_ids_t[from_prev_t] = prev.sampled.token_ids[prev_index_t].to(input_ids_t.dtype)
         hidden = self._forward(input_ids_t, positions_t, meta)
 
-        sampled_seqs = [item.seq for item in batch if item.samples]
+        sampled_seqs = [item.seq for item in batch if item.samples and not item.draft_token_ids]
+        spec = []
+        if spec_rows:  # verification: the host waits for it (the proposals of the next step depend on it)
+            items = [item for item in batch if item.draft_token_ids]
+            tokens = self.sampler.verify(self.model.compute_logits(hidden[spec_rows_t.long()]),
+                                         [i.seq for i in items], [i.draft_token_ids for i in items],
+                                         [i.draft_probs for i in items])
+            spec = [(i.seq, t, len(i.draft_token_ids)) for i, t in zip(items, tokens)]
         out = None
         if sampled_seqs:
             rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows_t]  # pure decode: all
@@ -190,7 +206,7 @@ class ModelRunner:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)
             targets = torch.tensor(seq.token_ids[first:first + count], device=self.device)
             prompt_lps.append((seq, top_logprobs(logprobs, targets, [seq.params.prompt_logprobs] * count)))
-        return Launched(sampled_seqs, out, self._to_host(out.tensors() if out else []), prompt_lps)
+        return Launched(sampled_seqs, out, self._to_host(out.tensors() if out else []), prompt_lps, spec)
 
     def _to_host(self, tensors: list[torch.Tensor]):
         """Start copying `tensors` to the host; on CUDA, (pinned copies, the event that marks them done)."""
@@ -214,17 +230,20 @@ class ModelRunner:
             out = launched.sampled
             tokens, logprobs = out.to_lists(host, out.logprob_rows, out.logprob_nums, len(launched.seqs))
             sampled = list(zip(launched.seqs, tokens, logprobs))
-        return RunnerOutput(sampled, launched.prompt_logprobs)
+        return RunnerOutput(sampled, launched.prompt_logprobs, launched.spec)
 
 
 class Launched:
     """A step whose model pass and sampling are queued on the device; `ModelRunner.finish` collects it."""
 
-    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput | None, host, prompt_logprobs) -> None:
+    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput | None, host, prompt_logprobs,
+                 spec=()) -> None:
         self.seqs = seqs
+        self.spec = list(spec)                # verified speculative sequences: (seq, new tokens, proposed)
         self.sampled = sampled
         self.host = host                      # host copies of sampled.tensors() (+ the event that ends them)
         self.prompt_logprobs = prompt_logprobs
         self.row_of = {seq.seq_id: i for i, seq in enumerate(seqs)}
         self.start = 0.0                      # the engine's bookkeeping: when it was launched, its StepStats
         self.stats = None
+        self.draft_seconds = 0.0              # time the proposer took for this step's speculating sequences

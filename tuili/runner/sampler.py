@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tuili.engine.sequence import Sequence
+from tuili.engine.sequence import PrefixView, Sequence
 from tuili.sampling_params import Logprob, PositionLogprobs
+from tuili.spec.rejection import verify_greedy, verify_sampled
 
 
 @dataclass
@@ -118,6 +119,53 @@ class Sampler:
             index = to_device(rows, torch.long, device)
             parts = top_logprob_tensors(raw_logprobs[index], tokens[index], max(nums))
         return SamplerOutput(tokens, rows, parts, nums)
+
+    @torch.no_grad()
+    def verify(self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+               draft_probs: list[torch.Tensor | None]) -> list[list[int]]:
+        """Speculative verification. `logits`: the target's rows, per sequence len(drafts[i]) + 1 of them in
+        order (the position before each proposal, then the bonus). Every logits processor applies to each row
+        as if the proposals before it were accepted; greedy sequences accept the matching prefix, sampled ones
+        go through exact rejection sampling against the draft's q (one-hot where `draft_probs[i]` is None).
+        Returns each sequence's new tokens: the accepted proposals, then one token from the target."""
+        views = [PrefixView(seq, d[:j]) for seq, d in zip(seqs, drafts) for j in range(len(d) + 1)]
+        logits = self._apply_min_tokens(self._apply_penalties(logits.to(torch.float32, copy=True), views), views)
+        device, k = logits.device, max(len(d) for d in drafts)
+        first = [0]
+        for d in drafts:
+            first.append(first[-1] + len(d) + 1)
+        out: list[list[int]] = [[] for _ in seqs]
+        for greedy in (True, False):
+            group = [i for i, s in enumerate(seqs) if s.params.greedy == greedy]
+            if not group:
+                continue
+            # row of (sequence, position), padded with the sequence's last row; proposals padded with 0
+            index = to_device([[first[i] + min(j, len(drafts[i])) for j in range(k + 1)] for i in group],
+                              torch.long, device)
+            proposed = to_device([drafts[i] + [0] * (k - len(drafts[i])) for i in group], torch.long, device)
+            num = to_device([len(drafts[i]) for i in group], torch.long, device)
+            if greedy:
+                accepted, nxt = verify_greedy(logits.argmax(dim=-1)[index], proposed, num)
+            else:
+                rows = [r for i in group for r in range(first[i], first[i + 1])]
+                row_params = [views[r].params for r in rows]
+                temperature = to_device([p.temperature for p in row_params], torch.float32, device)[:, None]
+                probs = torch.zeros_like(logits)
+                probs[to_device(rows, torch.long, device)] = self._filter(
+                    logits[rows] / temperature, row_params).softmax(dim=-1)
+                q = None
+                if any(draft_probs[i] is not None for i in group):
+                    q = torch.zeros(len(group), k, logits.shape[1], device=device)
+                    for b, i in enumerate(group):
+                        n = len(drafts[i])
+                        if draft_probs[i] is not None:
+                            q[b, :n] = draft_probs[i].float()
+                        else:  # a deterministic proposal: q is one-hot
+                            q[b, torch.arange(n), torch.tensor(drafts[i], dtype=torch.long)] = 1.0
+                accepted, nxt = verify_sampled(probs[index], proposed, num, q, [seqs[i].generator for i in group])
+            for i, a, t in zip(group, accepted.tolist(), nxt.tolist()):
+                out[i] = drafts[i][:a] + [t]
+        return out
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         for i, s in enumerate(seqs):

@@ -26,6 +26,15 @@ class ServerMetrics:
                                                             0.5, 1))
         self.e2e = Histogram("tuili_e2e_request_latency_seconds", "Arrival to finish", registry=r,
                              buckets=_LATENCY_BUCKETS)
+        # speculative decoding, cumulative since the engine started (present when the engine speculates)
+        self.spec = {name: Gauge(f"tuili_spec_decode_{name}", doc, registry=r) for name, doc in (
+            ("proposed", "Tokens proposed by the draft model or n-gram proposer"),
+            ("accepted", "Proposed tokens accepted by the target"),
+            ("seq_steps", "Verification steps, counted per sequence"),
+            ("acceptance_rate", "accepted / proposed"),
+            ("mean_accepted_length", "Proposals accepted per sequence per verification step"),
+            ("draft_seconds", "Seconds spent proposing"),
+            ("verify_seconds", "Seconds of the target's verification steps"))}
 
     def count_status(self, status: str) -> None:
         self.requests.labels(status=status).inc()
@@ -52,4 +61,7 @@ class ServerMetrics:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
         self.kv_usage.set(stats["kv_usage"])
+        for name, value in (stats.get("spec") or {}).items():
+            if name in self.spec:
+                self.spec[name].set(value)
         return generate_latest(self.registry)

@@ -17,3 +17,14 @@ def propose_ngram(token_ids: list[int], k: int, max_n: int = 4, min_n: int = 1) 
             if token_ids[j] == first and token_ids[j:j + n] == suffix:
                 return token_ids[j + n:j + n + k]
     return []
+
+
+class NgramProposer:
+    """Proposes for a batch of scheduled sequences from each one's own tokens (on the host, no model)."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 1) -> None:
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, items) -> None:
+        for item in items:
+            item.set_drafts(propose_ngram(item.seq.token_ids, item.num_lookahead, self.max_n, self.min_n))

@@ -1,0 +1,76 @@
+"""Draft-model proposer: a small model with the target's vocabulary proposes k tokens, one forward each.
+
+Its paged KV cache has the target's block count and block size and is indexed by the same block tables: a
+sequence's blocks hold its target K/V and its draft K/V at the same slots. Allocation, preemption and the
+rollback of rejected tokens are thus the target's, with no second block manager; `seq.num_draft_computed`
+says how many of the sequence's tokens have draft K/V (never more than the target's, after a rollback).
+"""
+from __future__ import annotations
+
+import torch
+
+from tuili.runner.model_runner import ModelRunner
+from tuili.runner.sampler import Sampler
+from tuili.spec.rejection import _categorical, _uniform
+
+
+class DraftProposer:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    @torch.no_grad()
+    def propose(self, items) -> None:
+        """Fill in each item's proposals (up to item.num_lookahead) and, for sampled requests, the draft
+        distributions they were drawn from. The first forward catches the draft up on the tokens it has not
+        seen (the whole prompt the first time, then the tokens accepted since) and ends at the newest token;
+        each further forward feeds the last proposal."""
+        runner, bs = self.runner, self.runner.block_size
+        drafts = {id(item): [] for item in items}
+        probs = {id(item): [] for item in items}
+        # (item, tokens to feed, position of the first)
+        feed = [(item, item.seq.token_ids[item.seq.num_draft_computed:], item.seq.num_draft_computed)
+                for item in items if item.num_lookahead]
+        while feed:
+            ids, positions, slots, last_rows = [], [], [], []
+            for item, tokens, start in feed:
+                table = item.seq.block_table
+                ids += tokens
+                pos = range(start, start + len(tokens))
+                positions += pos
+                slots += [table[p // bs] * bs + p % bs for p in pos]
+                last_rows.append(len(ids) - 1)
+            meta, (ids_t, pos_t, last_t) = runner._metadata(
+                [len(t) for _, t, _ in feed], [s + len(t) for _, t, s in feed],
+                [item.seq.block_table for item, _, _ in feed], slots, ids, positions, last_rows)
+            hidden = runner._forward(ids_t, pos_t, meta)
+            logits = runner.model.compute_logits(hidden[last_t.long()]).float()
+            tokens, q = self._sample(logits, [item.seq for item, _, _ in feed])
+            next_feed = []
+            for b, ((item, fed, start), token) in enumerate(zip(feed, tokens)):
+                item.seq.num_draft_computed = start + len(fed)
+                drafts[id(item)].append(token)
+                if q is not None:
+                    probs[id(item)].append(q[b])
+                if len(drafts[id(item)]) < item.num_lookahead:
+                    next_feed.append((item, [token], start + len(fed)))
+            feed = next_feed
+        for item in items:
+            p = probs[id(item)]
+            item.set_drafts(drafts[id(item)], torch.stack(p) if p and not item.seq.params.greedy else None)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs) -> tuple[list[int], torch.Tensor | None]:
+        """Greedy requests: the draft's argmax. Sampled ones: a draw from the draft's distribution under the
+        request's temperature / top-k / top-p / min-p (any q keeps verification exact; a q close to the
+        target's p accepts more), returned with it."""
+        tokens = logits.argmax(dim=-1)
+        params = [s.params for s in seqs]
+        if all(p.greedy for p in params):
+            return tokens.tolist(), None
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
+                                   device=logits.device)[:, None]
+        q = Sampler._filter(logits / temperature, params).softmax(dim=-1)
+        u = _uniform(len(seqs), 1, [s.generator for s in seqs])[:, 0]
+        sampled = _categorical(q, u)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        return torch.where(greedy, tokens, sampled).tolist(), q
