@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, action="append", default=None, help="repeatable (default 1)")
     sp.add_argument("--noise", type=float, action="append", default=None,
                     help="replace proposed tokens by random ones with this probability (repeatable; sets acceptance)")
+    sp.add_argument("--replay", action="store_true",
+                    help="propose the baseline run's own output (an oracle at no draft cost; with --noise it sets "
+                         "the acceptance on models that write no predictable text, e.g. dummy weights)")
     sp.add_argument("--num-prompts", type=int, default=8, help="prompts (the fixed chat prompts, or random ones)")
     sp.add_argument("--input-len", type=int, default=None, help="random prompts of this length (default: chat)")
     sp.add_argument("--repeat", type=int, default=1, help="random prompts: repeat the random block this many times")

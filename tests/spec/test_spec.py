@@ -18,7 +18,8 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     # the 3-gram "7 1 2" beats the more recent 2-gram "1 2"
     assert propose_ngram([7, 1, 2, 4, 4, 1, 2, 5, 7, 1, 2], k=2, max_n=3) == [4, 4]
     assert propose_ngram([1, 2, 3], k=4) == []                             # no earlier occurrence
-    assert propose_ngram([3, 3], k=4) == [3]                               # truncated by the end
+    assert propose_ngram([3, 3], k=4) == [3, 3, 3, 3]                      # a loop: continued periodically
+    assert propose_ngram([1, 2, 3, 1, 2], k=5) == [3, 1, 2, 3, 1]
     assert propose_ngram([1, 2, 1, 2], k=2, min_n=3) == []                 # matches shorter than min_n ignored
     with pytest.raises(ValueError):
         propose_ngram([1, 2], k=0)

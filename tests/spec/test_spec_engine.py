@@ -14,6 +14,8 @@ from reference import random_hf_model
 from tuili import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+# engines on the tiny models get a fixed block count (on a GPU, the memory-fraction default would let the
+# first engine of the session take the memory of every later one)
 PROPOSERS = {
     "ngram": lambda models: dict(speculative_method="ngram"),
     "self-draft": lambda models: dict(speculative_model=models["llama"]),      # accepts everything
@@ -48,7 +50,7 @@ def models(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(models):
-    return LLM(models["llama"], dtype="float32", kv_cache_memory=0.05)
+    return LLM(models["llama"], dtype="float32", num_gpu_blocks_override=512)
 
 
 def check_blocks(engine) -> None:
@@ -81,7 +83,7 @@ def test_greedy_output_unchanged(models, plain, proposer, batch, mode):
     prompts = prompts_for_test(batch)
     expected = token_ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     # batch 8: 16 blocks of 16 tokens for 8 sequences of up to 145 tokens: preemption is forced
-    tight = dict(num_gpu_blocks_override=16, max_model_len=256) if batch == 8 else dict(kv_cache_memory=0.05)
+    tight = dict(num_gpu_blocks_override=16, max_model_len=256) if batch == 8 else dict(num_gpu_blocks_override=512)
     llm = LLM(models["llama"], dtype="float32", async_scheduling=mode, num_speculative_tokens=3,
               speculative_disable_batch_size=8, **tight, **PROPOSERS[proposer](models))
     outs = run_stepwise(llm, prompts, GREEDY)
@@ -106,7 +108,7 @@ def test_logits_processors_see_the_proposals(models, plain):
               SamplingParams(temperature=0, max_tokens=30, min_tokens=20, stop_token_ids=[7, 9, 11]),
               SamplingParams(temperature=0, max_tokens=30, logprobs=2)]  # logprobs: not speculated, shares the batch
     expected = plain.generate(prompts, params, use_tqdm=False)
-    llm = LLM(models["llama"], dtype="float32", kv_cache_memory=0.05, speculative_model=models["llama"])
+    llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=512, speculative_model=models["llama"])
     got = llm.generate(prompts, params, use_tqdm=False)
     assert token_ids(got) == token_ids(expected)
     assert got[3].metrics.spec.steps == 0 and got[0].metrics.spec.steps > 0
@@ -119,7 +121,7 @@ def test_stops_inside_an_accepted_run(models, plain):
     """The self-draft accepts all k = 4 proposals: max_tokens and stop ids must cut the run where they fall."""
     prompt = prompts_for_test(1)[0]
     full = token_ids(plain.generate([prompt], GREEDY, use_tqdm=False))[0]
-    llm = LLM(models["llama"], dtype="float32", kv_cache_memory=0.05, speculative_model=models["llama"])
+    llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=512, speculative_model=models["llama"])
     stop = full[6]
     params = [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop])]
@@ -144,7 +146,7 @@ def test_stop_string_and_eos_in_an_accepted_run(smollm, default_model_path):
 
 
 def test_no_speculation_above_the_batch_size_rule(models):
-    llm = LLM(models["llama"], dtype="float32", kv_cache_memory=0.05, speculative_method="ngram",
+    llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=512, speculative_method="ngram",
               speculative_disable_batch_size=2)
     engine = llm.engine
     prompts = prompts_for_test(6)
@@ -189,7 +191,7 @@ def test_sampled_tokens_follow_the_target(tiny_vocab, proposer):
     target, draft = tiny_vocab
     prompt = [1, 2, 3, 1, 2]
     temperature, top_k = 0.8, 4
-    plain = LLM(target, dtype="float32", kv_cache_memory=0.01)
+    plain = LLM(target, dtype="float32", num_gpu_blocks_override=512)
     prefixes = [[a, b] for a in range(VOCAB) for b in range(VOCAB)]
     scored = plain.generate([prompt + p for p in prefixes],
                             SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=VOCAB, logprobs=VOCAB),
@@ -208,7 +210,7 @@ def test_sampled_tokens_follow_the_target(tiny_vocab, proposer):
 
     kwargs = dict(speculative_model=draft) if proposer == "draft" else dict(speculative_method="ngram")
     torch.manual_seed(0)
-    llm = LLM(target, dtype="float32", kv_cache_memory=0.01, num_speculative_tokens=2,
+    llm = LLM(target, dtype="float32", num_gpu_blocks_override=512, num_speculative_tokens=2,
               speculative_disable_batch_size=256, **kwargs)
     samples = 3000
     outs = llm.generate([prompt] * samples, SamplingParams(temperature=temperature, top_k=top_k, max_tokens=4,

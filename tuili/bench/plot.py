@@ -1,6 +1,8 @@
 """PNG charts for benchmark reports (matplotlib, from the `bench` extra)."""
 from __future__ import annotations
 
+import os
+
 
 def save_report(report: dict, json_path: str | None, png_path: str | None, chart) -> None:
     """Write the JSON record and, if asked, the PNG drawn by `chart(report, path)`."""
@@ -82,15 +84,19 @@ def spec_plot(report: dict, path: str) -> None:
     ax_a.set_ylabel("decode speed-up vs no speculation")
     ax_a.set_title("speed-up vs acceptance")
     ax_a.legend()
-    clean = sorted((r for r in runs if r["noise"] == min(x["noise"] for x in runs)), key=lambda r: r["batch_size"])
-    ax_b.plot([r["batch_size"] for r in clean], [r["speedup"] for r in clean], "o-")
+    for noise in sorted({r["noise"] for r in runs}):
+        rows = sorted((r for r in runs if r["noise"] == noise), key=lambda r: r["batch_size"])
+        rate = sum(r["speculative"]["acceptance_rate"] for r in rows) / len(rows)
+        ax_b.plot([r["batch_size"] for r in rows], [r["speedup"] for r in rows], "o-",
+                  label=f"noise {noise:.1f} (acceptance ~{rate:.2f})")
+    ax_b.legend()
     ax_b.axhline(1.0, color="gray", ls="--")
     ax_b.set_xscale("log", base=2)
     ax_b.set_xlabel("batch size")
     ax_b.set_ylabel("decode speed-up")
     ax_b.set_title("where speculation stops paying")
     args = report["engine_args"]
-    fig.suptitle(f"{report['model']} {report['dtype']}, {args['speculative_method']} k={args['num_speculative_tokens']} "
+    fig.suptitle(f"{os.path.basename(report['model'])} {report['dtype']}, {report['proposer']} k={args['num_speculative_tokens']} "
                  f"on {report['device']} ({report['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

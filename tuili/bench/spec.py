@@ -3,8 +3,11 @@
 One engine with the proposer under test; at each batch size the same prompts run with speculation forced off
 (the baseline, same weights, same process) and forced on, greedy, and the outputs are compared token for
 token (in fp32 they must be identical; in bf16 a verification pass of k + 1 rows rounds differently from
-one-row decode steps, so a near-tie can flip, as in any engine). `--noise` swaps each proposed token for a random one with that probability: a controlled way to set
-the acceptance rate of a real proposer and draw speed-up against acceptance. The batch-size sweep shows where
+one-row decode steps, so a near-tie can flip, as in any engine). `--noise` swaps each proposed token for a
+random one with that probability: a controlled way to set the acceptance rate and draw speed-up against it.
+`--replay` replaces the engine's proposer by an oracle that proposes the baseline run's own output (no draft
+cost): random-weight models (the device's dummy 8B) write no text an n-gram or a small draft could predict,
+so this is how their verification cost is measured against acceptance. The batch-size sweep shows where
 speculation stops paying, which is what the engine's `--speculative-disable-batch-size` rule is set from.
 """
 from __future__ import annotations
@@ -37,6 +40,24 @@ class NoisyProposer:
                 if torch.rand((), generator=self.gen) < self.noise:
                     tokens[j] = int(torch.randint(self.vocab_size, (), generator=self.gen))
             item.set_drafts(tokens, item.draft_probs)
+
+
+class ReplayProposer:
+    """Proposes, at each sequence's current output length, the tokens the baseline run generated there."""
+
+    def __init__(self, prompts: list[list[int]], outputs: list[list[int]], vocab_size: int) -> None:
+        self.reference = {tuple(p): o for p, o in zip(prompts, outputs)}
+        self.gen = torch.Generator().manual_seed(1)
+        self.vocab_size = vocab_size
+
+    def propose(self, items) -> None:
+        for item in items:
+            seq = item.seq
+            ref = self.reference[tuple(seq.token_ids[:seq.num_prompt_tokens])]
+            n = seq.num_output_tokens
+            tokens = ref[n:n + item.num_lookahead]
+            tokens += torch.randint(self.vocab_size, (item.num_lookahead - len(tokens),), generator=self.gen).tolist()
+            item.set_drafts(tokens)
 
 
 def bench_prompts(llm: LLM, ns: argparse.Namespace) -> list[list[int]]:
@@ -75,17 +96,19 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     prompts = bench_prompts(llm, ns)
     params = SamplingParams(temperature=0, max_tokens=ns.output_len, ignore_eos=ns.ignore_eos)
     llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
-    inner = engine.proposer
+    proposer = engine.proposer
+    vocab = engine.model_config.vocab_size
     runs = []
-    print(f"{engine.model_name}: {engine_args.speculative_method} proposer"
+    print(f"{engine.model_name}: {'replay (oracle)' if ns.replay else engine_args.speculative_method} proposer"
           f"{' ' + engine_args.speculative_model if engine_args.speculative_model else ''}, "
           f"k = {engine_args.num_speculative_tokens}, {len(prompts)} prompts, {ns.output_len} new tokens")
     for batch_size in ns.batch_size or [1]:
         base, base_out = measure(llm, prompts, batch_size, params, speculate=False)
+        inner = ReplayProposer(prompts, base_out, vocab) if ns.replay else proposer
         for noise in ns.noise or [0.0]:
-            engine.proposer = NoisyProposer(inner, noise, engine.model_config.vocab_size) if noise else inner
+            engine.proposer = NoisyProposer(inner, noise, vocab) if noise else inner
             spec, spec_out = measure(llm, prompts, batch_size, params, speculate=True)
-            engine.proposer = inner
+            engine.proposer = proposer
             row = {"batch_size": batch_size, "noise": noise, "baseline": base, "speculative": spec,
                    "speedup": spec["decode_tok_s"] / base["decode_tok_s"],
                    "identical_outputs": sum(a == b for a, b in zip(spec_out, base_out)) / len(base_out)}
@@ -100,7 +123,7 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     engine.scheduler.config.speculative_disable_batch_size = engine_args.speculative_disable_batch_size
     report = {"workload": "spec", **environment(engine.device), "model": engine.model_name,
               "dtype": str(engine.dtype).removeprefix("torch."), "engine_args": dataclasses.asdict(engine_args),
-              "num_prompts": len(prompts), "prompt_lens": [len(p) for p in prompts], "output_len": ns.output_len,
+              "proposer": "replay" if ns.replay else engine_args.speculative_method, "num_prompts": len(prompts), "prompt_lens": [len(p) for p in prompts], "output_len": ns.output_len,
               "runs": runs}
     from tuili.bench.plot import save_report, spec_plot
 

@@ -1,6 +1,10 @@
 """Prompt-lookup (n-gram) proposer: no second model. If the last n tokens occurred earlier in the sequence
 (prompt or output), propose the k tokens that followed their most recent earlier occurrence; try the longest
-n first (max_n down to min_n). Repetitive text (code, quoting the prompt, lists) makes it accept often."""
+n first (max_n down to min_n). Repetitive text (code, quoting the prompt, lists) makes it accept often.
+
+When the match is so recent that fewer than k tokens follow it, the text since the match is taken to repeat
+(a loop "a b c a b" continues "c a b c ..."): k proposals whenever there is a match, which keeps
+verification steps the same shape (one CUDA graph) and is exactly right for loops."""
 from __future__ import annotations
 
 
@@ -15,7 +19,11 @@ def propose_ngram(token_ids: list[int], k: int, max_n: int = 4, min_n: int = 1) 
         # the most recent earlier occurrence: start positions j < length - n, scanned from the end
         for j in range(length - n - 1, -1, -1):
             if token_ids[j] == first and token_ids[j:j + n] == suffix:
-                return token_ids[j + n:j + n + k]
+                following = token_ids[j + n:j + n + k]
+                period = length - n - j
+                while len(following) < k:
+                    following.append(following[len(following) - period])
+                return following
     return []
 
 
