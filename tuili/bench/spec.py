@@ -5,9 +5,13 @@ One engine with the proposer under test; at each batch size the same prompts run
 token (in fp32 they must be identical; in bf16 a verification pass of k + 1 rows rounds differently from
 one-row decode steps, so a near-tie can flip, as in any engine). `--noise` swaps each proposed token for a
 random one with that probability: a controlled way to set the acceptance rate and draw speed-up against it.
-`--replay` replaces the engine's proposer by an oracle that proposes the baseline run's own output (no draft
+`--replay` replaces the engine's proposer by an oracle that proposes the target's own greedy output (no draft
 cost): random-weight models (the device's dummy 8B) write no text an n-gram or a small draft could predict,
-so this is how their verification cost is measured against acceptance. The batch-size sweep shows where
+so this is how their verification cost is measured against acceptance. The oracle's text is that of a run
+whose every step is a verification of k random proposals, not the plain run's: in bf16 a random model's
+greedy text is chaotic, and a k + 1-row verification pass rounds differently from a one-row decode step, so
+the plain run's text would stop matching within a few tokens; a verification row computes the same whatever
+the other rows hold, so the reference run's text is what the replay runs verify. The batch-size sweep shows where
 speculation stops paying, which is what the engine's `--speculative-disable-batch-size` rule is set from.
 """
 from __future__ import annotations
@@ -104,7 +108,11 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
           f"k = {engine_args.num_speculative_tokens}, {len(prompts)} prompts, {ns.output_len} new tokens")
     for batch_size in ns.batch_size or [1]:
         base, base_out = measure(llm, prompts, batch_size, params, speculate=False)
-        inner = ReplayProposer(prompts, base_out, vocab) if ns.replay else proposer
+        inner = proposer
+        if ns.replay:  # the reference: verification steps only, every proposal random (see replay_reference)
+            engine.proposer = NoisyProposer(ReplayProposer(prompts, base_out, vocab), 1.0, vocab)
+            _, reference = measure(llm, prompts, batch_size, params, speculate=True)
+            inner = ReplayProposer(prompts, reference, vocab)
         for noise in ns.noise or [0.0]:
             engine.proposer = NoisyProposer(inner, noise, vocab) if noise else inner
             spec, spec_out = measure(llm, prompts, batch_size, params, speculate=True)
