@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replay", action="store_true",
                     help="propose the baseline run's own output (an oracle at no draft cost; with --noise it sets "
                          "the acceptance on models that write no predictable text, e.g. dummy weights)")
+    sp.add_argument("--prompt", action="append", default=None, help="a chat prompt (repeatable; default: the fixed "
+                                                                      "prompts of `tuili eval agreement`)")
     sp.add_argument("--num-prompts", type=int, default=8, help="prompts (the fixed chat prompts, or random ones)")
     sp.add_argument("--input-len", type=int, default=None, help="random prompts of this length (default: chat)")
     sp.add_argument("--repeat", type=int, default=1, help="random prompts: repeat the random block this many times")

@@ -57,7 +57,7 @@ class EngineArgs:
     num_speculative_tokens: int | None = None    # k tokens proposed per step (default 4 when speculating)
     prompt_lookup_max: int = 4                   # ngram: longest suffix matched
     prompt_lookup_min: int = 1                   # ngram: shortest suffix matched
-    speculative_disable_batch_size: int = 4      # no speculation while more sequences than this run
+    speculative_disable_batch_size: int = 8      # no speculation while more sequences than this run
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -65,12 +65,12 @@ class ReplayProposer:
 
 
 def bench_prompts(llm: LLM, ns: argparse.Namespace) -> list[list[int]]:
-    """The fixed chat prompts of `tuili eval agreement`, or random ones (--input-len) repeated --repeat times
+    """The fixed chat prompts of `tuili eval agreement` (or --prompt ones), or random ones (--input-len) repeated --repeat times
     (for n-gram proposals on a model without a tokenizer)."""
     if ns.input_len is None:
         from tuili.bench.quality import prompt_ids
 
-        return prompt_ids(llm)[: ns.num_prompts]
+        return prompt_ids(llm, ns.prompt)[: ns.num_prompts]
     gen = torch.Generator().manual_seed(0)
     vocab = llm.engine.model_config.vocab_size
     return [torch.randint(0, vocab, (ns.input_len,), generator=gen).tolist() * ns.repeat
