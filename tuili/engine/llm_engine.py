@@ -136,6 +136,12 @@ class LLMEngine:
                     str(self.runner.kv_cache_dtype).removeprefix("torch."),
                     ", with the draft model's" if self.draft_runner is not None else "")
         self.max_model_len = self._max_model_len()
+        if self.draft_runner is not None:
+            draft_len = self.draft_runner.model.config.max_position_embeddings
+            if draft_len < self.max_model_len:
+                logger.warning("max_model_len capped from %d to the draft model's %d positions", self.max_model_len,
+                               draft_len)
+                self.max_model_len = draft_len
         if self.device.type == "cuda" and triton_attention:
             for runner in runners:
                 runner.warm_up_kernels()
