@@ -273,3 +273,46 @@ def test_server_metrics_report_speculation(default_model_path):
     rate = float(re.search(r"^tuili_spec_decode_acceptance_rate (\S+)", text, re.M).group(1))
     assert proposed > 0 and 0 < accepted <= proposed and rate == pytest.approx(accepted / proposed)
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_draft_with_a_padded_vocabulary(smollm, default_model_path, tmp_path):
+    """Same tokenizer, embedding table padded to another size (as Qwen2.5 7B / 0.5B): accepted, and the output
+    is unchanged."""
+    draft = str(tmp_path / "padded")
+    random_hf_model("llama", 4, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=49152 + 64, max_position_embeddings=2048).save_pretrained(draft)
+    smollm.get_tokenizer().save_pretrained(draft)
+    prompt = smollm.encode_chat([{"role": "user", "content": "Name three primary colors."}])
+    params = SamplingParams(temperature=0, max_tokens=24)
+    llm = LLM(default_model_path, dtype="float32", kv_cache_memory=0.25, speculative_model=draft)
+    assert token_ids(llm.generate([prompt], params, use_tqdm=False)) == \
+        token_ids(smollm.generate([prompt], params, use_tqdm=False))
+    assert llm.engine.spec_stats.proposed > 0
+    assert llm.engine.max_model_len == 2048  # capped at the draft's positions
+
+
+def test_lookahead_never_preempts():
+    """The older sequence's proposals would take the last free block that the newer one needs for its own
+    token: the newer one gets it, the older one decodes without proposals, nobody is preempted."""
+    from tuili.config import SchedulerConfig
+    from tuili.engine.block_manager import BlockManager
+    from tuili.engine.scheduler import Scheduler
+    from tuili.engine.sequence import Request, SequenceStatus
+
+    blocks = BlockManager(num_blocks=3, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=4, speculative_disable_batch_size=8),
+                          blocks)
+    seqs = []
+    for name, prompt in (("old", [1, 2, 3]), ("new", [1, 2, 3, 4])):
+        seq = Request(name, None, prompt, SamplingParams(temperature=0, max_tokens=20)).seqs[0]
+        seq.append_token(5)                       # decoding: one new token
+        blocks.allocate(seq, len(prompt))
+        seq.num_computed_tokens = len(prompt)
+        seq.status = SequenceStatus.RUNNING
+        seqs.append(seq)
+    scheduler.running = list(seqs)
+    batch = scheduler.schedule()
+    assert scheduler.num_preemptions == 0
+    assert [(i.seq.request.request_id, i.num_new_tokens, i.num_lookahead) for i in batch] == [("old", 1, 0),
+                                                                                             ("new", 1, 0)]
+    assert blocks.num_free_blocks == 0 and len(seqs[1].block_table) == 2

@@ -95,6 +95,9 @@ def measure(llm: LLM, prompts: list[list[int]], batch_size: int, params: Samplin
 def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     if engine_args.speculative_method is None:
         raise ValueError("bench spec needs a proposer: --speculative-method ngram or --speculative-model DIR")
+    if ns.noise and any(ns.noise) and engine_args.speculative_method == "draft" and not ns.replay:
+        raise ValueError("--noise needs --replay or the ngram proposer: a draft model has already written K/V for "
+                         "the tokens it proposed")
     llm = LLM(**dataclasses.asdict(engine_args))
     engine = llm.engine
     prompts = bench_prompts(llm, ns)

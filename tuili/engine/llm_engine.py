@@ -125,7 +125,7 @@ class LLMEngine:
             self.proposer = NgramProposer(args.prompt_lookup_max, args.prompt_lookup_min)
         elif args.speculative_method == "draft":
             self.draft_runner = self._load_draft(fused_ops, triton_attention, show_progress)
-            self.proposer = DraftProposer(self.draft_runner)
+            self.proposer = DraftProposer(self.draft_runner, args.max_num_batched_tokens, config.vocab_size)
         runners = [r for r in (self.runner, self.draft_runner) if r is not None]
         self.cache_config = CacheConfig(args.block_size, self._num_kv_blocks(), self.runner.kv_cache_dtype)
         num_blocks = self.cache_config.num_blocks
@@ -168,14 +168,18 @@ class LLMEngine:
         """The draft model of --speculative-model, in the target's dtype, load format and KV cache dtype."""
         args = self.args
         source = load_model_source(args.speculative_model, args.load_format, args.tokenizer, args.gguf_dequantize)
-        if source.config.vocab_size != self.model_config.vocab_size:
-            raise ValueError(f"the draft model {source.name} has a vocabulary of {source.config.vocab_size} tokens; "
-                             f"the target's has {self.model_config.vocab_size}: they must share the tokenizer")
+        same_tokenizer = None
         if source.tokenizer is not None and self.tokenizer is not None:
             probe = "Speculative decoding: 1234 tokens, naïve café! def f(x): return x"
-            if source.tokenizer.encode(probe) != self.tokenizer.encode(probe):
+            same_tokenizer = source.tokenizer.encode(probe) == self.tokenizer.encode(probe) and \
+                len(source.tokenizer) == len(self.tokenizer)
+            if not same_tokenizer:
                 raise ValueError(f"the draft model {source.name} tokenizes text differently from the target: "
                                  "they must share the tokenizer")
+        if source.config.vocab_size != self.model_config.vocab_size and not same_tokenizer:
+            # (with the same tokenizer, embedding tables padded to different sizes are fine, e.g. Qwen2.5 7B / 0.5B)
+            raise ValueError(f"the draft model {source.name} has a vocabulary of {source.config.vocab_size} tokens; "
+                             f"the target's has {self.model_config.vocab_size}: they must share the tokenizer")
         model = load_model(source, self.device, self.dtype, None, args.seed, show_progress)
         logger.info("speculative decoding: draft model %s, %d tokens per step", source.name,
                     args.num_speculative_tokens)
@@ -297,7 +301,8 @@ class LLMEngine:
         prev, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
         running = self.scheduler.running
-        speculating = 0 < len(running) <= self.scheduler_config.speculative_disable_batch_size
+        speculating = 0 < len(running) <= self.scheduler_config.speculative_disable_batch_size and \
+            any(self.scheduler.can_speculate(s) for s in running)
         if prev is not None and (speculating or any(s.needs_host_tokens for s in running)):
             # penalties, prompt logprobs or speculation (proposals need the newest token): no overlap
             outputs += self._collect(prev, finished_only)
@@ -357,11 +362,11 @@ class LLMEngine:
             self._count_spec(result.spec, launched.draft_seconds, time.perf_counter() - launched.start)
         for seq, tokens, logprobs, proposed in entries:
             seq.num_pending -= 1
+            if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
+                continue
             if proposed is not None:  # rejected proposals: their K/V (target and draft) no longer count
                 seq.num_computed_tokens -= proposed - (len(tokens) - 1)
                 seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-            if seq.is_finished:  # stopped or aborted while this step ran: its token is dropped
-                continue
             request = seq.request
             touched[request.request_id] = request
             try:

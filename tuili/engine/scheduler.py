@@ -61,25 +61,29 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         preempted = False
-        speculate = 0 < len(self.running) <= self.config.speculative_disable_batch_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            k = self._lookahead(seq, budget) if speculate else 0
-            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n + k):
-                if k:  # no room for the lookahead: plain decode first
-                    k = 0
-                    continue
+            while not self.block_manager.can_allocate(seq, seq.num_computed_tokens + n):
                 self._preempt(self.running[-1])
                 preempted = True
                 if i >= len(self.running):  # `seq` itself was the newest and is gone
                     break
             else:
-                self.block_manager.allocate(seq, seq.num_computed_tokens + n + k)
-                batch.append(ScheduledSeq(seq, n, num_lookahead=k))
-                budget -= n + k
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                batch.append(ScheduledSeq(seq, n))
+                budget -= n
                 i += 1
+        # speculation's lookahead comes second, from what is left: it never preempts anyone
+        if 0 < len(self.running) <= self.config.speculative_disable_batch_size:
+            for item in batch:
+                k = self._lookahead(item.seq, budget + 1)
+                total = item.seq.num_computed_tokens + item.num_new_tokens + k
+                if k and self.block_manager.can_allocate(item.seq, total):
+                    self.block_manager.allocate(item.seq, total)
+                    item.num_lookahead = k
+                    budget -= k
         # no new admissions in a step that had to preempt: memory is short
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
@@ -95,10 +99,14 @@ class Scheduler:
             budget -= n
         return batch
 
+    def can_speculate(self, seq: Sequence) -> bool:
+        """A decoding sequence (one new token) whose request does not want logprobs."""
+        return seq.num_uncomputed_tokens == 1 and seq.params.logprobs is None
+
     def _lookahead(self, seq: Sequence, budget: int) -> int:
         """How many tokens `seq` may have proposed this step: k, bounded by the budget, max_model_len and
         max_tokens; none while a token is in flight, in prefill, or when the request wants logprobs."""
-        if seq.num_pending or seq.num_uncomputed_tokens != 1 or seq.params.logprobs is not None:
+        if seq.num_pending or not self.can_speculate(seq):
             return 0
         k = min(self.config.num_speculative_tokens, budget - 1, self.config.max_model_len - len(seq) - 1)
         if seq.params.max_tokens is not None:

@@ -164,7 +164,7 @@ class ModelRunner:
             drafts = item.draft_token_ids
             ids = seq.token_ids[start:start + n - len(drafts)]
             if len(ids) < n - len(drafts):  # the last token is still on the device
-                assert len(ids) == n - 1 and prev is not None, "only the newest token can be pending"
+                assert len(ids) == n - 1 and prev is not None and not drafts, "only the newest token can be pending"
                 from_prev.append(row0 + n - 1)
                 prev_index.append(prev.row_of[seq.seq_id])
                 ids.append(0)

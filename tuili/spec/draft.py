@@ -15,39 +15,66 @@ from tuili.spec.rejection import _categorical, _uniform
 
 
 class DraftProposer:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int, vocab_size: int) -> None:
         self.runner = runner
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.vocab_size = vocab_size  # the target's: a draft's table padded to another size is cut or padded
+
+    def _forward(self, feed) -> torch.Tensor:
+        """One draft forward over (item, tokens, first position) chunks; the hidden state of each chunk's last."""
+        runner, bs = self.runner, self.runner.block_size
+        ids, positions, slots, last_rows = [], [], [], []
+        for item, tokens, start in feed:
+            table = item.seq.block_table
+            ids += tokens
+            pos = range(start, start + len(tokens))
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            last_rows.append(len(ids) - 1)
+        meta, (ids_t, pos_t, last_t) = runner._metadata(
+            [len(t) for _, t, _ in feed], [s + len(t) for _, t, s in feed],
+            [item.seq.block_table for item, _, _ in feed], slots, ids, positions, last_rows)
+        hidden = runner._forward(ids_t, pos_t, meta)
+        for item, tokens, start in feed:
+            item.seq.num_draft_computed = start + len(tokens)
+        return hidden[last_t.long()]
+
+    def _catch_up(self, items) -> None:
+        """Long gaps (the prompt the first time, the tokens decoded while the batch was too big to speculate)
+        are fed in chunks of at most max_num_batched_tokens tokens per forward, all but the newest token."""
+        while True:
+            budget, feed = self.max_num_batched_tokens, []
+            for item in items:
+                seq = item.seq
+                gap = len(seq.token_ids) - 1 - seq.num_draft_computed
+                if gap > 1 and budget > 0:
+                    n = min(gap, budget)
+                    feed.append((item, seq.token_ids[seq.num_draft_computed:seq.num_draft_computed + n],
+                                 seq.num_draft_computed))
+                    budget -= n
+            if not feed:
+                return
+            self._forward(feed)
 
     @torch.no_grad()
     def propose(self, items) -> None:
         """Fill in each item's proposals (up to item.num_lookahead) and, for sampled requests, the draft
-        distributions they were drawn from. The first forward catches the draft up on the tokens it has not
-        seen (the whole prompt the first time, then the tokens accepted since) and ends at the newest token;
-        each further forward feeds the last proposal."""
-        runner, bs = self.runner, self.runner.block_size
+        distributions they were drawn from. After the catch-up, the first forward feeds the one or two tokens
+        the draft has not seen (the newest ends it); each further forward feeds the last proposal."""
+        items = [item for item in items if item.num_lookahead]
+        self._catch_up(items)
         drafts = {id(item): [] for item in items}
         probs = {id(item): [] for item in items}
         # (item, tokens to feed, position of the first)
         feed = [(item, item.seq.token_ids[item.seq.num_draft_computed:], item.seq.num_draft_computed)
-                for item in items if item.num_lookahead]
+                for item in items]
         while feed:
-            ids, positions, slots, last_rows = [], [], [], []
-            for item, tokens, start in feed:
-                table = item.seq.block_table
-                ids += tokens
-                pos = range(start, start + len(tokens))
-                positions += pos
-                slots += [table[p // bs] * bs + p % bs for p in pos]
-                last_rows.append(len(ids) - 1)
-            meta, (ids_t, pos_t, last_t) = runner._metadata(
-                [len(t) for _, t, _ in feed], [s + len(t) for _, t, s in feed],
-                [item.seq.block_table for item, _, _ in feed], slots, ids, positions, last_rows)
-            hidden = runner._forward(ids_t, pos_t, meta)
-            logits = runner.model.compute_logits(hidden[last_t.long()]).float()
+            logits = self.runner.model.compute_logits(self._forward(feed)).float()[:, :self.vocab_size]
+            if logits.shape[1] < self.vocab_size:
+                logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]), value=float("-inf"))
             tokens, q = self._sample(logits, [item.seq for item, _, _ in feed])
             next_feed = []
             for b, ((item, fed, start), token) in enumerate(zip(feed, tokens)):
-                item.seq.num_draft_computed = start + len(fed)
                 drafts[id(item)].append(token)
                 if q is not None:
                     probs[id(item)].append(q[b])
