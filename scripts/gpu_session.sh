@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
 #        [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -72,6 +72,15 @@ for step in "$@"; do
         --batch-size 2 --batch-size 4 --batch-size 8 --batch-size 16 --batch-size 32 --noise 0 --noise 0.3 \
         --noise 0.6 --gpu-memory-utilization 0.5 --json "$OUT/spec_8b_replay_batch.json" \
         --plot "$OUT/spec_8b_replay_batch.png" ;;
+    spec-fine)
+      # batch 1, 64 new tokens (the replay text holds), acceptance 0.6-1.0
+      python -m pytest tests/spec tests/gpu tests/engine/test_engine.py -q -p no:cacheprovider \
+        -k "not stop_string and not server and not padded and not smollm" > "$OUT/spec_tests.log" 2>&1
+      tail -3 "$OUT/spec_tests.log"
+      tuili bench spec --load-format dummy --model llama-3.1-8b --speculative-method ngram --replay --input-len 64 \
+        --output-len 64 --ignore-eos --num-prompts 16 --noise 0 --noise 0.03 --noise 0.06 --noise 0.1 --noise 0.15 \
+        --noise 0.2 --gpu-memory-utilization 0.5 --json "$OUT/spec_8b_replay_fine.json" \
+        --plot "$OUT/spec_8b_replay_fine.png" ;;
     quant-sweep)
       python scripts/sweep_quant_matmul.py "$OUT/quant_sweep.json" 2>&1 | tail -12 ;;
     quant)
