@@ -316,3 +316,19 @@ def test_lookahead_never_preempts():
     assert [(i.seq.request.request_id, i.num_new_tokens, i.num_lookahead) for i in batch] == [("old", 1, 0),
                                                                                              ("new", 1, 0)]
     assert blocks.num_free_blocks == 0 and len(seqs[1].block_table) == 2
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_padded_verification_keeps_outputs(models, plain, batch):
+    """Where verification has CUDA graphs (one shape: k proposals per sequence) the engine pads n-gram
+    proposals with filler; forced on here (CPU): same greedy output, filler left out of the metrics."""
+    prompts = prompts_for_test(batch)
+    expected = token_ids(plain.generate(prompts, GREEDY, use_tqdm=False))
+    llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=64, max_model_len=256,
+              speculative_method="ngram", num_speculative_tokens=3)
+    llm.engine.pad_verification = True
+    outs = run_stepwise(llm, prompts, GREEDY)
+    assert token_ids(outs) == expected
+    stats = llm.engine.spec_stats
+    assert stats.proposed < 3 * stats.seq_steps  # some steps were filler only or partly
+    assert 0 < stats.accepted <= stats.proposed

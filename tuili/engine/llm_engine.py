@@ -163,6 +163,8 @@ class LLMEngine:
         self._in_flight = None     # the launched step not yet collected (async scheduling)
         self._last_collect = 0.0
         self.spec_stats = SpecStats()
+        # verification steps padded to k proposals per sequence where that shape has CUDA graphs
+        self.pad_verification = self.proposer is not None and self.runner.graphs is not None
 
     def _load_draft(self, fused_ops: bool, triton_attention: bool, show_progress: bool) -> ModelRunner:
         """The draft model of --speculative-model, in the target's dtype, load format and KV cache dtype."""
@@ -313,6 +315,10 @@ class LLMEngine:
             start = time.perf_counter()
             self.proposer.propose([item for item in batch if item.num_lookahead])
             draft_seconds = time.perf_counter() - start
+            k = self.scheduler_config.num_speculative_tokens
+            if self.pad_verification and all(i.num_lookahead == k and i.draft_probs is None for i in batch):
+                for item in batch:  # every sequence k proposals: the verification step's CUDA graph
+                    item.pad_drafts()
             for item in batch:  # slots reserved for proposals that did not come
                 if len(item.draft_token_ids) < item.num_lookahead:
                     self.block_manager.trim(item.seq, item.seq.num_computed_tokens + item.num_new_tokens)
@@ -358,7 +364,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         entries = [(seq, [token], [logprobs], None) for seq, token, logprobs in result.sampled]
         if result.spec:
-            entries += [(seq, tokens, [None] * len(tokens), proposed) for seq, tokens, proposed in result.spec]
+            entries += [(seq, tokens, [None] * len(tokens), proposed) for seq, tokens, proposed, _ in result.spec]
             self._count_spec(result.spec, launched.draft_seconds, time.perf_counter() - launched.start)
         for seq, tokens, logprobs, proposed in entries:
             seq.num_pending -= 1
@@ -399,14 +405,16 @@ class LLMEngine:
         stats.steps += 1
         stats.draft_seconds += draft_seconds
         stats.verify_seconds += verify_seconds
-        for seq, tokens, proposed in spec:
+        for seq, tokens, proposed, filler in spec:
+            real = proposed - filler
+            accepted = min(len(tokens) - 1, real)
             seq.spec_steps += 1
-            seq.spec_proposed += proposed
-            seq.spec_accepted += len(tokens) - 1
+            seq.spec_proposed += real
+            seq.spec_accepted += accepted
             stats.seq_steps += 1
-            stats.proposed += proposed
-            stats.accepted += len(tokens) - 1
-        for request in {id(seq.request): seq.request for seq, _, _ in spec}.values():
+            stats.proposed += real
+            stats.accepted += accepted
+        for request in {id(seq.request): seq.request for seq, *_ in spec}.values():
             request.draft_time += draft_seconds
             request.verify_time += verify_seconds
 

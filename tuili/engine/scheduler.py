@@ -27,10 +27,21 @@ class ScheduledSeq:
         """True when this chunk reaches the end of the sequence, so a new token is sampled after it."""
         return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
 
+    num_filler: int = 0           # proposals added only to give the verification step its graph's shape
+
     def set_drafts(self, token_ids: list[int], probs: torch.Tensor | None = None) -> None:
         assert len(token_ids) <= self.num_lookahead
         self.num_new_tokens += len(token_ids) - len(self.draft_token_ids)
         self.draft_token_ids, self.draft_probs = token_ids, probs
+
+    def pad_drafts(self) -> None:
+        """Fill the proposals up to num_lookahead by repeating the last token (deterministic ones only: a
+        one-hot q). They are verified like any proposal, so the output is unchanged; metrics leave them out."""
+        assert self.draft_probs is None
+        missing = self.num_lookahead - len(self.draft_token_ids)
+        last = (self.draft_token_ids or self.seq.token_ids)[-1]
+        self.set_drafts(self.draft_token_ids + [last] * missing)
+        self.num_filler = missing
 
 
 class Scheduler:

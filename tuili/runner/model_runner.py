@@ -19,7 +19,7 @@ from tuili.sampling_params import PositionLogprobs
 class RunnerOutput:
     sampled: list[tuple[Sequence, int, PositionLogprobs | None]]           # (seq, new token, its logprobs)
     prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]          # entries to append per sequence
-    spec: list[tuple[Sequence, list[int], int]]                             # (seq, new tokens, proposed)
+    spec: list[tuple[Sequence, list[int], int, int]]                   # (seq, new tokens, proposed, filler)
 
 
 class ModelRunner:
@@ -196,7 +196,7 @@ class ModelRunner:
             tokens = self.sampler.verify(self.model.compute_logits(hidden[spec_rows_t.long()]),
                                          [i.seq for i in items], [i.draft_token_ids for i in items],
                                          [i.draft_probs for i in items])
-            spec = [(i.seq, t, len(i.draft_token_ids)) for i, t in zip(items, tokens)]
+            spec = [(i.seq, t, len(i.draft_token_ids), i.num_filler) for i, t in zip(items, tokens)]
         out = None
         if sampled_seqs:
             rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[sample_rows_t]  # pure decode: all
@@ -239,7 +239,7 @@ class Launched:
     def __init__(self, seqs: list[Sequence], sampled: SamplerOutput | None, host, prompt_logprobs,
                  spec=()) -> None:
         self.seqs = seqs
-        self.spec = list(spec)                # verified speculative sequences: (seq, new tokens, proposed)
+        self.spec = list(spec)                # verified speculative sequences: (seq, tokens, proposed, filler)
         self.sampled = sampled
         self.host = host                      # host copies of sampled.tensors() (+ the event that ends them)
         self.prompt_logprobs = prompt_logprobs
