@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
 from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
-from tuili.ops.rope import apply_rope, apply_rope_triton, qk_norm_rope, qk_norm_rope_triton  # noqa: E402
+from tuili.ops.rope import (apply_rope, apply_rope_rows, apply_rope_triton, qk_norm_rope,  # noqa: E402
+                             qk_norm_rope_triton, rope_rows)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -160,3 +161,15 @@ def test_strided_rows(dtype):
     assert_close(rms_norm_triton(x, weight, EPS), rms_norm(x, weight, EPS))
     gate_up = wide[:, :2 * 576]
     assert_close(silu_and_mul_triton(gate_up), silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_rows_match_the_reference_bit_for_bit(dtype):
+    """The CPU path's rope (table rows made once per step, full-width factors) rounds as apply_rope does."""
+    gen = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
+    positions = torch.tensor([3, 17, 17, 60])
+    q, k = torch.randn(4, 6, 32, generator=gen).to(dtype), torch.randn(4, 2, 32, generator=gen).to(dtype)
+    expected = apply_rope(q, k, cos[positions], sin[positions])
+    got = apply_rope_rows(q, k, *rope_rows(cos, sin, positions, dtype))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -46,6 +46,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_frequencies(head_dim, theta, scaling)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, head_dim / 2], fp32
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self._rows = None
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
@@ -54,4 +55,9 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if self.triton:  # the kernel reads the table rows itself
             return rope.apply_rope_triton(q, k, self.cos, self.sin, positions)
-        return rope.apply_rope(q, k, self.cos[positions], self.sin[positions])
+        # the step's rows of the tables, made once per forward: every layer shares this module and gets the
+        # same `positions` tensor (kept here, so `is` cannot match a new tensor at a reused address)
+        key = self._rows[0] if self._rows is not None else None
+        if key is not positions or self._rows[1].dtype != q.dtype:
+            self._rows = (positions, *rope.rope_rows(self.cos, self.sin, positions, q.dtype))
+        return rope.apply_rope_rows(q, k, *self._rows[1:])

@@ -116,6 +116,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens.weight.weight_loader = default_weight_loader
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, qk_norm)
                                     for _ in range(config.num_hidden_layers))
+        for layer in self.layers[1:]:  # one RoPE table for all layers (the torch path caches its rows per step)
+            layer.self_attn.rotary = self.layers[0].self_attn.rotary
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
