@@ -330,3 +330,26 @@ def test_gguf_common_format():
     assert common_format([NATIVE["Q4_0"], NATIVE["Q4_1"]]) == PackedFormat(4, 32, True)
     assert common_format([NATIVE["Q4_K"], NATIVE["Q4_K"], NATIVE["Q6_K"]]) == PackedFormat(8, 16, False)
     assert common_format([NATIVE["Q8_0"], NATIVE["Q6_K"]]) == PackedFormat(8, 16, False)
+
+
+def test_cpu_bf16_gguf_reads_an_int8_copy_of_the_tied_head(smollm, default_model_path):
+    """The default run (GGUF kept packed, CPU, bf16) scores decode rows with an INT8 per-row copy of the tied
+    embedding; fp32 keeps the float head (the exact-vs-HF runs); the answer is unchanged."""
+    import torch
+
+    from tuili import LLM, SamplingParams
+
+    assert smollm.engine.model.lm_head_int8 is None
+    llm = LLM(default_model_path, dtype="bfloat16", kv_cache_memory=0.05)
+    model = llm.engine.model
+    assert model.lm_head_int8 is not None
+    hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    fast = model.compute_logits(hidden).float()
+    head, model.lm_head_int8 = model.lm_head_int8, None
+    exact = model.compute_logits(hidden).float()
+    model.lm_head_int8 = head
+    assert (fast - exact).abs().max() < 0.02 * exact.abs().max()
+    assert torch.equal(fast.argmax(-1), exact.argmax(-1))
+    prompt = llm.encode_chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    assert out.outputs[0].text == "The capital of France is Paris."

@@ -121,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], scales)
 
     def set_backends(self, fused_ops: bool, triton_attention: bool) -> None:
         """Triton kernels (fused_ops: norms, RoPE, SiLU; triton_attention: paged attention) or torch references."""
@@ -160,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:                                           # tied embeddings
+            if self.lm_head_int8 is not None and hidden.shape[0] <= 16 and hidden.dtype == self.lm_head_int8[1].dtype:
+                return torch._weight_int8pack_mm(hidden.contiguous(), *self.lm_head_int8)  # see load_model
             return F.linear(hidden, self.embed_tokens.weight)              # [N, vocab]
         return self.lm_head(hidden)
 
