@@ -332,3 +332,21 @@ def test_padded_verification_keeps_outputs(models, plain, batch):
     stats = llm.engine.spec_stats
     assert stats.proposed < 3 * stats.seq_steps  # some steps were filler only or partly
     assert 0 < stats.accepted <= stats.proposed
+
+
+def test_bench_spec_cli(models, tmp_path):
+    """`tuili bench spec`: baseline and speculative runs per batch size and noise, greedy outputs compared."""
+    import json
+
+    from tuili.cli import main
+
+    path = tmp_path / "spec.json"
+    assert main(["bench", "spec", "--model", models["llama"], "--dtype", "float32", "--num-gpu-blocks-override",
+                 "256", "--speculative-method", "ngram", "--replay", "--input-len", "8", "--repeat", "3",
+                 "--num-prompts", "2", "--output-len", "12", "--ignore-eos", "--batch-size", "1", "--batch-size",
+                 "2", "--noise", "0", "--noise", "0.5", "--json", str(path)]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert [(r["batch_size"], r["noise"]) for r in runs] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
+    assert all(r["identical_outputs"] == 1.0 for r in runs)          # fp32: speculation changes nothing
+    assert runs[0]["speculative"]["acceptance_rate"] == 1.0          # the oracle at noise 0
+    assert runs[1]["speculative"]["acceptance_rate"] < 1.0

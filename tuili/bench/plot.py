@@ -96,8 +96,8 @@ def spec_plot(report: dict, path: str) -> None:
     ax_b.set_ylabel("decode speed-up")
     ax_b.set_title("where speculation stops paying")
     args = report["engine_args"]
-    fig.suptitle(f"{os.path.basename(report['model'])} {report['dtype']}, {report['proposer']} k={args['num_speculative_tokens']} "
-                 f"on {report['device']} ({report['commit']})", fontsize=9)
+    fig.suptitle(f"{os.path.basename(report['model'])} {report['dtype']}, {report['proposer']} "
+                 f"k={args['num_speculative_tokens']} on {report['device']} ({report['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

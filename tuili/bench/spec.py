@@ -11,8 +11,8 @@ so this is how their verification cost is measured against acceptance. The oracl
 whose every step is a verification of k random proposals, not the plain run's: in bf16 a random model's
 greedy text is chaotic, and a k + 1-row verification pass rounds differently from a one-row decode step, so
 the plain run's text would stop matching within a few tokens; a verification row computes the same whatever
-the other rows hold, so the reference run's text is what the replay runs verify. The batch-size sweep shows where
-speculation stops paying, which is what the engine's `--speculative-disable-batch-size` rule is set from.
+the other rows hold, so the reference run's text is what the replay runs verify. The batch-size sweep shows
+where speculation stops paying, which is what the engine's `--speculative-disable-batch-size` rule is set from.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class NoisyProposer:
 
 
 class ReplayProposer:
-    """Proposes, at each sequence's current output length, the tokens the baseline run generated there."""
+    """Proposes, at each sequence's current output length, the tokens a reference run generated there."""
 
     def __init__(self, prompts: list[list[int]], outputs: list[list[int]], vocab_size: int) -> None:
         self.reference = {tuple(p): o for p, o in zip(prompts, outputs)}
@@ -65,8 +65,8 @@ class ReplayProposer:
 
 
 def bench_prompts(llm: LLM, ns: argparse.Namespace) -> list[list[int]]:
-    """The fixed chat prompts of `tuili eval agreement` (or --prompt ones), or random ones (--input-len) repeated --repeat times
-    (for n-gram proposals on a model without a tokenizer)."""
+    """The fixed chat prompts of `tuili eval agreement` (or the --prompt ones), or random ones (--input-len)
+    repeated --repeat times (n-gram proposals on a model without a tokenizer)."""
     if ns.input_len is None:
         from tuili.bench.quality import prompt_ids
 
@@ -77,8 +77,10 @@ def bench_prompts(llm: LLM, ns: argparse.Namespace) -> list[list[int]]:
             for _ in range(ns.num_prompts)]
 
 
-def measure(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams, speculate: bool) -> dict:
-    """Decode tok/s over the prompts, `batch_size` at a time (first token to finish, i.e. after prefill)."""
+def measure(llm: LLM, prompts: list[list[int]], batch_size: int, params: SamplingParams,
+            speculate: bool) -> tuple[dict, list[list[int]]]:
+    """Decode tok/s over the prompts, `batch_size` at a time (first token to finish, i.e. after prefill), and
+    the outputs."""
     engine = llm.engine
     engine.scheduler.config.speculative_disable_batch_size = batch_size if speculate else 0
     engine.spec_stats = SpecStats()
@@ -112,7 +114,7 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     for batch_size in ns.batch_size or [1]:
         base, base_out = measure(llm, prompts, batch_size, params, speculate=False)
         inner = proposer
-        if ns.replay:  # the reference: verification steps only, every proposal random (see replay_reference)
+        if ns.replay:  # the reference: verification steps only, every proposal random (module docstring)
             engine.proposer = NoisyProposer(ReplayProposer(prompts, base_out, vocab), 1.0, vocab)
             _, reference = measure(llm, prompts, batch_size, params, speculate=True)
             inner = ReplayProposer(prompts, reference, vocab)
@@ -134,8 +136,8 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     engine.scheduler.config.speculative_disable_batch_size = engine_args.speculative_disable_batch_size
     report = {"workload": "spec", **environment(engine.device), "model": engine.model_name,
               "dtype": str(engine.dtype).removeprefix("torch."), "engine_args": dataclasses.asdict(engine_args),
-              "proposer": "replay" if ns.replay else engine_args.speculative_method, "num_prompts": len(prompts), "prompt_lens": [len(p) for p in prompts], "output_len": ns.output_len,
-              "runs": runs}
+              "proposer": "replay" if ns.replay else engine_args.speculative_method, "num_prompts": len(prompts),
+              "prompt_lens": [len(p) for p in prompts], "output_len": ns.output_len, "runs": runs}
     from tuili.bench.plot import save_report, spec_plot
 
     save_report(report, ns.json, ns.plot, spec_plot)

@@ -21,13 +21,12 @@ class ScheduledSeq:
     num_lookahead: int = 0        # speculation: slots reserved for up to this many proposed tokens
     draft_token_ids: list[int] = field(default_factory=list)  # the proposals (included in num_new_tokens)
     draft_probs: torch.Tensor | None = None  # [len(draft_token_ids), V]: the draft's q (sampled draft only)
+    num_filler: int = 0           # proposals added only to give the verification step its graph's shape
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so a new token is sampled after it."""
         return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
-
-    num_filler: int = 0           # proposals added only to give the verification step its graph's shape
 
     def set_drafts(self, token_ids: list[int], probs: torch.Tensor | None = None) -> None:
         assert len(token_ids) <= self.num_lookahead
