@@ -1,9 +1,8 @@
-"""Speculative decoding: proposers (n-gram / prompt lookup) and exact verification (rejection sampling).
-
-This stop holds the parts that are pure functions, each tested on its own; their use inside the engine
-(scheduling k + 1 tokens per sequence, KV rollback, a draft model's cache, metrics) is issue 8's next step.
-"""
-from tuili.spec.ngram import propose_ngram
+"""Speculative decoding: proposers (n-gram / prompt lookup, draft model) and exact verification (greedy prefix,
+rejection sampling). The scheduler reserves k lookahead slots per decoding sequence, the engine asks a proposer
+to fill them, the runner verifies them in one target pass (Sampler.verify), and the engine appends the accepted
+run and rolls the rest back (tuili/engine/llm_engine.py)."""
 from tuili.spec.rejection import verify_greedy, verify_sampled
+from tuili.spec.ngram import NgramProposer, propose_ngram
 
-__all__ = ["propose_ngram", "verify_greedy", "verify_sampled"]
+__all__ = ["NgramProposer", "propose_ngram", "verify_greedy", "verify_sampled"]
