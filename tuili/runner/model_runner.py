@@ -193,7 +193,8 @@ class ModelRunner:
         spec = []
         if spec_rows:  # verification: the host waits for it (the proposals of the next step depend on it)
             items = [item for item in batch if item.draft_token_ids]
-            tokens = self.sampler.verify(self.model.compute_logits(hidden[spec_rows_t.long()]),
+            rows = hidden if len(spec_rows) == hidden.shape[0] else hidden[spec_rows_t.long()]
+            tokens = self.sampler.verify(self.model.compute_logits(rows),
                                          [i.seq for i in items], [i.draft_token_ids for i in items],
                                          [i.draft_probs for i in items])
             spec = [(i.seq, t, len(i.draft_token_ids), i.num_filler) for i, t in zip(items, tokens)]

@@ -74,6 +74,13 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num: list[int]) -
     return logprob_entries(top_logprob_tensors(logprobs, chosen, max(num)), chosen.tolist(), num)
 
 
+def _has_processors(seq: Sequence) -> bool:
+    """Penalties, or a min_tokens not yet reached: the logits need processing before the argmax."""
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+            or seq.num_output_tokens + seq.num_pending < p.min_tokens)
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list (or CPU tensor) on `device` without a stream sync (pinned + non_blocking on CUDA)."""
     t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
@@ -128,6 +135,17 @@ class Sampler:
         as if the proposals before it were accepted; greedy sequences accept the matching prefix, sampled ones
         go through exact rejection sampling against the draft's q (one-hot where `draft_probs[i]` is None).
         Returns each sequence's new tokens: the accepted proposals, then one token from the target."""
+        if all(s.params.greedy and not _has_processors(s) for s in seqs):
+            # the common case, greedy without penalties or min_tokens: one argmax, one copy, the prefix on the
+            # host (a verification step is serial; its few small ops and copies are host time the GPU waits for)
+            argmax, out, row = logits.argmax(dim=-1).tolist(), [], 0
+            for d in drafts:
+                a = 0
+                while a < len(d) and argmax[row + a] == d[a]:
+                    a += 1
+                out.append(d[:a] + [argmax[row + a]])
+                row += len(d) + 1
+            return out
         views = [PrefixView(seq, d[:j]) for seq, d in zip(seqs, drafts) for j in range(len(d) + 1)]
         logits = self._apply_min_tokens(self._apply_penalties(logits.to(torch.float32, copy=True), views), views)
         device, k = logits.device, max(len(d) for d in drafts)
