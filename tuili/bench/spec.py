@@ -1,4 +1,4 @@
-"""`tuili bench spec`: speculative decoding's decode speed-up and acceptance (workload 6 of BENCHMARKS.md).
+"""`tuili bench spec`: speculative decoding's decode speed-up and acceptance (BENCHMARKS.md's speculative target).
 
 One engine with the proposer under test; at each batch size the same prompts run with speculation forced off
 (the baseline, same weights, same process) and forced on, greedy, and the outputs are compared token for
