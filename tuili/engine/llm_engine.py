@@ -312,8 +312,7 @@ class LLMEngine:
         prev, self._in_flight = self._in_flight, None
         outputs: list[RequestOutput] = []
         running = self.scheduler.running
-        speculating = 0 < len(running) <= self.scheduler_config.speculative_disable_batch_size and \
-            any(self.scheduler.can_speculate(s) for s in running)
+        speculating = self.scheduler.speculation_on() and any(self.scheduler.can_speculate(s) for s in running)
         if prev is not None and (speculating or any(s.needs_host_tokens for s in running)):
             # penalties, prompt logprobs or speculation (proposals need the newest token): no overlap
             outputs += self._collect(prev, finished_only)

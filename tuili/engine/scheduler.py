@@ -86,7 +86,7 @@ class Scheduler:
                 budget -= n
                 i += 1
         # speculation's lookahead comes second, from what is left: it never preempts anyone
-        if 0 < len(self.running) <= self.config.speculative_disable_batch_size:
+        if self.speculation_on():
             for item in batch:
                 k = self._lookahead(item.seq, budget + 1)
                 total = item.seq.num_computed_tokens + item.num_new_tokens + k
@@ -108,6 +108,10 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, n))
             budget -= n
         return batch
+
+    def speculation_on(self) -> bool:
+        """The batch-size rule: speculate while at most speculative_disable_batch_size sequences run."""
+        return 0 < len(self.running) <= self.config.speculative_disable_batch_size
 
     def can_speculate(self, seq: Sequence) -> bool:
         """A decoding sequence (one new token) whose request does not want logprobs."""

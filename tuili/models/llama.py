@@ -24,7 +24,7 @@ def head_dim_of(config) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -35,8 +35,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        theta, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        self.rotary = rotary  # one for all layers (the torch path caches the step's table rows in it)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.fused_qk_norm_rope = None
 
@@ -81,10 +80,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm)
+        self.self_attn = LlamaAttention(config, qkv_bias, qk_norm, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -114,10 +113,10 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.embed_tokens.weight.weight_loader = default_weight_loader
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, qk_norm)
+        theta, scaling = rope_parameters(config)
+        rotary = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings, theta, scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, qk_norm, rotary)
                                     for _ in range(config.num_hidden_layers))
-        for layer in self.layers[1:]:  # one RoPE table for all layers (the torch path caches its rows per step)
-            layer.self_attn.rotary = self.layers[0].self_attn.rotary
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)

@@ -107,9 +107,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             greedy = to_device([p.greedy for p in params], torch.bool, device)
-            temperature = to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32,
-                                    device)[:, None]
-            probs = self._filter(logits / temperature, params).softmax(dim=-1)
+            probs = self.distribution(logits, params)
             noise = torch.empty_like(probs).exponential_()
             seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not params[i].greedy]
             if seeded:
@@ -167,10 +165,8 @@ class Sampler:
             else:
                 rows = [r for i in group for r in range(first[i], first[i + 1])]
                 row_params = [views[r].params for r in rows]
-                temperature = to_device([p.temperature for p in row_params], torch.float32, device)[:, None]
                 probs = torch.zeros_like(logits)
-                probs[to_device(rows, torch.long, device)] = self._filter(
-                    logits[rows] / temperature, row_params).softmax(dim=-1)
+                probs[to_device(rows, torch.long, device)] = self.distribution(logits[rows], row_params)
                 q = None
                 if any(draft_probs[i] is not None for i in group):
                     q = torch.zeros(len(group), k, logits.shape[1], device=device)
@@ -208,6 +204,13 @@ class Sampler:
                 if banned:
                     logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
         return logits
+
+    @staticmethod
+    def distribution(logits: torch.Tensor, params) -> torch.Tensor:
+        """Each row's sampling distribution: temperature (1 for greedy rows), then top-k / top-p / min-p."""
+        temperature = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32,
+                                logits.device)[:, None]
+        return Sampler._filter(logits / temperature, params).softmax(dim=-1)
 
     @staticmethod
     def _filter(logits: torch.Tensor, params) -> torch.Tensor:

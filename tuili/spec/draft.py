@@ -94,9 +94,7 @@ class DraftProposer:
         params = [s.params for s in seqs]
         if all(p.greedy for p in params):
             return tokens.tolist(), None
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
-                                   device=logits.device)[:, None]
-        q = Sampler._filter(logits / temperature, params).softmax(dim=-1)
+        q = Sampler.distribution(logits, params)
         u = _uniform(len(seqs), 1, [s.generator for s in seqs])[:, 0]
         sampled = _categorical(q, u)
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
