@@ -321,15 +321,25 @@ def test_lookahead_never_preempts():
 @pytest.mark.parametrize("batch", [1, 8])
 def test_padded_verification_keeps_outputs(models, plain, batch):
     """Where verification has CUDA graphs (one shape: k proposals per sequence) the engine pads n-gram
-    proposals with filler; forced on here (CPU): same greedy output, filler left out of the metrics."""
+    proposals with filler, and the last steps before max_tokens keep k proposals; forced on here (CPU): same
+    greedy output, every verification of that shape, filler left out of the metrics."""
     prompts = prompts_for_test(batch)
     expected = token_ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=64, max_model_len=256,
               speculative_method="ngram", num_speculative_tokens=3)
-    llm.engine.pad_verification = True
+    engine = llm.engine
+    engine.pad_verification = engine.scheduler.full_lookahead = True
+    shapes = set()
+    launch = engine.runner.launch
+
+    def recording_launch(batch, prev=None):
+        shapes.update(len(i.draft_token_ids) for i in batch if i.draft_token_ids)
+        return launch(batch, prev)
+    engine.runner.launch = recording_launch
     outs = run_stepwise(llm, prompts, GREEDY)
     assert token_ids(outs) == expected
-    stats = llm.engine.spec_stats
+    assert shapes == {3}  # k proposals in every verification, the last steps of a request too (full_lookahead)
+    stats = engine.spec_stats
     assert stats.proposed < 3 * stats.seq_steps  # some steps were filler only or partly
     assert 0 < stats.accepted <= stats.proposed
 

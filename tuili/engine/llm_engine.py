@@ -174,6 +174,7 @@ class LLMEngine:
         self.spec_stats = SpecStats()
         # verification steps padded to k proposals per sequence where that shape has CUDA graphs
         self.pad_verification = self.proposer is not None and self.runner.graphs is not None
+        self.scheduler.full_lookahead = self.pad_verification
 
     def _load_draft(self, fused_ops: bool, triton_attention: bool, show_progress: bool) -> ModelRunner:
         """The draft model of --speculative-model, in the target's dtype, load format and KV cache dtype."""

@@ -60,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept sorted by seq_id, i.e. by age: the newest is last
         self.num_preemptions = 0
+        self.full_lookahead = False  # see _lookahead
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -118,12 +119,15 @@ class Scheduler:
         return seq.num_uncomputed_tokens == 1 and seq.params.logprobs is None
 
     def _lookahead(self, seq: Sequence, budget: int) -> int:
-        """How many tokens `seq` may have proposed this step: k, bounded by the budget, max_model_len and
-        max_tokens; none while a token is in flight, in prefill, or when the request wants logprobs."""
+        """How many tokens `seq` may have proposed this step: k, bounded by the budget, max_model_len and (unless
+        `full_lookahead`) max_tokens; none while a token is in flight, in prefill, or when the request wants
+        logprobs. `full_lookahead` (set where verification has CUDA graphs, for k proposals only): the last
+        steps of a request keep k, the ones past max_tokens are verified and dropped, in a graph's time
+        instead of an eager pass's (several times longer)."""
         if seq.num_pending or not self.can_speculate(seq):
             return 0
         k = min(self.config.num_speculative_tokens, budget - 1, self.config.max_model_len - len(seq) - 1)
-        if seq.params.max_tokens is not None:
+        if seq.params.max_tokens is not None and not self.full_lookahead:
             k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
         return max(k, 0)
 
