@@ -131,6 +131,38 @@ def test_decode(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
     check(out, reference(q, k_cache, v_cache, meta, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("query_len, seq_lens, group", [(2, [2, 17, 100], 4), (5, [5, 16, 21, 333], 3),
+                                                        (9, [9, 40], 1)])
+def test_decode_several_tokens_per_sequence(query_len, seq_lens, group, num_splits, dtype):
+    """Speculative verification: every sequence `query_len` new tokens, causal among them, through the
+    flash-decoding kernel (splits shorter than query_len at the end: rows that see none of a split)."""
+    meta, k_cache, v_cache = make_batch([query_len] * len(seq_lens), seq_lens, 16, 2, 64, dtype)
+    q = random_q(meta, 2 * group, 64, dtype)
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, num_splits,
+                                 block_n=DECODE_BLOCK_N, query_len=query_len)
+    check(out, reference(q, k_cache, v_cache, meta, 0.125), dtype)
+
+
+def test_uniform_short_queries_dispatch_to_decode_kernel(monkeypatch):
+    """Same few new tokens per sequence -> the decode kernel; too many rows, or unequal lengths -> prefill."""
+    import tuili.ops.attention_triton as attention_triton
+
+    prefill = attention_triton.paged_prefill_attention
+    calls = []
+    monkeypatch.setattr(attention_triton, "paged_prefill_attention",
+                        lambda *a, **kw: calls.append(1) or prefill(*a, **kw))
+    for query_lens, seq_lens, group, expected in [([5, 5], [30, 70], 4, 0), ([17], [40], 4, 1),
+                                                  ([5, 3], [30, 70], 4, 1)]:
+        meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, 64, torch.float32)
+        q = random_q(meta, 2 * group, 64, torch.float32)
+        calls.clear()
+        check(paged_attention_triton(q, k_cache, v_cache, meta, 0.125), reference(q, k_cache, v_cache, meta, 0.125),
+              torch.float32)
+        assert len(calls) == expected
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_decode_other_block_sizes_and_dispatch(block_size):
     meta, k_cache, v_cache = make_batch([1] * 3, [5, 70, 129], block_size, 2, 64, torch.float32)

@@ -416,6 +416,8 @@ class LLMEngine:
         stats.verify_seconds += verify_seconds
         for seq, tokens, proposed, filler in spec:
             real = proposed - filler
+            if seq.params.max_tokens is not None:  # proposals past max_tokens (full_lookahead) do not count
+                real = max(0, min(real, seq.params.max_tokens - seq.num_output_tokens - 1))
             accepted = min(len(tokens) - 1, real)
             seq.spec_steps += 1
             seq.spec_proposed += real

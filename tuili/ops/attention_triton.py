@@ -95,9 +95,11 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (k_scale * qk_scale)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
-    if score_mask is not None:
-        s = tl.where(score_mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first tile on: every row sees that tile's first key
+    if score_mask is not None:  # finite, not -inf: a row that sees no key of its split (decode kernel, QLEN > 1)
+        # must not make NaN; its sum of junk gets lse ~ -1e30, weight 0 in the split merge. A row that has seen a
+        # key is unaffected (exp2(-1e30 - m) = 0), and every row sees the first key of its split but that one.
+        s = tl.where(score_mask, s, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -111,13 +113,16 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
-    kv head g (rows padded to BLOCK_G >= 16 for tl.dot) over split s of sequence b's context: split s covers
-    whole pages [s * split_len, (s + 1) * split_len), split_len = ceil(ceil(seq_len / splits) / page) * page,
-    all read from device memory, so one launch serves any seq_lens (CUDA-graph safe).
-    q: [B, H, D]; out: [B, H, splits, D] (fp32, normalised per split) with lse: [B, H, splits] (log2 domain)
-    when WRITE_LSE, else out: [B, H, D] in q's dtype (one split: final)."""
+    kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
+    over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
+    ceil(ceil(seq_len / splits) / page) * page, all read from device memory, so one launch serves any seq_lens
+    (CUDA-graph safe). QLEN > 1 (speculative verification: every sequence the same number of new tokens): row
+    (j, head) sits at position seq_len - QLEN + j and sees the keys up to it; each K/V tile is read once for
+    all of them.
+    q: [B * QLEN, H, D]; out: [B * QLEN, H, splits, D] (fp32, normalised per split) with lse: [B * QLEN, H,
+    splits] (log2 domain) when WRITE_LSE, else out: [B * QLEN, H, D] in q's dtype (one split: final)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,10 +133,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + offs_g
-    head_mask = offs_g < GROUP
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+    token = offs_g // GROUP                               # which of the sequence's new tokens a row is
+    heads = kv_head * GROUP + offs_g % GROUP
+    head_mask = offs_g < GROUP * QLEN
+    tokens = b.to(tl.int64) * QLEN + token
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=head_mask[:, None], other=0.0)
+    visible_end = seq_len - QLEN + 1 + token              # one past the last key each row sees
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -140,18 +148,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
+        if QLEN == 1:
+            score_mask = valid[None, :]
+        else:  # a row sees a prefix of the split; one that sees none of it gets lse ~ -1e30: weight 0 in the merge
+            score_mask = n[None, :] < tl.minimum(visible_end, end)[:, None]
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_ptr, kv_head, n,
-                                     valid, valid[None, :], m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
+                                     valid, score_mask, m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
                                      stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE,
                                      NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
     # an empty split (seq_len <= start) writes out 0 and lse -inf, which the merge weighs 0
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    out_ptrs = out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     if WRITE_LSE:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + b * stride_lt + heads * stride_lh + split, lse, mask=head_mask)
+        tl.store(lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=head_mask)
 
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
@@ -341,30 +353,32 @@ def _decode_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int, block_n: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence: q [B, H, D] over each sequence's first seq_lens[b] cached tokens.
+                           v_scale: torch.Tensor | None = None, query_len: int = 1) -> torch.Tensor:
+    """`query_len` new tokens per sequence (1: decode; more: a verification step), the last of each
+    sequence's seq_lens[b] cached tokens, causal: q [B * query_len, H, D] -> the same shape.
 
     Reads no device value on the host and launches a grid that depends only on B and num_splits, so it can be
     captured in a CUDA graph and replayed with other seq_lens / block_tables. seq_len 0 gives zeros.
     """
     head_dim, group = _check_cache(q, k_cache, v_cache)
-    batch, num_heads = q.shape[:2]
-    if seq_lens.shape[0] != batch or block_tables.shape[0] != batch:
-        raise ValueError(f"decode needs one query per sequence: q has {batch} rows, seq_lens "
+    rows, num_heads = q.shape[:2]
+    batch = rows // query_len
+    if rows != batch * query_len or seq_lens.shape[0] != batch or block_tables.shape[0] != batch:
+        raise ValueError(f"decode needs {query_len} queries per sequence: q has {rows} rows, seq_lens "
                          f"{seq_lens.shape[0]}, block_tables {block_tables.shape[0]}")
     k_scale, v_scale, quantized = _scales(k_cache, k_scale, v_scale)
     q = q if q.stride(2) == 1 else q.contiguous()
-    block_g = max(16, _next_power_of_2(group))
+    block_g = max(16, _next_power_of_2(group * query_len))
     tile_n, num_warps, num_stages = _decode_tiles(head_dim, q.dtype)
     block_n = block_n or tile_n
     kernels = _kernels()
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # the one split is the answer: write it straight to out
         partial, lse = out, out
         partial_strides = (out.stride(0), out.stride(1), 0)
     else:
-        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        partial = torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
         partial_strides = partial.stride()[:3]
     kernels.decode[(batch, k_cache.shape[2], num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, partial, lse, scale, q.stride(0),
@@ -372,9 +386,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(2), block_tables.stride(0), *partial_strides, lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len, num_warps=num_warps,
+        num_stages=num_stages)
     if num_splits > 1:
-        kernels.merge[(batch, num_heads)](
+        kernels.merge[(rows, num_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), num_splits,
             BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
@@ -413,15 +428,21 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+MULTI_QUERY_ROWS = 64  # the decode kernel takes up to this many (token, query head) rows per kv head
+
+
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for `paged_attention`: q [T, H, D] -> [T, H, D]; flash-decoding when every query is a decode."""
     scales = dict(k_scale=k_scale, v_scale=v_scale)
-    if meta.is_pure_decode:
-        num_splits = choose_num_splits(q.shape[0], k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
+    q_len, q_lens = meta.max_query_len, meta.query_lens_cpu
+    if q_len == 1 or (q_len * q.shape[1] // k_cache.shape[2] <= MULTI_QUERY_ROWS and min(q_lens) == q_len):
+        # decodes, or every sequence the same few new tokens (speculative verification): flash-decoding, each
+        # K/V tile read once for all query heads and tokens of a kv head, the context split across programs
+        num_splits = choose_num_splits(len(q_lens), k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
-                                      **scales)
+                                      query_len=q_len, **scales)
     # a mixed batch: its leading decodes (the runner puts them first) go to the GQA-aware decode kernel, which
     # reads each K/V page once for all query heads; the prefill kernel would read it once per head
     num_decodes = 0
