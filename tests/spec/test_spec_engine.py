@@ -358,5 +358,7 @@ def test_bench_spec_cli(models, tmp_path):
     runs = json.loads(path.read_text())["runs"]
     assert [(r["batch_size"], r["noise"]) for r in runs] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
     assert all(r["identical_outputs"] == 1.0 for r in runs)          # fp32: speculation changes nothing
+    for r in runs:  # 1 + accepted per step, over 1 + k c
+        assert 1.0 <= r["ideal_speedup"] <= 1 + r["speculative"]["mean_accepted_length"]
     assert runs[0]["speculative"]["acceptance_rate"] == 1.0          # the oracle at noise 0
     assert runs[1]["speculative"]["acceptance_rate"] < 1.0

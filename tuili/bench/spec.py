@@ -94,6 +94,16 @@ def measure(llm: LLM, prompts: list[list[int]], batch_size: int, params: Samplin
     return {"decode_tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, **stats}, outputs
 
 
+def ideal_speedup(spec: dict, base: dict, batch_size: int, k: int) -> float:
+    """The speed-up if a verification step cost exactly a decode step: (1 + accepted per step) / (1 + k c), c
+    = proposing cost per token over a decode step. For independent acceptances with probability a, 1 +
+    accepted per step is (1 - a^(k+1)) / (1 - a): BENCHMARKS.md's theoretical speed-up at the a the run
+    measured."""
+    decode_step = base["seconds"] / base["tokens"] * batch_size
+    c = spec["draft_seconds"] / max(spec["steps"], 1) / (k * decode_step)
+    return (1 + spec["mean_accepted_length"]) / (1 + k * c)
+
+
 def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     if engine_args.speculative_method is None:
         raise ValueError("bench spec needs a proposer: --speculative-method ngram or --speculative-model DIR")
@@ -124,10 +134,12 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             engine.proposer = proposer
             row = {"batch_size": batch_size, "noise": noise, "baseline": base, "speculative": spec,
                    "speedup": spec["decode_tok_s"] / base["decode_tok_s"],
+                   "ideal_speedup": ideal_speedup(spec, base, batch_size, engine_args.num_speculative_tokens),
                    "identical_outputs": sum(a == b for a, b in zip(spec_out, base_out)) / len(base_out)}
             runs.append(row)
             print(f"  batch {batch_size:3d} noise {noise:.2f}: {base['decode_tok_s']:8.1f} -> "
-                  f"{spec['decode_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x), acceptance "
+                  f"{spec['decode_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x, "
+                  f"{100 * row['speedup'] / row['ideal_speedup']:.0f}% of the ideal {row['ideal_speedup']:.2f}x), acceptance "
                   f"{spec['acceptance_rate']:.2f}, {spec['mean_accepted_length']:.2f} accepted per step, draft "
                   f"{1e3 * spec['draft_seconds'] / max(spec['steps'], 1):.1f} ms/step, verify "
                   f"{1e3 * spec['verify_seconds'] / max(spec['steps'], 1):.1f} ms/step (plain decode "
