@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
 from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
-from tuili.ops.rope import (apply_rope, apply_rope_rows, apply_rope_triton, qk_norm_rope,  # noqa: E402
+from tuili.ops.rope import (apply_rope, apply_rope_triton, rotate_rows, qk_norm_rope,  # noqa: E402
                              qk_norm_rope_triton, rope_rows)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -165,11 +165,13 @@ def test_strided_rows(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rope_rows_match_the_reference_bit_for_bit(dtype):
-    """The CPU path's rope (table rows made once per step, full-width factors) rounds as apply_rope does."""
+    """The CPU path's rope (table rows made once per step, full-width factors, q and k rotated as one tensor
+    of their side-by-side heads, a strided view of qkv) rounds as apply_rope does."""
     gen = torch.Generator().manual_seed(0)
     cos, sin = torch.randn(64, 16, generator=gen), torch.randn(64, 16, generator=gen)
     positions = torch.tensor([3, 17, 17, 60])
-    q, k = torch.randn(4, 6, 32, generator=gen).to(dtype), torch.randn(4, 2, 32, generator=gen).to(dtype)
+    qkv = torch.randn(4, 10, 32, generator=gen).to(dtype)
+    q, k = qkv[:, :6], qkv[:, 6:8]
     expected = apply_rope(q, k, cos[positions], sin[positions])
-    got = apply_rope_rows(q, k, *rope_rows(cos, sin, positions, dtype))
+    got = rotate_rows(qkv[:, :8], *rope_rows(cos, sin, positions, dtype)).split([6, 2], dim=1)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -55,9 +55,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if self.triton:  # the kernel reads the table rows itself
             return rope.apply_rope_triton(q, k, self.cos, self.sin, positions)
+        return self.rotate(positions, q), self.rotate(positions, k)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The torch path for one [T, heads, D] tensor (q and k side by side in one go: fewer ops per layer)."""
         # the step's rows of the tables, made once per forward: every layer shares this module and gets the
         # same `positions` tensor (kept here, so `is` cannot match a new tensor at a reused address)
         key = self._rows[0] if self._rows is not None else None
-        if key is not positions or self._rows[1].dtype != q.dtype:
-            self._rows = (positions, *rope.rope_rows(self.cos, self.sin, positions, q.dtype))
-        return rope.apply_rope_rows(q, k, *self._rows[1:])
+        if key is not positions or self._rows[1].dtype != x.dtype:
+            self._rows = (positions, *rope.rope_rows(self.cos, self.sin, positions, x.dtype))
+        return rope.rotate_rows(x, *self._rows[1:])

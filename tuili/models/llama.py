@@ -50,7 +50,10 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)                      # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)                   # [T, KVH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.fused_qk_norm_rope is not None:
+        if self.q_norm is None and not self.rotary.triton:  # torch path: q and k rotated as one tensor
+            qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+            q, k = self.rotary.rotate(positions, qk).split([self.num_heads, self.num_kv_heads], dim=1)
+        elif self.fused_qk_norm_rope is not None:
             q, k = self.fused_qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                            self.rotary.cos, self.rotary.sin, positions)
         else:

@@ -58,9 +58,9 @@ def _gather(cache: torch.Tensor, scales: torch.Tensor | None, block_table: torch
             dtype: torch.dtype) -> torch.Tensor:
     """The first `length` tokens of one sequence's K or V: [length, KVH, D] in `dtype`."""
     num_blocks = -(-length // cache.shape[1])
-    pages = block_table[:num_blocks]
-    return dequantize_kv(cache[pages].flatten(0, 1)[:length],
-                         None if scales is None else scales[pages].flatten(0, 1)[:length], dtype)
+    pages = block_table[:num_blocks]  # index_select: a third of advanced indexing's overhead on the CPU
+    return dequantize_kv(cache.index_select(0, pages).flatten(0, 1)[:length],
+                         None if scales is None else scales.index_select(0, pages).flatten(0, 1)[:length], dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -108,6 +108,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
             scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """One query token per sequence: gather every sequence's pages at once, mask past each length."""
     b = q.shape[0]
+    if b == 1 and q.device.type == "cpu":
+        return _decode_one_cpu(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     num_blocks = -(-meta.max_seq_len // k_cache.shape[1])
     tables = meta.block_tables[:, :num_blocks]
     # CPU SDPA is several times faster in fp32
@@ -119,3 +121,18 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     o = F.scaled_dot_product_attention(qv, k, v, attn_mask=mask[:, None, None, :], scale=scale,
                                        enable_gqa=True)                 # [B, H, 1, D]
     return o.to(q.dtype).view(b, -1, q.shape[-1])
+
+
+def _decode_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """Batch-1 decode on the CPU, where a step is mostly per-op overhead: the context's exact length (no mask),
+    the query heads of each kv head as rows of one fp32 matmul (no GQA expansion)."""
+    n = meta.seq_lens_cpu[0]
+    kv_heads, d = k_cache.shape[2], q.shape[-1]
+    table = meta.block_tables[0]
+    k = _gather(k_cache, k_scale, table, n, torch.float32)                  # [n, KVH, D]
+    v = _gather(v_cache, v_scale, table, n, torch.float32)
+    qf = q.view(kv_heads, -1, d).float()                                    # [KVH, G, D]: head h -> kv head h // G
+    scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)                 # [KVH, G, n]
+    o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))        # [KVH, G, D]
+    return o.view(1, -1, d).to(q.dtype)

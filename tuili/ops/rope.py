@@ -28,16 +28,11 @@ def rope_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
     return torch.cat((c, c), -1)[:, None, :].to(dtype), torch.cat((-s, s), -1)[:, None, :].to(dtype)
 
 
-def apply_rope_rows(q: torch.Tensor, k: torch.Tensor, cos2: torch.Tensor,
-                    sin2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """apply_rope with the rows of rope_rows (fewer ops per layer; the same roundings: x1 c - x2 s is
-    x1 c + x2 (-s))."""
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos2 + torch.cat((x2, x1), dim=-1) * sin2
-
-    return rotate(q), rotate(k)
+def rotate_rows(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """apply_rope on one [T, heads, D] tensor with the rows of rope_rows (fewer ops per layer; the same
+    roundings: x1 c - x2 s is x1 c + x2 (-s))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos2 + torch.cat((x2, x1), dim=-1) * sin2
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,

@@ -211,7 +211,7 @@ class ModelRunner:
 
     def _to_host(self, tensors: list[torch.Tensor]):
         """Start copying `tensors` to the host; on CUDA, (pinned copies, the event that marks them done)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not tensors:  # nothing to copy (verification-only steps): no event
             return tensors
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
         for h, t in zip(host, tensors):
