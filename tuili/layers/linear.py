@@ -70,6 +70,11 @@ class Linear(nn.Module):
         return quant_matmul.int4_linear(x, qweight, self.scales, self.offsets, self.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._cpu_int4
+        if fast and x.dtype == fast[1].dtype and x.dtype == torch.bfloat16 and self.bias is None \
+                and fast[1].shape[0] * self.group_size == x.shape[1] and x.is_contiguous():
+            # the CPU INT4 kernel as directly as it goes: per-call Python here is a good part of a CPU step
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast[0], self.group_size, fast[1])
         if self.qweight is not None:
             return self._quantized_forward(x)
         return F.linear(x, self.weight, self.bias)
