@@ -121,6 +121,8 @@ class ModelRunner:
             views.append(buffer[offset:offset + len(part)])
             offset += len(part)
         slot_mapping, seq_lens_t, starts_t, tables = views[:4]
+        if self.device.type == "cpu":  # the torch store indexes with int64: converted once, not in every layer
+            slot_mapping = slot_mapping.long()
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=tables.view(len(block_tables), width), seq_lens=seq_lens_t,
             query_start_loc=starts_t, seq_lens_cpu=seq_lens, query_lens_cpu=query_lens,
