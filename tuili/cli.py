@@ -27,7 +27,7 @@ _ENGINE_HELP = {
     "speculative_model": "draft model for speculative decoding (same tokenizer; its KV cache shares the target's "
                          "blocks)",
     "speculative_method": "draft (with --speculative-model) | ngram (prompt lookup, no second model)",
-    "num_speculative_tokens": "tokens proposed per step (k; default 4 when speculating)",
+    "num_speculative_tokens": "tokens proposed per step (k; default 4, on the CPU 3, when speculating)",
     "prompt_lookup_max": "ngram: longest suffix looked up in the sequence",
     "prompt_lookup_min": "ngram: shortest suffix looked up",
     "speculative_disable_batch_size": "speculate only while at most this many sequences run",

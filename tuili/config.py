@@ -54,7 +54,7 @@ class EngineArgs:
     async_scheduling: str = "auto"      # auto (on for CUDA) | on | off: prepare step N+1 while step N runs
     speculative_model: str | None = None         # draft model (same tokenizer) for speculative decoding
     speculative_method: str | None = None        # draft (with --speculative-model) | ngram (prompt lookup)
-    num_speculative_tokens: int | None = None    # k tokens proposed per step (default 4 when speculating)
+    num_speculative_tokens: int | None = None    # k tokens proposed per step (default 4, CPU 3, when speculating)
     prompt_lookup_max: int = 4                   # ngram: longest suffix matched
     prompt_lookup_min: int = 1                   # ngram: shortest suffix matched
     speculative_disable_batch_size: int = 8      # no speculation while more sequences than this run
@@ -104,7 +104,10 @@ class EngineArgs:
                 raise ValueError("num_speculative_tokens needs --speculative-method ngram or --speculative-model")
             return
         if self.num_speculative_tokens is None:
-            self.num_speculative_tokens = 4
+            # the CPU's packed kernels (torch's INT4/INT8 matmuls) take rows four at a time: a 5th row nearly
+            # doubles a verification step there, so the CPU verifies 3 proposals + 1 (one block of rows)
+            on_cpu = self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+            self.num_speculative_tokens = 3 if on_cpu else 4
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 when speculating, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:

@@ -5,6 +5,7 @@ is right in fp32/fp16 but not in bf16: bf16 and the big shapes run on CUDA only.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -81,6 +82,26 @@ def random_q(meta: AttentionMetadata, num_heads: int, head_dim: int, dtype: torc
     num_tokens = sum(meta.query_lens_cpu)
     qkv = torch.randn(num_tokens, num_heads + 2, head_dim, device=DEVICE).to(dtype)
     return qkv[:, :num_heads]
+
+
+# ---- the torch reference's own paths ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("query_len, seq_len", [(1, 1), (1, 70), (4, 4), (5, 21), (16, 160)])
+def test_reference_single_sequence_path(query_len, seq_len):
+    """The CPU path for one sequence's few new tokens (decode, verification: one fp32 matmul per kv head, the
+    mask among the new tokens only) against the general one (the same sequence twice in a batch)."""
+    meta, k_cache, v_cache = make_batch([query_len] * 2, [seq_len] * 2, 16, 3, 64, torch.float32)
+    cpu = {f.name: getattr(meta, f.name).cpu() for f in dataclasses.fields(meta)
+           if isinstance(getattr(meta, f.name), torch.Tensor)}
+    meta, k_cache, v_cache = dataclasses.replace(meta, **cpu), k_cache.cpu(), v_cache.cpu()
+    meta = dataclasses.replace(meta, block_tables=meta.block_tables[[0, 0]])  # both rows: sequence 0
+    q = random_q(meta, 9, 64, torch.float32)[:query_len].cpu()
+    one = dataclasses.replace(meta, block_tables=meta.block_tables[:1], seq_lens=meta.seq_lens[:1],
+                              query_start_loc=meta.query_start_loc[:2], seq_lens_cpu=[seq_len],
+                              query_lens_cpu=[query_len])
+    general = paged_attention(q.repeat(2, 1, 1), k_cache, v_cache, meta, 0.125)
+    torch.testing.assert_close(paged_attention(q, k_cache, v_cache, one, 0.125), general[:query_len],
+                               atol=1e-6, rtol=0)
 
 
 # ---- store_kv_cache ----------------------------------------------------------------------------------------

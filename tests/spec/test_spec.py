@@ -72,3 +72,12 @@ def test_sampled_edge_cases():
     seeded = [verify_sampled(torch.full((1, 3, 50), 0.02), torch.tensor([[3, 4]]), torch.tensor([2]),
                              generators=[torch.Generator().manual_seed(7)]) for _ in range(2)]
     assert [t.tolist() for t in seeded[0]] == [t.tolist() for t in seeded[1]]  # a seed fixes the outcome
+
+
+def test_default_k_by_device():
+    """k defaults to 4, and to 3 on the CPU (its packed kernels take rows four at a time); a set k is kept."""
+    from tuili.config import EngineArgs
+
+    assert EngineArgs(speculative_method="ngram", device="cuda").num_speculative_tokens == 4
+    assert EngineArgs(speculative_method="ngram", device="cpu").num_speculative_tokens == 3
+    assert EngineArgs(speculative_method="ngram", device="cpu", num_speculative_tokens=5).num_speculative_tokens == 5

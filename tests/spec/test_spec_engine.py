@@ -118,7 +118,7 @@ def test_logits_processors_see_the_proposals(models, plain):
 
 
 def test_stops_inside_an_accepted_run(models, plain):
-    """The self-draft accepts all k = 4 proposals: max_tokens and stop ids must cut the run where they fall."""
+    """The self-draft accepts all its k proposals: max_tokens and stop ids must cut the run where they fall."""
     prompt = prompts_for_test(1)[0]
     full = token_ids(plain.generate([prompt], GREEDY, use_tqdm=False))[0]
     llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=512, speculative_model=models["llama"])

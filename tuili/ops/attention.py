@@ -71,6 +71,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     A sequence's new tokens are the last query_len of its seq_len positions, so chunked prefill, plain
     prefill and decode are the same computation. Returns [T, H, D].
     """
+    if q.device.type == "cpu" and len(meta.query_lens_cpu) == 1 and meta.max_query_len <= 16:
+        return _attend_one_cpu(q, k_cache, v_cache, meta.seq_lens_cpu[0], meta.block_tables[0], scale, k_scale,
+                               v_scale)
     if meta.is_pure_decode:
         return _decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     out = torch.empty_like(q)
@@ -108,8 +111,6 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
             scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     """One query token per sequence: gather every sequence's pages at once, mask past each length."""
     b = q.shape[0]
-    if b == 1 and q.device.type == "cpu":
-        return _decode_one_cpu(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     num_blocks = -(-meta.max_seq_len // k_cache.shape[1])
     tables = meta.block_tables[:, :num_blocks]
     # CPU SDPA is several times faster in fp32
@@ -123,16 +124,22 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     return o.to(q.dtype).view(b, -1, q.shape[-1])
 
 
-def _decode_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
-    """Batch-1 decode on the CPU, where a step is mostly per-op overhead: the context's exact length (no mask),
-    the query heads of each kv head as rows of one fp32 matmul (no GQA expansion)."""
-    n = meta.seq_lens_cpu[0]
-    kv_heads, d = k_cache.shape[2], q.shape[-1]
-    table = meta.block_tables[0]
-    k = _gather(k_cache, k_scale, table, n, torch.float32)                  # [n, KVH, D]
-    v = _gather(v_cache, v_scale, table, n, torch.float32)
-    qf = q.view(kv_heads, -1, d).float()                                    # [KVH, G, D]: head h -> kv head h // G
-    scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)                 # [KVH, G, n]
-    o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))        # [KVH, G, D]
-    return o.view(1, -1, d).to(q.dtype)
+
+def _attend_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+                    block_table: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's few new tokens (a decode, a verification) on the CPU, where a step is mostly per-op
+    overhead: the query heads and tokens of each kv head as the rows of one fp32 matmul (no GQA expansion), the
+    causal mask only among the new tokens. q: [Q, H, D], the last Q of the sequence's `length` tokens."""
+    q_len, num_heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    k = _gather(k_cache, k_scale, block_table, length, torch.float32)      # [n, KVH, D]
+    v = _gather(v_cache, v_scale, block_table, length, torch.float32)
+    # rows (token j, head g of the kv head's group): head h -> kv head h // G
+    qf = q.float().view(q_len, kv_heads, -1, d).transpose(0, 1).reshape(kv_heads, -1, d)
+    scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)                 # [KVH, Q * G, n]
+    if q_len > 1:  # token j sits at position length - q_len + j: later keys hidden
+        hidden = torch.ones(q_len, length, dtype=torch.bool).triu_(length - q_len + 1)
+        scores.view(kv_heads, q_len, -1, length).masked_fill_(hidden[None, :, None, :], float("-inf"))
+    o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))        # [KVH, Q * G, D]
+    return o.view(kv_heads, q_len, -1, d).transpose(0, 1).reshape(q_len, num_heads, d).to(q.dtype)
