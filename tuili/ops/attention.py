@@ -124,7 +124,6 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     return o.to(q.dtype).view(b, -1, q.shape[-1])
 
 
-
 def _attend_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                     block_table: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
                     v_scale: torch.Tensor | None) -> torch.Tensor:
