@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [trace] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [spec-probe] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
 #        [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -81,10 +81,10 @@ for step in "$@"; do
         --output-len 64 --ignore-eos --num-prompts 16 --noise 0 --noise 0.03 --noise 0.06 --noise 0.1 --noise 0.15 \
         --noise 0.2 --gpu-memory-utilization 0.5 --json "$OUT/spec_8b_replay_fine.json" \
         --plot "$OUT/spec_8b_replay_fine.png" ;;
-    trace)
-      # where the GPU waits in a speculative step, and in a plain one (scripts/spec_trace.py)
-      python scripts/spec_trace.py 2>&1 | grep -v "^loading" | tee "$OUT/spec_trace.txt"
-      python scripts/spec_trace.py --plain 2>&1 | grep -v "^loading" | tee "$OUT/spec_trace_plain.txt" ;;
+    spec-probe)
+      # where a speculative step's time goes, without a profiler (graph launches, host phases, the host's path)
+      python scripts/graph_launch_probe.py 2>&1 | grep -v "^loading" | tee "$OUT/graph_launch_probe.txt"
+      python scripts/host_path_probe.py 2>&1 | grep -v "^loading" | tee "$OUT/host_path_probe.txt" ;;
     quant-sweep)
       python scripts/sweep_quant_matmul.py "$OUT/quant_sweep.json" 2>&1 | tail -12 ;;
     quant)
