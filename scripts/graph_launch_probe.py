@@ -86,6 +86,7 @@ for obj, name in ((eng, "step"), (eng, "_collect"), (eng, "_launch"), (eng.sched
     clock(obj, name, f"{type(obj).__name__}.{name}")
 for mode in ("plain", "spec"):
     eng.proposer = ReplayProposer([prompt], [ref], 128256) if mode == "spec" else None
+    eng.scheduler.config.speculative_disable_batch_size = 8 if mode == "spec" else 0  # plain: no lookahead
     if mode == "spec":
         clock(eng.proposer, "propose", "propose")
     llm.generate([prompt], sp, use_tqdm=False)

@@ -15,7 +15,7 @@ eng = llm.engine
 marks = defaultdict(list)
 
 
-def mark(obj, name, tag, at="both"):
+def mark(obj, name, tag):
     fn = getattr(obj, name)
 
     def wrapped(*a, **kw):

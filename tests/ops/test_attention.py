@@ -155,7 +155,7 @@ def test_decode(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
 @pytest.mark.parametrize("dtype", cpu_and_cuda())
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("query_len, seq_lens, group", [(2, [2, 17, 100], 4), (5, [5, 16, 21, 333], 3),
-                                                        (9, [9, 40], 1)])
+                                                        (9, [9, 40], 1), (5, [5, 34], 4), (16, [16, 50], 4)])
 def test_decode_several_tokens_per_sequence(query_len, seq_lens, group, num_splits, dtype):
     """Speculative verification: every sequence `query_len` new tokens, causal among them, through the
     flash-decoding kernel (splits shorter than query_len at the end: rows that see none of a split)."""
@@ -166,17 +166,21 @@ def test_decode_several_tokens_per_sequence(query_len, seq_lens, group, num_spli
     check(out, reference(q, k_cache, v_cache, meta, 0.125), dtype)
 
 
-def test_uniform_short_queries_dispatch_to_decode_kernel(monkeypatch):
-    """Same few new tokens per sequence -> the decode kernel; too many rows, or unequal lengths -> prefill."""
+def test_verification_dispatches_to_decode_kernel(monkeypatch):
+    """A verification step (the runner's flag: k + 1 new tokens per sequence) -> the decode kernel, unless its
+    rows per kv head exceed MULTI_QUERY_ROWS; the same shape as a plain prefill -> the prefill kernel (no kernel
+    variant per prompt length)."""
     import tuili.ops.attention_triton as attention_triton
 
     prefill = attention_triton.paged_prefill_attention
     calls = []
     monkeypatch.setattr(attention_triton, "paged_prefill_attention",
                         lambda *a, **kw: calls.append(1) or prefill(*a, **kw))
-    for query_lens, seq_lens, group, expected in [([5, 5], [30, 70], 4, 0), ([17], [40], 4, 1),
-                                                  ([5, 3], [30, 70], 4, 1)]:
+    for query_lens, seq_lens, group, verification, expected in [([5, 5], [30, 70], 4, True, 0),
+                                                                ([5, 5], [30, 70], 4, False, 1),
+                                                                ([17], [40], 4, True, 1)]:
         meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, 64, torch.float32)
+        meta.verification = verification
         q = random_q(meta, 2 * group, 64, torch.float32)
         calls.clear()
         check(paged_attention_triton(q, k_cache, v_cache, meta, 0.125), reference(q, k_cache, v_cache, meta, 0.125),
@@ -231,11 +235,17 @@ def _compiled_variants() -> int:
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_warm_up_compiles_what_mixed_steps_need(dtype):
-    """After the warm-up, mixed batches of any shape (decodes sliced off at any offset, any table width, any
-    split count) compile nothing new: the first requests of a server do not wait for Triton."""
+    """After the warm-up, verification steps and mixed batches of any shape (decodes sliced off at any offset,
+    any table width, any split count) compile nothing new: the first requests of a server do not wait for
+    Triton."""
     _, k_cache, v_cache = make_batch([1], [1], 16, 8, 128, dtype)
-    warm_up_kernels(k_cache, v_cache, num_heads=32, dtype=dtype)
+    warm_up_kernels(k_cache, v_cache, num_heads=32, dtype=dtype, verify_query_len=5)
     before = _compiled_variants()
+    for seq_lens in ([5, 40, 3000], [300]):  # verification steps (k = 4), one split and several
+        meta, k, v = make_batch([5] * len(seq_lens), seq_lens, 16, 8, 128, dtype, seed=len(seq_lens))
+        meta.verification = True
+        q = random_q(meta, 32, 128, dtype)
+        check(paged_attention_triton(q, k, v, meta, 0.1), reference(q, k, v, meta, 0.1), dtype)
     for query_lens, seq_lens in [([1, 1, 20, 45, 1], [100, 17, 20, 130, 1]), ([1, 1, 1, 300], [5000, 70, 3, 2500]),
                                  ([2100], [2100]), ([1] * 7, [1, 20, 33, 400, 1000, 17, 9]), ([1, 77], [3000, 77]),
                                  ([1] * 5 + [3000], [60] * 5 + [3000])]:
@@ -338,17 +348,18 @@ def test_store_kv_cache_quantized(dtype, kv_dtype):
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("dtype", cpu_and_cuda())
 @pytest.mark.parametrize("query_lens, seq_lens", [([1, 1, 1, 1, 1], [1, 15, 17, 100, 333]),
+                                                  ([5, 5, 5], [5, 40, 333]),
                                                   ([1, 20, 1, 45, 1], [100, 20, 17, 130, 1]),
                                                   ([7, 32, 50], [50, 100, 50])])
 def test_attention_reads_quantized_cache(query_lens, seq_lens, dtype, kv_dtype):
-    """Decode, prefill and mixed steps over an fp8/int8 cache equal the reference over the same quantized
-    cache, and stay close to attention over the unquantized one."""
+    """Decode, verification, prefill and mixed steps over an fp8/int8 cache equal the reference over the same
+    quantized cache, and stay close to attention over the unquantized one."""
     meta, k_cache, v_cache = make_batch(query_lens, seq_lens, 16, 2, 64, dtype)
     q = random_q(meta, 6, 64, dtype)
     kq, vq, ks, vs = quantized_caches(k_cache, v_cache, kv_dtype)
-    if meta.is_pure_decode:
+    if len(set(query_lens)) == 1 and query_lens[0] <= 8:  # decodes, verification
         out = paged_decode_attention(q, kq, vq, meta.block_tables, meta.seq_lens, 0.125, 4,
-                                     block_n=DECODE_BLOCK_N, k_scale=ks, v_scale=vs)
+                                     block_n=DECODE_BLOCK_N, k_scale=ks, v_scale=vs, query_len=query_lens[0])
     else:
         out = paged_attention_triton(q, kq, vq, meta, 0.125, k_scale=ks, v_scale=vs)
     ref = paged_attention(q.float(), kq, vq, meta, 0.125, ks, vs)

@@ -94,14 +94,14 @@ def measure(llm: LLM, prompts: list[list[int]], batch_size: int, params: Samplin
     return {"decode_tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, **stats}, outputs
 
 
-def ideal_speedup(spec: dict, base: dict, batch_size: int, k: int) -> float:
-    """The speed-up if a verification step cost exactly a decode step: (1 + accepted per step) / (1 + k c), c
-    = proposing cost per token over a decode step. For independent acceptances with probability a, 1 +
-    accepted per step is (1 - a^(k+1)) / (1 - a): BENCHMARKS.md's theoretical speed-up at the a the run
-    measured."""
-    decode_step = base["seconds"] / base["tokens"] * batch_size
-    c = spec["draft_seconds"] / max(spec["steps"], 1) / (k * decode_step)
-    return (1 + spec["mean_accepted_length"]) / (1 + k * c)
+def ideal_speedup(spec: dict, base: dict) -> float:
+    """The speed-up if every step cost exactly a plain decode step, plus the proposing time: T tokens (after
+    each first one) took T - A steps where A proposals were accepted, so ideal = T / ((T - A) + proposing time
+    / decode step). When every step verifies, T / (T - A) = 1 + accepted per step, which for independent
+    acceptances with probability a is (1 - a^(k+1)) / (1 - a): BENCHMARKS.md's theoretical speed-up (and the
+    proposing time its 1 + k c) at the a the run measured."""
+    tokens, accepted = spec["tokens"], spec["accepted"]
+    return tokens / ((tokens - accepted) + spec["draft_seconds"] * base["tokens"] / base["seconds"])
 
 
 def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
@@ -134,7 +134,7 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             engine.proposer = proposer
             row = {"batch_size": batch_size, "noise": noise, "baseline": base, "speculative": spec,
                    "speedup": spec["decode_tok_s"] / base["decode_tok_s"],
-                   "ideal_speedup": ideal_speedup(spec, base, batch_size, engine_args.num_speculative_tokens),
+                   "ideal_speedup": ideal_speedup(spec, base),
                    "identical_outputs": sum(a == b for a, b in zip(spec_out, base_out)) / len(base_out)}
             runs.append(row)
             print(f"  batch {batch_size:3d} noise {noise:.2f}: {base['decode_tok_s']:8.1f} -> "

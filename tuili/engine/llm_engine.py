@@ -153,10 +153,10 @@ class LLMEngine:
                 self.max_model_len = draft_len
         if self.device.type == "cuda" and triton_attention:
             for runner in runners:
-                runner.warm_up_kernels()
+                spec = (args.num_speculative_tokens + 1, args.speculative_disable_batch_size) \
+                    if runner is self.runner and self.proposer is not None else (0, 0)
+                runner.warm_up_kernels(spec[0])
                 if not args.enforce_eager:  # the target also gets graphs for verification steps
-                    spec = (args.num_speculative_tokens + 1, args.speculative_disable_batch_size) \
-                        if runner is self.runner and self.proposer is not None else (0, 0)
                     runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len, *spec)
         self.scheduler_config = SchedulerConfig(
             args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,

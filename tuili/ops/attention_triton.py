@@ -96,8 +96,9 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
     if score_mask is not None:  # finite, not -inf: a row that sees no key of its split (decode kernel, QLEN > 1)
-        # must not make NaN; its sum of junk gets lse ~ -1e30, weight 0 in the split merge. A row that has seen a
-        # key is unaffected (exp2(-1e30 - m) = 0), and every row sees the first key of its split but that one.
+        # must not make NaN; its sum of junk gets lse ~ -1e30, weight 0 in the split merge. A row that sees any
+        # key sees its split's (or the prefill kernel's) first key, in the first tile: the rest adds exp2(-1e30
+        # - m) = 0.
         s = tl.where(score_mask, s, -1.0e30)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -434,12 +435,13 @@ MULTI_QUERY_ROWS = 64  # the decode kernel takes up to this many (token, query h
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Drop-in for `paged_attention`: q [T, H, D] -> [T, H, D]; flash-decoding when every query is a decode."""
+    """Drop-in for `paged_attention`: q [T, H, D] -> [T, H, D]; flash-decoding when every query is a decode or
+    the step is a verification (every sequence k + 1 new tokens: one kernel variant, compiled at start)."""
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     q_len, q_lens = meta.max_query_len, meta.query_lens_cpu
-    if q_len == 1 or (q_len * q.shape[1] // k_cache.shape[2] <= MULTI_QUERY_ROWS and min(q_lens) == q_len):
-        # decodes, or every sequence the same few new tokens (speculative verification): flash-decoding, each
-        # K/V tile read once for all query heads and tokens of a kv head, the context split across programs
+    if q_len == 1 or (meta.verification and q_len * q.shape[1] // k_cache.shape[2] <= MULTI_QUERY_ROWS):
+        # flash-decoding: each K/V tile read once for all query heads (and new tokens) of a kv head, the context
+        # split across programs
         num_splits = choose_num_splits(len(q_lens), k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
                                       query_len=q_len, **scales)
@@ -467,11 +469,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
                     max_splits: int = 64, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> None:
+                    v_scale: torch.Tensor | None = None, verify_query_len: int = 0) -> None:
     """Compile now the attention kernel variants that serving meets later (each first use of a variant costs
     about a second of Triton compilation, which the request that meets it would wait for): decode with every
-    split count choose_num_splits can return, and prefill with each tile shape. Reads the cache, writes nothing
-    to it."""
+    split count choose_num_splits can return (and verification's k + 1 tokens per sequence, one split and
+    several), and prefill with each tile shape. Reads the cache, writes nothing to it."""
     device, head_dim = k_cache.device, k_cache.shape[-1]
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
@@ -481,6 +483,12 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     while splits <= max_splits:
         paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
         splits *= 2
+    if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
+        qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)
+        for splits in (1, 2):
+            paged_decode_attention(qv, k_cache, v_cache, table, seq_lens.fill_(verify_query_len), 1.0, splits,
+                                   query_len=verify_query_len, **scales)
+        seq_lens.fill_(1)
     starts = torch.tensor([0, 1], dtype=torch.int32, device=device)
     for max_query_len in (1, 4096):  # the rows past the one real query are masked out
         meta = AttentionMetadata(slot_mapping=seq_lens, block_tables=table, seq_lens=seq_lens,

@@ -7,7 +7,8 @@ block manager never hands out, and their outputs are dropped.
 
 Speculative verification steps, where every sequence has the same number q = k + 1 of new tokens, get graphs
 of their own (keyed by (q, batch size), for the small batches where speculation runs): their attention goes
-through the paged prefill kernel, whose grid depends only on q and the batch size.
+through the flash-decoding kernel with q tokens per sequence (the prefill kernel where q x group > 64 rows),
+whose grid depends only on the batch size.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs * q], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
             query_start_loc=self.query_start_loc[q][:bs + 1], seq_lens_cpu=[], query_lens_cpu=[q] * bs,
-            max_query_len=q, max_seq_len=self.max_model_len)
+            max_query_len=q, max_seq_len=self.max_model_len, verification=q > 1)
 
     @torch.no_grad()
     def capture(self) -> None:

@@ -37,6 +37,7 @@ class ModelRunner:
         self.triton_attention = triton_attention
         model.set_backends(fused_ops, triton_attention)
         self.graphs: DecodeGraphs | None = None
+        self.verify_query_len = 0  # k + 1 when speculating with Triton attention (set by warm_up_kernels)
         config = model.config
         self.num_layers = config.num_hidden_layers
         attn = model.layers[0].self_attn
@@ -81,13 +82,15 @@ class ModelRunner:
                 attn.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
                 attn.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=self.device)
 
-    def warm_up_kernels(self) -> None:
-        """Compile the attention kernel variants of mixed steps before the first request (Triton attention)."""
+    def warm_up_kernels(self, verify_query_len: int = 0) -> None:
+        """Compile the attention kernel variants of mixed steps (and of verification steps of verify_query_len
+        tokens per sequence) before the first request (Triton attention)."""
         from tuili.ops.attention_triton import warm_up_kernels
 
+        self.verify_query_len = verify_query_len
         attn = self.model.layers[0].self_attn
         warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads, self.dtype,
-                        k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale)
+                        k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale, verify_query_len=verify_query_len)
         torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, spec_query_len: int = 0,
@@ -187,6 +190,9 @@ class ModelRunner:
             [i.num_new_tokens for i in batch], [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
             [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, from_prev, prev_index,
             spec_rows)
+        # a verification of k + 1 tokens per sequence (the shape the attention kernels were warmed up for)
+        meta.verification = len(spec_rows) == len(input_ids) and \
+            all(i.num_new_tokens == self.verify_query_len for i in batch)
         if from_prev:
             input_ids_t[from_prev_t] = prev.sampled.token_ids[prev_index_t].to(input_ids_t.dtype)
         hidden = self._forward(input_ids_t, positions_t, meta)
