@@ -254,7 +254,8 @@ def _kernels() -> SimpleNamespace:
     # 16, a pointer 16-byte aligned). Block tables and lengths arrive as views of one buffer at any offset and
     # width, so they would make a server compile new variants (about a second each) in the middle of serving;
     # they are read once per tile, so nothing is lost by not specializing them.
-    loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "stride_bt"]
+    loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "stride_bt",
+             "stride_lt", "stride_lh"]  # lse strides: the split count (1 or 16, ...) must not make a variant
     jit_args = inspect.signature(triton.jit).parameters
 
     def jit(fn):
