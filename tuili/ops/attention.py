@@ -134,11 +134,15 @@ def _attend_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_heads = k_cache.shape[2]
     k = _gather(k_cache, k_scale, block_table, length, torch.float32)      # [n, KVH, D]
     v = _gather(v_cache, v_scale, block_table, length, torch.float32)
+    if q_len == 1:  # a decode: no mask at all, and fp32 SDPA is one op (a few us under the matmuls below)
+        o = F.scaled_dot_product_attention(q.float().view(1, num_heads, 1, d), k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], scale=scale, enable_gqa=True)
+        return o.view(1, num_heads, d).to(q.dtype)
     # rows (token j, head g of the kv head's group): head h -> kv head h // G
     qf = q.float().view(q_len, kv_heads, -1, d).transpose(0, 1).reshape(kv_heads, -1, d)
     scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)                 # [KVH, Q * G, n]
-    if q_len > 1:  # token j sits at position length - q_len + j: later keys hidden
-        hidden = torch.ones(q_len, length, dtype=torch.bool).triu_(length - q_len + 1)
-        scores.view(kv_heads, q_len, -1, length).masked_fill_(hidden[None, :, None, :], float("-inf"))
+    # token j sits at position length - q_len + j: later keys hidden
+    hidden = torch.ones(q_len, length, dtype=torch.bool).triu_(length - q_len + 1)
+    scores.view(kv_heads, q_len, -1, length).masked_fill_(hidden[None, :, None, :], float("-inf"))
     o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))        # [KVH, Q * G, D]
     return o.view(kv_heads, q_len, -1, d).transpose(0, 1).reshape(q_len, num_heads, d).to(q.dtype)
