@@ -14,7 +14,7 @@ import torch
 class AttentionMetadata:
     """Layout of one step's flattened batch of T new tokens from B sequences."""
 
-    slot_mapping: torch.Tensor      # [T] int32 (int64 on the CPU): cache slot (block * block_size + offset) of each new token's K/V
+    slot_mapping: torch.Tensor      # [T] int32 (CPU: int64): each new token's K/V slot, block * block_size + offset
     block_tables: torch.Tensor      # [B, max_blocks] int32: each sequence's blocks, padded with 0
     seq_lens: torch.Tensor          # [B] int32: context length of each sequence after this step
     query_start_loc: torch.Tensor   # [B + 1] int32: where each sequence's new tokens start in the batch
