@@ -139,7 +139,8 @@ def run_spec(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             runs.append(row)
             print(f"  batch {batch_size:3d} noise {noise:.2f}: {base['decode_tok_s']:8.1f} -> "
                   f"{spec['decode_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x, "
-                  f"{100 * row['speedup'] / row['ideal_speedup']:.0f}% of the ideal {row['ideal_speedup']:.2f}x), acceptance "
+                  f"{100 * row['speedup'] / row['ideal_speedup']:.0f}% of the ideal {row['ideal_speedup']:.2f}x), "
+                  f"acceptance "
                   f"{spec['acceptance_rate']:.2f}, {spec['mean_accepted_length']:.2f} accepted per step, draft "
                   f"{1e3 * spec['draft_seconds'] / max(spec['steps'], 1):.1f} ms/step, verify "
                   f"{1e3 * spec['verify_seconds'] / max(spec['steps'], 1):.1f} ms/step (plain decode "
