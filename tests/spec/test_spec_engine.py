@@ -328,7 +328,7 @@ def test_padded_verification_keeps_outputs(models, plain, batch):
     llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=64, max_model_len=256,
               speculative_method="ngram", num_speculative_tokens=3)
     engine = llm.engine
-    engine.pad_verification = engine.scheduler.full_lookahead = True
+    engine.scheduler.full_lookahead = True
     shapes = set()
     launch = engine.runner.launch
 
@@ -356,7 +356,7 @@ def test_proposals_past_max_tokens_do_not_count(models, plain):
     llm = LLM(models["llama"], dtype="float32", num_gpu_blocks_override=64, max_model_len=256,
               speculative_method="ngram", num_speculative_tokens=3)
     engine = llm.engine
-    engine.pad_verification = engine.scheduler.full_lookahead = True
+    engine.scheduler.full_lookahead = True
     engine.proposer = ReplayProposer(prompts, expected, engine.model_config.vocab_size)
     assert token_ids(run_stepwise(llm, prompts, params)) == expected
     assert engine.spec_stats.accepted == engine.spec_stats.proposed > 0

@@ -172,9 +172,9 @@ class LLMEngine:
         self._in_flight = None     # the launched step not yet collected (async scheduling)
         self._last_collect = 0.0
         self.spec_stats = SpecStats()
-        # verification steps padded to k proposals per sequence where that shape has CUDA graphs
-        self.pad_verification = self.proposer is not None and self.runner.graphs is not None
-        self.scheduler.full_lookahead = self.pad_verification
+        # where verification has CUDA graphs (k proposals per sequence), every verification takes that shape: k
+        # lookahead slots up to max_tokens (the scheduler), n-gram proposals padded to k with filler (step)
+        self.scheduler.full_lookahead = self.proposer is not None and self.runner.graphs is not None
 
     def _load_draft(self, fused_ops: bool, triton_attention: bool, show_progress: bool) -> ModelRunner:
         """The draft model of --speculative-model, in the target's dtype, load format and KV cache dtype."""
@@ -325,7 +325,7 @@ class LLMEngine:
             self.proposer.propose([item for item in batch if item.num_lookahead])
             draft_seconds = time.perf_counter() - start
             k = self.scheduler_config.num_speculative_tokens
-            if self.pad_verification and all(i.num_lookahead == k and i.draft_probs is None for i in batch):
+            if self.scheduler.full_lookahead and all(i.num_lookahead == k and i.draft_probs is None for i in batch):
                 for item in batch:  # every sequence k proposals: the verification step's CUDA graph
                     item.pad_drafts()
             for item in batch:  # slots reserved for proposals that did not come

@@ -486,10 +486,10 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
         splits *= 2
     if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
         qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)
+        lens = torch.full((1,), verify_query_len, dtype=torch.int32, device=device)
         for splits in (1, 2):
-            paged_decode_attention(qv, k_cache, v_cache, table, seq_lens.fill_(verify_query_len), 1.0, splits,
-                                   query_len=verify_query_len, **scales)
-        seq_lens.fill_(1)
+            paged_decode_attention(qv, k_cache, v_cache, table, lens, 1.0, splits, query_len=verify_query_len,
+                                   **scales)
     starts = torch.tensor([0, 1], dtype=torch.int32, device=device)
     for max_query_len in (1, 4096):  # the rows past the one real query are masked out
         meta = AttentionMetadata(slot_mapping=seq_lens, block_tables=table, seq_lens=seq_lens,
