@@ -48,7 +48,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_logprobs: int = 20              # most top logprobs a request may ask for (as vLLM)
-    enforce_eager: bool = False         # no CUDA graphs
+    enforce_eager: bool = False         # no CUDA graphs (GPU), no TorchScript step (CPU)
     attention_backend: str = "auto"     # auto (triton on GPU, torch on CPU) | triton | torch
     no_fused_ops: bool = False          # torch references instead of the fused Triton norm/RoPE/SiLU kernels
     async_scheduling: str = "auto"      # auto (on for CUDA) | on | off: prepare step N+1 while step N runs

@@ -343,6 +343,7 @@ def test_cpu_bf16_gguf_reads_an_int8_copy_of_the_tied_head(smollm, default_model
     llm = LLM(default_model_path, dtype="bfloat16", kv_cache_memory=0.05)
     model = llm.engine.model
     assert model.lm_head_int8 is not None
+    assert llm.engine.runner.cpu_step is not None  # and its decode steps run as one TorchScript call
     hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     fast = model.compute_logits(hidden).float()
     head, model.lm_head_int8 = model.lm_head_int8, None

@@ -158,6 +158,9 @@ class LLMEngine:
                 runner.warm_up_kernels(spec[0])
                 if not args.enforce_eager:  # the target also gets graphs for verification steps
                     runner.capture_cuda_graphs(min(args.max_num_seqs, 512), self.max_model_len, *spec)
+        elif self.device.type == "cpu" and not args.enforce_eager:
+            for runner in runners:
+                runner.build_cpu_step()
         self.scheduler_config = SchedulerConfig(
             args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len,
             args.num_speculative_tokens or 0, args.speculative_disable_batch_size if self.proposer else 0)

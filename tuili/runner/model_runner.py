@@ -10,6 +10,7 @@ from tuili.engine.scheduler import ScheduledSeq
 from tuili.engine.sequence import Sequence
 from tuili.ops.attention import QMAX
 from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
+from tuili.runner.cpu_step import CpuStep
 from tuili.runner.cuda_graph import DecodeGraphs
 from tuili.runner.sampler import Sampler, SamplerOutput, top_logprobs
 from tuili.sampling_params import PositionLogprobs
@@ -37,6 +38,7 @@ class ModelRunner:
         self.triton_attention = triton_attention
         model.set_backends(fused_ops, triton_attention)
         self.graphs: DecodeGraphs | None = None
+        self.cpu_step: CpuStep | None = None
         self.verify_query_len = 0  # k + 1 when speculating with Triton attention (set by warm_up_kernels)
         config = model.config
         self.num_layers = config.num_hidden_layers
@@ -132,7 +134,14 @@ class ModelRunner:
             max_query_len=max(query_lens), max_seq_len=max(seq_lens))
         return meta, views[4:]
 
+    def build_cpu_step(self) -> None:
+        """The CPU's counterpart of CUDA graphs: one sequence's steps as one TorchScript call (tuili/runner/cpu_step.py)."""
+        assert self.device.type == "cpu" and self.num_blocks
+        self.cpu_step = CpuStep.build(self.model, self.dtype)
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.cpu_step is not None and self.cpu_step.handles(meta):
+            return self.cpu_step.run(input_ids, positions, meta)
         if self.graphs is not None:
             hidden = self.graphs.run(input_ids, positions, meta)
             if hidden is not None:

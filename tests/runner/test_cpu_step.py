@@ -1,0 +1,66 @@
+"""The CPU's scripted step (tuili/runner/cpu_step.py) against the eager layers it replaces: bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuili import LLM, SamplingParams
+from tuili.ops.attention_metadata import set_attention_metadata
+
+CONTEXT = 37  # tokens already in the cache (3 blocks of 16)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # plain, q/k/v biases, q/k norms
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8"),
+                                                ("bfloat16", "int4"), ("float32", "int8")])
+def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
+    llm = LLM(tiny_models[family], device="cpu", dtype=dtype, quantization=quantization, quant_group_size=32,
+              kv_cache_memory=0.01)
+    runner, model = llm.engine.runner, llm.engine.model
+    assert runner.cpu_step is not None
+    if quantization == "int4":  # the layers run torch's packed int4 kernel
+        assert runner.cpu_step.args[2][0] == [1, 1, 1, 1]
+    gen = torch.Generator().manual_seed(0)
+    table = [3, 0, 5]
+    with torch.no_grad():
+        ids = torch.randint(0, 512, (CONTEXT,), generator=gen)
+        meta, _ = runner._metadata([CONTEXT], [CONTEXT], [table], [table[p // 16] * 16 + p % 16 for p in range(CONTEXT)])
+        set_attention_metadata(meta)
+        model(ids, torch.arange(CONTEXT))  # the context, eagerly (more than 16 new tokens)
+        set_attention_metadata(None)
+        for q_len in (1, 4):  # a decode, a verification of 3 proposals
+            ids = torch.randint(0, 512, (q_len,), generator=gen)
+            positions = torch.arange(CONTEXT, CONTEXT + q_len)
+            meta, _ = runner._metadata([q_len], [CONTEXT + q_len], [table],
+                                       [table[p // 16] * 16 + p % 16 for p in positions.tolist()])
+            assert runner.cpu_step.handles(meta)
+            scripted = runner.cpu_step.run(ids, positions, meta)
+            k_after = model.layers[1].self_attn.attn.k_cache.clone()
+            set_attention_metadata(meta)
+            eager = model(ids, positions)
+            set_attention_metadata(None)
+            assert torch.equal(scripted, eager), (scripted - eager).abs().max()
+            assert torch.equal(model.layers[1].self_attn.attn.k_cache, k_after)  # the same K/V stored
+
+
+def test_cpu_step_is_used_and_enforce_eager_turns_it_off(tiny_models):
+    prompts = [[1, 2, 3, 4, 5], [7] * 30]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = {}
+    for eager in (False, True):
+        llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", kv_cache_memory=0.01, enforce_eager=eager)
+        runner = llm.engine.runner
+        assert (runner.cpu_step is None) == eager
+        calls = []
+        if not eager:
+            run = runner.cpu_step.run
+            runner.cpu_step.run = lambda *a: calls.append(1) or run(*a)
+        outputs[eager] = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        if not eager:  # every decode step, and the short prompt's prefill
+            assert len(calls) == 2 * 11 + 1
+    assert outputs[False] == outputs[True]
+
+
+def test_cpu_step_leaves_quantized_kv_caches_to_the_eager_path(tiny_models):
+    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", kv_cache_memory=0.01, kv_cache_dtype="int8")
+    assert llm.engine.runner.cpu_step is None

@@ -1,0 +1,197 @@
+"""The CPU's counterpart of CUDA graphs: a step of one sequence (a decode, a verification, a short prompt) through
+every layer as one TorchScript function.
+
+On the CPU a small model's step is mostly per-op overhead, not arithmetic: for the default model (30 layers,
+hidden 576) the packed matmuls take ~3 ms of a ~8 ms eager step, and the rest is Python, module calls and
+dispatch around ~60 small ops per layer. TorchScript's interpreter runs the same ops without the Python around
+them. The function below does exactly what the eager layers do, op for op and in the same dtypes (the tests
+compare the two bit for bit); whatever it does not cover (batches of several sequences, longer chunks, a
+quantized KV cache, a layer format without a CPU kernel) runs eagerly as before.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tuili.ops import quant_matmul, rope
+from tuili.ops.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_LEN = 16  # as the eager CPU attention's one-sequence path (tuili/ops/attention.py)
+FLOAT, INT4, INT8 = 0, 1, 2  # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels
+
+
+def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], group: int) -> Tensor:
+    if kind == 0:
+        return F.linear(x, w, b)
+    if kind == 1:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, s)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x, w, s)
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos2 + torch.cat((x2, x1), dim=-1) * sin2
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, length: int, scale: float) -> Tensor:
+    """tuili.ops.attention._attend_one_cpu for an unquantized cache."""
+    q_len, num_heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    k = k_cache.index_select(0, pages).flatten(0, 1)[:length].float()
+    v = v_cache.index_select(0, pages).flatten(0, 1)[:length].float()
+    if q_len == 1:
+        o = F.scaled_dot_product_attention(q.float().view(1, num_heads, 1, d), k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], scale=scale, enable_gqa=True)
+        return o.view(1, num_heads, d).to(q.dtype)
+    qf = q.float().view(q_len, kv_heads, -1, d).transpose(0, 1).reshape(kv_heads, -1, d)
+    scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)
+    hidden = torch.ones(q_len, length, dtype=torch.bool).triu_(length - q_len + 1)
+    scores.view(kv_heads, q_len, -1, length).masked_fill_(hidden[None, :, None, :], float("-inf"))
+    o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))
+    return o.view(kv_heads, q_len, -1, d).transpose(0, 1).reshape(q_len, num_heads, d).to(q.dtype)
+
+
+def _forward(x: Tensor, cos2: Tensor, sin2: Tensor, slots: Tensor, pages: Tensor, length: int,
+             tensors: List[List[Tensor]], biases: List[List[Optional[Tensor]]], kinds: List[List[int]],
+             groups: List[List[int]], final_norm: Tensor, eps: float, num_heads: int, num_kv_heads: int,
+             scale: float, qk_norm: bool) -> Tensor:
+    """LlamaForCausalLM.forward after the embedding, for one sequence's new tokens x [T, hidden].
+    tensors[i] = [input norm, qkv w, qkv s, o w, o s, post norm, gate_up w, gate_up s, down w, down s, k cache,
+    v cache, q norm, k norm]; biases[i], kinds[i], groups[i]: per linear (qkv, o, gate_up, down)."""
+    residual: Optional[Tensor] = None
+    for i in range(len(tensors)):
+        t, b, kind, group = tensors[i], biases[i], kinds[i], groups[i]
+        if residual is None:
+            residual = x
+            h = _rms_norm(x, t[0], eps)
+        else:
+            residual = x + residual
+            h = _rms_norm(residual, t[0], eps)
+        qkv = _linear(h, kind[0], t[1], t[2], b[0], group[0])
+        k_cache, v_cache = t[10], t[11]
+        d = k_cache.shape[3]
+        q_size, kv_size = num_heads * d, num_kv_heads * d
+        if qk_norm:
+            q = _rotate(_rms_norm(qkv[:, :q_size].view(-1, num_heads, d), t[12], eps), cos2, sin2)
+            k = _rotate(_rms_norm(qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, d), t[13], eps),
+                        cos2, sin2)
+        else:
+            qk = _rotate(qkv[:, :q_size + kv_size].view(-1, num_heads + num_kv_heads, d), cos2, sin2)
+            q, k = qk.split([num_heads, num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, d)
+        k_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, k.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, v.to(v_cache.dtype))
+        o = _attend(q, k_cache, v_cache, pages, length, scale)
+        x = _linear(o.flatten(1), kind[1], t[3], t[4], b[1], group[1])
+        residual = x + residual
+        h = _rms_norm(residual, t[5], eps)
+        gate, up = _linear(h, kind[2], t[6], t[7], b[2], group[2]).chunk(2, dim=-1)
+        x = _linear(F.silu(gate) * up, kind[3], t[8], t[9], b[3], group[3])
+    assert residual is not None
+    return _rms_norm(x + residual, final_norm, eps)
+
+
+_SCRIPTED = None
+
+
+def _scripted():
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.compile, which on the CPU
+            warnings.simplefilter("ignore")  # takes ~a minute per shape and was no faster here
+            _SCRIPTED = torch.jit.script(_forward)
+    return _SCRIPTED
+
+
+def _linear_args(linear, dtype: torch.dtype):
+    """(kind, weight, scales, bias, group) as the eager Linear.forward runs it for up to MAX_QUERY_LEN rows on the
+    CPU, or None where that is not one of our three kernels."""
+    empty = torch.empty(0)
+    if linear.qweight is None:
+        return FLOAT, linear.weight, empty, linear.bias, 0
+    qweight, group = linear.qweight, linear.group_size
+    if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
+        return INT8, qweight, linear.scales, linear.bias, 0
+    if qweight.dtype == torch.int8:  # INT8 groups: the float copy the eager layer makes
+        if linear._cpu_dense is None or linear._cpu_dense.dtype != dtype:
+            linear._cpu_dense = quant_matmul.dequantize_int8(qweight, linear.scales, group, dtype)
+        return FLOAT, linear._cpu_dense, empty, linear.bias, 0
+    if linear._cpu_int4 is None:
+        linear._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, linear.scales, linear.offsets, group) or ()
+    # the eager layer's kernel condition (bf16: any row count) and no padding of a short last group
+    if linear._cpu_int4 and dtype == linear.scales.dtype == torch.bfloat16 and \
+            linear._cpu_int4[1].shape[0] * group == 2 * qweight.shape[1]:
+        return INT4, linear._cpu_int4[0], linear._cpu_int4[1], linear.bias, group
+    return None
+
+
+class CpuStep:
+    """Runs one sequence's step through the scripted function, where it covers the model (`build`)."""
+
+    def __init__(self, model, tensors, biases, kinds, groups) -> None:
+        self.model = model
+        self.args = (tensors, biases, kinds, groups)
+        attn = model.layers[0].self_attn
+        self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
+                       attn.q_norm is not None)
+        self.block_size = attn.attn.k_cache.shape[1]
+        self.fn = _scripted()
+
+    @classmethod
+    def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
+        """After the KV cache exists; None (and the reason logged) where some layer needs the eager path."""
+        try:
+            tensors, biases, kinds, groups = [], [], [], []
+            for i, layer in enumerate(model.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
+                    return cls._eager("a quantized KV cache")
+                linears = [_linear_args(m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                             mlp.down_proj)]
+                if None in linears:
+                    return cls._eager(f"layer {i} has a weight format without a CPU kernel at {dtype}")
+                qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
+                    (layer.input_layernorm.weight,) * 2  # placeholders
+                tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
+                                layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
+                                attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
+                biases.append([a[3] for a in linears])
+                kinds.append([a[0] for a in linears])
+                groups.append([a[4] for a in linears])
+            return cls(model, tensors, biases, kinds, groups)
+        except RuntimeError as e:  # TorchScript missing or unable to compile here
+            return cls._eager(f"TorchScript failed ({e})")
+
+    @staticmethod
+    def _eager(reason: str) -> None:
+        logger.info("CPU steps run eagerly: %s", reason)
+        return None
+
+    def handles(self, meta: AttentionMetadata) -> bool:
+        return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_QUERY_LEN
+
+    def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
+        x = self.model.embed_tokens(input_ids)
+        rotary = self.model.layers[0].self_attn.rotary
+        cos2, sin2 = rope.rope_rows(rotary.cos, rotary.sin, positions, x.dtype)
+        length = meta.seq_lens_cpu[0]
+        pages = meta.block_tables[0, :-(-length // self.block_size)]
+        norm, eps, num_heads, num_kv_heads, scale, qk_norm = self.consts
+        return self.fn(x, cos2, sin2, meta.slot_mapping, pages, length, *self.args, norm, eps, num_heads,
+                       num_kv_heads, scale, qk_norm)
