@@ -173,54 +173,72 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
 
 def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_sg,
                        stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
-    Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. Per K tile, each output column's partial
-    sum is reduced within its threads, then scaled and offset once per tile. INT4 weights are read as int32
-    words where K allows (WORDS), and turned into floats with integer ops and one add."""
+    Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
+    where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats with integer ops, never the
+    int-to-float convert (a quarter-rate unit): an INT4 value becomes 1 + q / 16 in two ops, the 1 taken off per
+    group through the sums of x (|f| < 2: summing f x in fp32 loses nothing that matters). Products accumulate
+    element-wise in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset
+    per group element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much
+    as the products)."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
+    x_row = x_ptr + row * stride_xm
+    PER: tl.constexpr = 32 // BITS  # values per word
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):  # a last split may run past K
-        if BITS == 8:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_mask = rk < K
-            x = tl.load(x_ptr + row * stride_xm + rk, mask=k_mask, other=0.0).to(tl.float32)
-            q = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-            part = tl.sum(q.to(tl.float32) * x[None, :], axis=1)
-        elif WORDS:  # qweight read as int32 words of 8 nibbles: nibble j of word w is k = 8w + j
-            rw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            w_mask = 8 * rw < K
+        if WORDS:  # value j of word w is k = PER * w + j (INT8: byte j; INT4: nibble j)
+            rw = k0 // PER + tl.arange(0, BLOCK_W)
+            w_mask = PER * rw < K
             words = tl.load(w_rows + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
-            terms = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
-            x_total = 0.0
-            for j in tl.static_range(8):
-                x_j = tl.load(x_ptr + row * stride_xm + 8 * rw + j, mask=w_mask, other=0.0).to(tl.float32)
-                # int -> float without the (quarter-rate) convert unit: 2^23 + q has q in its low mantissa bits
-                q_j = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                terms += q_j * x_j[None, :]
-                x_total += tl.sum(x_j, axis=0)
-            part = tl.sum(terms, axis=1)
+            terms = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT4: the sum of the x values each column saw
+            for j in tl.static_range(PER):
+                x_j = tl.load(x_row + PER * rw + j, mask=w_mask, other=0.0).to(tl.float32)
+                if BITS == 8:  # 2^23 + (q + 128) has q + 128 in its low mantissa bits: a byte select, an add
+                    f_j = ((((words ^ -2139062144) >> (8 * j)) & 255) | 0x4B000000).to(tl.float32, bitcast=True) \
+                        - 8388736.0
+                else:  # f = 1 + q / 16: the nibble shifted into the top of 1.0's mantissa (a shift, an AND-OR);
+                    shift = 19 - 4 * j  # its 1 comes off per group through the x sums (A, B below)
+                    if shift >= 0:
+                        nibble = words << shift
+                    else:
+                        nibble = words >> -shift
+                    f_j = ((nibble & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                    xs += x_j
+                terms += f_j * x_j[None, :]
+            A, B = 16.0, -16.0  # INT4: sum_j q_j x_j = A terms + B xs
+        elif BITS == 8:
+            rk = k0 + tl.arange(0, BLOCK_W)
+            k_mask = rk < K
+            x = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+            q = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            terms = q.to(tl.float32) * x[None, :]
         else:
-            rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            rb = k0 // 2 + tl.arange(0, BLOCK_W)
             b_mask = 2 * rb < K
             b = tl.load(w_rows + rb[None, :], mask=n_mask[:, None] & b_mask[None, :], other=0)
-            x_lo = tl.load(x_ptr + row * stride_xm + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + row * stride_xm + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
-            part = tl.sum((b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :], axis=1)
-            x_total = tl.sum(x_lo, axis=0) + tl.sum(x_hi, axis=0)
+            x_lo = tl.load(x_row + 2 * rb, mask=b_mask, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
+            terms = (b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :]
+            xs = x_lo + x_hi
+            A, B = 1.0, 0.0
+        # scaled and offset per group element-wise: no reduction across threads per tile
         if GROUP > 0 and BITS == 8:
-            acc += part * tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask,
-                                  other=0.0).to(tl.float32)
+            acc2 += terms * tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask,
+                                    other=0.0).to(tl.float32)[:, None]
         elif GROUP > 0:
             s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
-            acc += part * s + m * x_total
+            acc2 += terms * (A * s)[:, None] + (B * s + m)[:, None] * xs[None, :]
         else:
-            acc += part
+            acc2 += terms
+    acc = tl.sum(acc2, axis=1)
     if GROUP == 0:
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if ATOMIC:
@@ -244,15 +262,18 @@ GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From a sweep
-    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py, docs/benchmarks/quant_sweep.json):
-    INT8 is fastest through the tensor-core kernel with 64 x 256 tiles, split 4 ways only for long K on few
-    column tiles; INT4 through the GEMV."""
+    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py, docs/benchmarks/quant_sweep*.json):
+    INT4 through the GEMV; INT8 one row through the GEMV too, except the LM head (the tensor-core kernel streams
+    it faster); INT8 batches through the tensor-core kernel with 64 x 256 tiles, split 4 ways for long K on few
+    column tiles."""
     if group and m <= GEMV_MAX_ROWS:  # INT4: best of the sweep for every shape: 64 columns, K split up to 8 ways
         block_k = min(group, 256)
         splits = 1
         while splits < 8 and k // (splits * 2) >= 4 * block_k:
             splits *= 2
         return 1, 64, block_k, splits, 4, 4
+    if not group and m == 1 and n < 65536:  # INT8 per channel, one row: the GEMV on words (not for the LM head)
+        return (1, 64, 256, 8, 4, 4) if k >= 8192 else (1, 16, 512, 1, 4, 4)
     block_k = 256 if not group else min(group, 256)
     if m <= 16:
         splits = 4 if -(-n // 64) < num_sms and k >= 8192 else 1
@@ -290,10 +311,12 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     common = dict(BITS=bits, GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=block_n, BLOCK_K=block_k,
                   ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
-        words = bits == 4 and k % 8 == 0 and qweight.is_contiguous()
+        words = k % 8 == 0 and qweight.is_contiguous()
         qw = qweight.view(torch.int32) if words else qweight
+        block_w = block_k // (32 // bits) if words else block_k * bits // 8
         gemv[(m, -(-n // block_n), splits)](x, qw, scales, offsets, out, n, k, x.stride(0), qw.stride(0),
-                                            *scale_strides, out.stride(0), k_per_split, WORDS=words, **common)
+                                            *scale_strides, out.stride(0), k_per_split, WORDS=words,
+                                            BLOCK_W=block_w, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
