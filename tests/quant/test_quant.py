@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.ops.quant_matmul import (  # noqa: E402
-    dequantize_int4, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear, int8_linear_cpu,
+    dequantize_int4, dequantize_int4_triton, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear, int8_linear_cpu,
     quant_linear_triton)
 from tuili.quant import quantize_groupwise, quantize_per_channel  # noqa: E402
 from tuili.quant.gguf_blocks import NATIVE, PackedFormat, common_format, transcode  # noqa: E402
@@ -123,6 +123,24 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
         assert got.dtype == dtype and got.shape == (m, n)
         scale = ref.abs().max().item()
         torch.testing.assert_close(got.float(), ref, atol=TRITON_ATOL[dtype] * max(1.0, scale / 10), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", _triton_dtypes())
+@pytest.mark.parametrize("method", ["int4-g32", "int4-g64-sym", "int4-g128"])
+def test_triton_int4_prefill_dequantizes_then_matmuls(method, dtype):
+    """INT4 with prefill-sized batches: one Triton kernel makes the float weight (as the reference does, the last
+    group short here), then a float matmul."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, group = 72, 320, int(method.split("-")[1][1:])
+    q, scales, offsets = quantize_groupwise(torch.randn(n, k, generator=gen), group, method.endswith("sym"))
+    args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
+    w = dequantize_int4_triton(*args, dtype)
+    torch.testing.assert_close(w, dequantize_int4(*args, dtype=dtype), atol=1e-6, rtol=2e-3)  # fma or mul + add
+    x = torch.randn(40, k, generator=gen).to(DEVICE)
+    ref = int4_linear(x.float(), *args[:2], None if offsets is None else args[2].float(), group)
+    got = quant_linear_triton(x.to(dtype), *args)  # 40 rows: the dequantizing path
+    torch.testing.assert_close(got.float(), ref, atol=TRITON_ATOL[dtype] * max(1.0, ref.abs().max().item() / 10),
+                               rtol=1e-2)
 
 
 @pytest.mark.parametrize("rows", [5, 40])  # the packed kernel, and the dequantize + GEMM path for prefill
