@@ -294,11 +294,11 @@ DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize
 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From a sweep
-    over Llama-3.1-8B's decode shapes on an H200 (scripts/sweep_quant_matmul.py, docs/benchmarks/quant_sweep*.json):
-    INT4 through the GEMV; INT8 one row through the GEMV too, except the LM head (the tensor-core kernel streams
-    it faster); INT8 batches through the tensor-core kernel with 64 x 256 tiles, split 4 ways for long K on few
-    column tiles."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From sweeps
+    over Llama-3.1-8B's decode shapes (scripts/sweep_quant_matmul.py) and engine A/B runs on an H200
+    (docs/benchmarks/README.md): INT4 through the GEMV; INT8 one row through the GEMV too, except the LM head
+    (the tensor-core kernel streams it faster); INT8 batches through the tensor-core kernel with 64 x 256 tiles,
+    split 4 ways for long K on few column tiles."""
     if group and m <= GEMV_MAX_ROWS:  # INT4: best of the sweep for every shape: 64 columns, K split up to 8 ways
         block_k = min(group, 256)
         splits = 1
