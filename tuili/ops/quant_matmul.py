@@ -171,10 +171,10 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_sg,
-                       stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr,
-                       BLOCK_W: tl.constexpr):
+def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_xm, stride_qn,
+                       stride_sn, stride_sg, stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                       WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats with integer ops, never the
@@ -182,7 +182,10 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
     group through the sums of x (|f| < 2: summing f x in fp32 loses nothing that matters). Products accumulate
     element-wise in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset
     per group element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much
-    as the products)."""
+    as the products). Split K (FIXUP): each split stores its partial sums in part [splits, M, N] and counts
+    itself in count [M, column tiles]; the last split of a column tile adds the partials in split order, stores
+    the result and sets the count back to 0. No zeroed output, no cast afterwards: two small kernels fewer per
+    matmul than atomics (ATOMIC), and the sum does not depend on the order the splits finish in."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
@@ -241,7 +244,18 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_xm, st
     acc = tl.sum(acc2, axis=1)
     if GROUP == 0:
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-    if ATOMIC:
+    if FIXUP:
+        rows, splits = tl.num_programs(0), tl.num_programs(2)
+        tl.store(part_ptr + (tl.program_id(2) * rows + row) * N + rn, acc, mask=n_mask)
+        tl.debug_barrier()  # every thread's partials stored before the count says so
+        count = count_ptr + row * tl.num_programs(1) + pid_n
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for split in range(0, splits):  # from L2 (.cg): other SMs wrote them
+                acc += tl.load(part_ptr + (split * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+    elif ATOMIC:
         tl.atomic_add(out_ptr + row * stride_om + rn, acc, mask=n_mask)
     else:
         tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -290,6 +304,15 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets:
 
 
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
+_COUNTS: dict = {}  # device -> the GEMV's split counters (zero between kernels; allocated once: CUDA graphs keep
+COUNTS_SIZE = 1 << 16  # its address)
+
+
+def _split_counts(device: torch.device) -> torch.Tensor | None:
+    counts = _COUNTS.get(device)
+    if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        counts = _COUNTS[device] = torch.zeros(COUNTS_SIZE, dtype=torch.int32, device=device)
+    return counts
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
 
 
@@ -338,7 +361,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"group size {group_size} is not a multiple of BLOCK_K {block_k}")
     k_per_split = -(-k // (splits * block_k)) * block_k
     splits = -(-k // k_per_split)
-    atomic = splits > 1
+    counts = _split_counts(x.device) if block_m == 1 and splits > 1 else None
+    fixup = counts is not None and m * -(-n // block_n) <= COUNTS_SIZE
+    atomic = splits > 1 and not fixup
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     gemm, gemv, _ = _kernels()
@@ -353,9 +378,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         words = k % 8 == 0 and qweight.is_contiguous()
         qw = qweight.view(torch.int32) if words else qweight
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
-        gemv[(m, -(-n // block_n), splits)](x, qw, scales, offsets, out, n, k, x.stride(0), qw.stride(0),
-                                            *scale_strides, out.stride(0), k_per_split, WORDS=words,
-                                            BLOCK_W=block_w, **common)
+        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
+        gemv[(m, -(-n // block_n), splits)](x, qw, scales, offsets, out, part, counts if fixup else out, n, k,
+                                            x.stride(0), qw.stride(0), *scale_strides, out.stride(0), k_per_split,
+                                            WORDS=words, BLOCK_W=block_w, FIXUP=fixup, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
