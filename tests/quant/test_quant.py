@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.ops import quant_matmul  # noqa: E402
 from tuili.ops.quant_matmul import (  # noqa: E402
-    dequantize_int4, dequantize_int4_triton, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear, int8_linear_cpu,
-    quant_linear_triton)
+    dequantize_int4, dequantize_int4_triton, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear,
+    int8_linear_cpu, quant_linear_triton)
 from tuili.quant import quantize_groupwise, quantize_per_channel  # noqa: E402
 from tuili.quant.gguf_blocks import NATIVE, PackedFormat, common_format, transcode  # noqa: E402
 from tuili.quant.int8 import quantize_groupwise_int8  # noqa: E402

@@ -24,7 +24,8 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
     table = [3, 0, 5]
     with torch.no_grad():
         ids = torch.randint(0, 512, (CONTEXT,), generator=gen)
-        meta, _ = runner._metadata([CONTEXT], [CONTEXT], [table], [table[p // 16] * 16 + p % 16 for p in range(CONTEXT)])
+        slots = [table[p // 16] * 16 + p % 16 for p in range(CONTEXT)]
+        meta, _ = runner._metadata([CONTEXT], [CONTEXT], [table], slots)
         set_attention_metadata(meta)
         model(ids, torch.arange(CONTEXT))  # the context, eagerly (more than 16 new tokens)
         set_attention_metadata(None)
@@ -61,6 +62,10 @@ def test_cpu_step_is_used_and_enforce_eager_turns_it_off(tiny_models):
     assert outputs[False] == outputs[True]
 
 
-def test_cpu_step_leaves_quantized_kv_caches_to_the_eager_path(tiny_models):
-    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", kv_cache_memory=0.01, kv_cache_dtype="int8")
+@pytest.mark.parametrize("args", [dict(dtype="bfloat16", kv_cache_dtype="int8"),  # a quantized KV cache
+                                  dict(dtype="float32", quantization="int4")])  # INT4 without torch's kernel at fp32
+def test_cpu_step_leaves_what_it_does_not_cover_to_the_eager_path(tiny_models, args):
+    llm = LLM(tiny_models["llama"], device="cpu", kv_cache_memory=0.01, quant_group_size=32, **args)
     assert llm.engine.runner.cpu_step is None
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4

@@ -304,8 +304,11 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets:
 
 
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
-_COUNTS: dict = {}  # device -> the GEMV's split counters (zero between kernels; allocated once: CUDA graphs keep
-COUNTS_SIZE = 1 << 16  # its address)
+DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
+# The GEMV's split-K counters, per device: zero between kernels (each kernel resets its own), allocated once and
+# never moved (CUDA graphs keep their address); a call that needs more of them falls back to atomics.
+COUNTS_SIZE = 1 << 16
+_COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counts(device: torch.device) -> torch.Tensor | None:
@@ -313,7 +316,6 @@ def _split_counts(device: torch.device) -> torch.Tensor | None:
     if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         counts = _COUNTS[device] = torch.zeros(COUNTS_SIZE, dtype=torch.int32, device=device)
     return counts
-DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:

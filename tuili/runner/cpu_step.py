@@ -144,44 +144,41 @@ def _linear_args(linear, dtype: torch.dtype):
 class CpuStep:
     """Runs one sequence's step through the scripted function, where it covers the model (`build`)."""
 
-    def __init__(self, model, tensors, biases, kinds, groups) -> None:
-        self.model = model
+    def __init__(self, model, fn, tensors, biases, kinds, groups) -> None:
+        self.model, self.fn = model, fn
         self.args = (tensors, biases, kinds, groups)
         attn = model.layers[0].self_attn
         self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
                        attn.q_norm is not None)
         self.block_size = attn.attn.k_cache.shape[1]
-        self.fn = _scripted()
 
     @classmethod
     def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
         """After the KV cache exists; None (and the reason logged) where some layer needs the eager path."""
+        tensors, biases, kinds, groups = [], [], [], []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
+                logger.info("CPU steps run eagerly: the KV cache is quantized")
+                return None
+            linears = [_linear_args(m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if None in linears:
+                logger.info("CPU steps run eagerly: layer %d has a weight format without a CPU kernel at %s", i, dtype)
+                return None
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
+                (layer.input_layernorm.weight,) * 2  # placeholders
+            tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
+                            layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
+                            attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
+            biases.append([a[3] for a in linears])
+            kinds.append([a[0] for a in linears])
+            groups.append([a[4] for a in linears])
         try:
-            tensors, biases, kinds, groups = [], [], [], []
-            for i, layer in enumerate(model.layers):
-                attn, mlp = layer.self_attn, layer.mlp
-                if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
-                    return cls._eager("a quantized KV cache")
-                linears = [_linear_args(m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                                             mlp.down_proj)]
-                if None in linears:
-                    return cls._eager(f"layer {i} has a weight format without a CPU kernel at {dtype}")
-                qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
-                    (layer.input_layernorm.weight,) * 2  # placeholders
-                tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
-                                layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
-                                attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
-                biases.append([a[3] for a in linears])
-                kinds.append([a[0] for a in linears])
-                groups.append([a[4] for a in linears])
-            return cls(model, tensors, biases, kinds, groups)
-        except RuntimeError as e:  # TorchScript missing or unable to compile here
-            return cls._eager(f"TorchScript failed ({e})")
-
-    @staticmethod
-    def _eager(reason: str) -> None:
-        logger.info("CPU steps run eagerly: %s", reason)
-        return None
+            fn = _scripted()
+        except Exception as e:  # noqa: BLE001 - a torch without (working) TorchScript: the eager path still works
+            logger.warning("CPU steps run eagerly: TorchScript failed here (%s)", e)
+            return None
+        return cls(model, fn, tensors, biases, kinds, groups)
 
     def handles(self, meta: AttentionMetadata) -> bool:
         return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_QUERY_LEN
