@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes on the GPU: torch.profiler over a few steps of a dummy model.
 
-usage: python scripts/profile_decode.py [shape] [batch]   (prints the kernel table and GPU-busy vs wall time)"""
+usage: python scripts/profile_decode.py [shape] [batch] [int8|int4]   (the kernel table, GPU-busy vs wall time)"""
 import sys
 import time
 
@@ -11,8 +11,10 @@ from tuili import LLM, SamplingParams
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama-3.2-1b"
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-for mode in ("on", "off"):
-    llm = LLM(shape, load_format="dummy", gpu_memory_utilization=0.5, max_num_seqs=8, async_scheduling=mode)
+quantization = sys.argv[3] if len(sys.argv) > 3 else None
+for mode in ("on", "off") if quantization is None else ("on",):
+    llm = LLM(shape, load_format="dummy", gpu_memory_utilization=0.5, max_num_seqs=8, async_scheduling=mode,
+              quantization=quantization)
     engine = llm.engine
     prompts = [[7] * 128 for _ in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
