@@ -47,6 +47,19 @@ class Linear(nn.Module):
         """Quantized layers on CUDA: the dequant-fused Triton matmul (else the torch reference)."""
         self._triton = enabled
 
+    def cpu_int4(self) -> tuple:
+        """This INT4 layer in the layout of torch's packed CPU kernel ((packed, scales_and_offsets), or () where
+        torch lacks it), made on first use: a saved checkpoint fills qweight after set_quantized."""
+        if self._cpu_int4 is None:
+            self._cpu_int4 = quant_matmul.int4_cpu_pack(self.qweight, self.scales, self.offsets, self.group_size) or ()
+        return self._cpu_int4
+
+    def cpu_dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float copy of an INT8-groups layer that the CPU multiplies with (torch has no kernel for it)."""
+        if self._cpu_dense is None or self._cpu_dense.dtype != dtype:
+            self._cpu_dense = quant_matmul.dequantize_int8(self.qweight, self.scales, self.group_size, dtype)
+        return self._cpu_dense
+
     def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, int8 = self.qweight, self.qweight.dtype == torch.int8
         if qweight.is_cuda and self._triton:
@@ -55,16 +68,10 @@ class Linear(nn.Module):
             if int8 and not self.group_size and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
             if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
-                if self._cpu_dense is None or self._cpu_dense.dtype != x.dtype:
-                    self._cpu_dense = quant_matmul.dequantize_int8(qweight, self.scales, self.group_size, x.dtype)
-                return F.linear(x, self._cpu_dense, self.bias)
-            if not int8:
-                if self._cpu_int4 is None:  # made on first use: a saved checkpoint fills qweight after set_quantized
-                    self._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, self.scales, self.offsets, self.group_size) \
-                        or ()
-                # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
-                if self._cpu_int4 and x.dtype == self.scales.dtype and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
-                    return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
+                return F.linear(x, self.cpu_dense(x.dtype), self.bias)
+            # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
+            if self.cpu_int4() and x.dtype == self.scales.dtype and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
+                return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
         if int8:
             return quant_matmul.int8_linear(x, qweight, self.scales, self.bias, self.group_size)
         return quant_matmul.int4_linear(x, qweight, self.scales, self.offsets, self.group_size, self.bias)

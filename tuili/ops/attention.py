@@ -16,6 +16,7 @@ from tuili.ops.attention_metadata import AttentionMetadata
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+MAX_ONE_SEQUENCE_QUERY = 16  # CPU: one sequence with up to this many new tokens attends through attend_one_cpu
 
 
 def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +72,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     A sequence's new tokens are the last query_len of its seq_len positions, so chunked prefill, plain
     prefill and decode are the same computation. Returns [T, H, D].
     """
-    if q.device.type == "cpu" and len(meta.query_lens_cpu) == 1 and meta.max_query_len <= 16:
-        return _attend_one_cpu(q, k_cache, v_cache, meta.seq_lens_cpu[0], meta.block_tables[0], scale, k_scale,
+    if q.device.type == "cpu" and len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_ONE_SEQUENCE_QUERY:
+        return attend_one_cpu(q, k_cache, v_cache, meta.seq_lens_cpu[0], meta.block_tables[0], scale, k_scale,
                                v_scale)
     if meta.is_pure_decode:
         return _decode(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
@@ -124,7 +125,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     return o.to(q.dtype).view(b, -1, q.shape[-1])
 
 
-def _attend_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
+def attend_one_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: int,
                     block_table: torch.Tensor, scale: float, k_scale: torch.Tensor | None,
                     v_scale: torch.Tensor | None) -> torch.Tensor:
     """One sequence's few new tokens (a decode, a verification) on the CPU, where a step is mostly per-op

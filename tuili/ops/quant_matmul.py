@@ -14,6 +14,7 @@ apply each group's scale and offset to the partial sums: sum_k x_k W_k = s * sum
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -292,7 +293,8 @@ def _kernels():
     import triton.language as tl
 
     _group_scale_offset = triton.jit(_group_scale_offset)
-    return triton.jit(_quant_matmul_kernel), triton.jit(_quant_gemv_kernel), triton.jit(_dequant_int4_kernel)
+    return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
+                           dequant_int4=triton.jit(_dequant_int4_kernel))
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -302,7 +304,7 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets:
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     block_k = min(group_size, 128)
     has_offset = offsets is not None
-    _kernels()[2][(-(-n // 32), -(-k // block_k))](
+    _kernels().dequant_int4[(-(-n // 32), -(-k // block_k))](
         qweight, scales, offsets if has_offset else scales, out, n, k, qweight.stride(0), scales.stride(0),
         scales.stride(1), out.stride(0), GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=32, BLOCK_K=block_k,
         num_warps=4)
@@ -374,7 +376,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     atomic = splits > 1 and not fixup
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
-    gemm, gemv, _ = _kernels()
+    kernels = _kernels()
     if offsets is not None and offsets.stride() != scales.stride():
         raise ValueError("scales and offsets must have the same layout")
     scale_strides = (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
@@ -387,14 +389,14 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         qw = qweight.view(torch.int32) if words else qweight
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
-        gemv[(m, -(-n // block_n), splits)](x, qw, scales, offsets, out, part, counts if fixup else out, n, k,
-                                            x.stride(0), qw.stride(0), *scale_strides, out.stride(0), k_per_split,
-                                            WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-                                            EVEN=n % block_n == 0 and k % block_k == 0, **common)
+        kernels.gemv[(m, -(-n // block_n), splits)](
+            x, qw, scales, offsets, out, part, counts if fixup else out, n, k, x.stride(0), qw.stride(0),
+            *scale_strides, out.stride(0), k_per_split, WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
+            EVEN=n % block_n == 0 and k % block_k == 0, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
-        gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
-                   out.stride(0), k_per_split, BLOCK_M=block_m,
-                   DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
+        kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
+                           out.stride(0), k_per_split, BLOCK_M=block_m,
+                           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out
     return out if bias is None else out + bias

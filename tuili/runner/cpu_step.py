@@ -4,9 +4,10 @@ every layer as one TorchScript function.
 On the CPU a small model's step is mostly per-op overhead, not arithmetic: for the default model (30 layers,
 hidden 576) the packed matmuls take ~3 ms of a ~8 ms eager step, and the rest is Python, module calls and
 dispatch around ~60 small ops per layer. TorchScript's interpreter runs the same ops without the Python around
-them. The function below does exactly what the eager layers do, op for op and in the same dtypes (the tests
-compare the two bit for bit); whatever it does not cover (batches of several sequences, longer chunks, a
-quantized KV cache, a layer format without a CPU kernel) runs eagerly as before.
+them. The function below does exactly what the eager layers do, through the same norm, RoPE and attention
+functions, which TorchScript compiles along (the tests compare the two bit for bit); whatever it does not
+cover (batches of several sequences, longer chunks, a quantized KV cache, a layer format without a CPU kernel)
+runs eagerly as before.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.ops import quant_matmul, rope
+from tuili.ops import rope
+from tuili.ops.attention import MAX_ONE_SEQUENCE_QUERY, attend_one_cpu
 from tuili.ops.attention_metadata import AttentionMetadata
+from tuili.ops.rmsnorm import rms_norm
+from tuili.ops.rope import rotate_rows
 
 logger = logging.getLogger(__name__)
 
-MAX_QUERY_LEN = 16  # as the eager CPU attention's one-sequence path (tuili/ops/attention.py)
 FLOAT, INT4, INT8 = 0, 1, 2  # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels
 
 
@@ -39,39 +42,12 @@ def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], gro
     return y
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos2 + torch.cat((x2, x1), dim=-1) * sin2
-
-
-def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, length: int, scale: float) -> Tensor:
-    """tuili.ops.attention._attend_one_cpu for an unquantized cache."""
-    q_len, num_heads, d = q.shape
-    kv_heads = k_cache.shape[2]
-    k = k_cache.index_select(0, pages).flatten(0, 1)[:length].float()
-    v = v_cache.index_select(0, pages).flatten(0, 1)[:length].float()
-    if q_len == 1:
-        o = F.scaled_dot_product_attention(q.float().view(1, num_heads, 1, d), k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], scale=scale, enable_gqa=True)
-        return o.view(1, num_heads, d).to(q.dtype)
-    qf = q.float().view(q_len, kv_heads, -1, d).transpose(0, 1).reshape(kv_heads, -1, d)
-    scores = torch.bmm(qf, k.permute(1, 2, 0)).mul_(scale)
-    hidden = torch.ones(q_len, length, dtype=torch.bool).triu_(length - q_len + 1)
-    scores.view(kv_heads, q_len, -1, length).masked_fill_(hidden[None, :, None, :], float("-inf"))
-    o = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))
-    return o.view(kv_heads, q_len, -1, d).transpose(0, 1).reshape(q_len, num_heads, d).to(q.dtype)
-
-
-def _forward(x: Tensor, cos2: Tensor, sin2: Tensor, slots: Tensor, pages: Tensor, length: int,
+def _forward(x: Tensor, cos2: Tensor, sin2: Tensor, slots: Tensor, block_table: Tensor, length: int,
              tensors: List[List[Tensor]], biases: List[List[Optional[Tensor]]], kinds: List[List[int]],
              groups: List[List[int]], final_norm: Tensor, eps: float, num_heads: int, num_kv_heads: int,
              scale: float, qk_norm: bool) -> Tensor:
-    """LlamaForCausalLM.forward after the embedding, for one sequence's new tokens x [T, hidden].
+    """LlamaForCausalLM.forward after the embedding, for one sequence's new tokens x [T, hidden], through the
+    eager path's own functions (TorchScript compiles them along).
     tensors[i] = [input norm, qkv w, qkv s, o w, o s, post norm, gate_up w, gate_up s, down w, down s, k cache,
     v cache, q norm, k norm]; biases[i], kinds[i], groups[i]: per linear (qkv, o, gate_up, down)."""
     residual: Optional[Tensor] = None
@@ -79,32 +55,32 @@ def _forward(x: Tensor, cos2: Tensor, sin2: Tensor, slots: Tensor, pages: Tensor
         t, b, kind, group = tensors[i], biases[i], kinds[i], groups[i]
         if residual is None:
             residual = x
-            h = _rms_norm(x, t[0], eps)
+            h = rms_norm(x, t[0], eps)
         else:
             residual = x + residual
-            h = _rms_norm(residual, t[0], eps)
+            h = rms_norm(residual, t[0], eps)
         qkv = _linear(h, kind[0], t[1], t[2], b[0], group[0])
         k_cache, v_cache = t[10], t[11]
         d = k_cache.shape[3]
         q_size, kv_size = num_heads * d, num_kv_heads * d
         if qk_norm:
-            q = _rotate(_rms_norm(qkv[:, :q_size].view(-1, num_heads, d), t[12], eps), cos2, sin2)
-            k = _rotate(_rms_norm(qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, d), t[13], eps),
+            q = rotate_rows(rms_norm(qkv[:, :q_size].view(-1, num_heads, d), t[12], eps), cos2, sin2)
+            k = rotate_rows(rms_norm(qkv[:, q_size:q_size + kv_size].view(-1, num_kv_heads, d), t[13], eps),
                         cos2, sin2)
         else:
-            qk = _rotate(qkv[:, :q_size + kv_size].view(-1, num_heads + num_kv_heads, d), cos2, sin2)
+            qk = rotate_rows(qkv[:, :q_size + kv_size].view(-1, num_heads + num_kv_heads, d), cos2, sin2)
             q, k = qk.split([num_heads, num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size:].view(-1, num_kv_heads, d)
         k_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, k.to(k_cache.dtype))
         v_cache.view(-1, num_kv_heads, d).index_copy_(0, slots, v.to(v_cache.dtype))
-        o = _attend(q, k_cache, v_cache, pages, length, scale)
+        o = attend_one_cpu(q, k_cache, v_cache, length, block_table, scale, None, None)
         x = _linear(o.flatten(1), kind[1], t[3], t[4], b[1], group[1])
         residual = x + residual
-        h = _rms_norm(residual, t[5], eps)
+        h = rms_norm(residual, t[5], eps)
         gate, up = _linear(h, kind[2], t[6], t[7], b[2], group[2]).chunk(2, dim=-1)
         x = _linear(F.silu(gate) * up, kind[3], t[8], t[9], b[3], group[3])
     assert residual is not None
-    return _rms_norm(x + residual, final_norm, eps)
+    return rms_norm(x + residual, final_norm, eps)
 
 
 _SCRIPTED = None
@@ -120,8 +96,8 @@ def _scripted():
 
 
 def _linear_args(linear, dtype: torch.dtype):
-    """(kind, weight, scales, bias, group) as the eager Linear.forward runs it for up to MAX_QUERY_LEN rows on the
-    CPU, or None where that is not one of our three kernels."""
+    """(kind, weight, scales, bias, group) as the eager Linear.forward runs it for up to MAX_ONE_SEQUENCE_QUERY
+    rows on the CPU, or None where that is not one of our three kernels."""
     empty = torch.empty(0)
     if linear.qweight is None:
         return FLOAT, linear.weight, empty, linear.bias, 0
@@ -129,15 +105,11 @@ def _linear_args(linear, dtype: torch.dtype):
     if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
         return INT8, qweight, linear.scales, linear.bias, 0
     if qweight.dtype == torch.int8:  # INT8 groups: the float copy the eager layer makes
-        if linear._cpu_dense is None or linear._cpu_dense.dtype != dtype:
-            linear._cpu_dense = quant_matmul.dequantize_int8(qweight, linear.scales, group, dtype)
-        return FLOAT, linear._cpu_dense, empty, linear.bias, 0
-    if linear._cpu_int4 is None:
-        linear._cpu_int4 = quant_matmul.int4_cpu_pack(qweight, linear.scales, linear.offsets, group) or ()
+        return FLOAT, linear.cpu_dense(dtype), empty, linear.bias, 0
+    packed = linear.cpu_int4()
     # the eager layer's kernel condition (bf16: any row count) and no padding of a short last group
-    if linear._cpu_int4 and dtype == linear.scales.dtype == torch.bfloat16 and \
-            linear._cpu_int4[1].shape[0] * group == 2 * qweight.shape[1]:
-        return INT4, linear._cpu_int4[0], linear._cpu_int4[1], linear.bias, group
+    if packed and dtype == linear.scales.dtype == torch.bfloat16 and packed[1].shape[0] * group == 2 * qweight.shape[1]:
+        return INT4, packed[0], packed[1], linear.bias, group
     return None
 
 
@@ -150,7 +122,6 @@ class CpuStep:
         attn = model.layers[0].self_attn
         self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
                        attn.q_norm is not None)
-        self.block_size = attn.attn.k_cache.shape[1]
 
     @classmethod
     def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
@@ -181,14 +152,12 @@ class CpuStep:
         return cls(model, fn, tensors, biases, kinds, groups)
 
     def handles(self, meta: AttentionMetadata) -> bool:
-        return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_QUERY_LEN
+        return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_ONE_SEQUENCE_QUERY
 
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.layers[0].self_attn.rotary
         cos2, sin2 = rope.rope_rows(rotary.cos, rotary.sin, positions, x.dtype)
-        length = meta.seq_lens_cpu[0]
-        pages = meta.block_tables[0, :-(-length // self.block_size)]
         norm, eps, num_heads, num_kv_heads, scale, qk_norm = self.consts
-        return self.fn(x, cos2, sin2, meta.slot_mapping, pages, length, *self.args, norm, eps, num_heads,
-                       num_kv_heads, scale, qk_norm)
+        return self.fn(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0], meta.seq_lens_cpu[0], *self.args,
+                       norm, eps, num_heads, num_kv_heads, scale, qk_norm)
