@@ -36,9 +36,11 @@ def main(out: str, m: int = 1, gemv_only: bool = False) -> None:
             (8, 16, 32, 64), block_ks, (1, 2, 4, 8), ((4, 3), (4, 4), (8, 4), (2, 4)))]
         configs += [(16, 64, 256 if method == "int8" else 128, splits, 4, 4) for splits in (1, 4, 8)]
         if gemv_only:  # the GEMV on int32 words: wider K tiles pay for INT8
-            block_ks = (256, 512, 1024) if method == "int8" else (128,)
+            if name == "lm_head" and method == "int4":
+                continue  # INT4 models keep the LM head in INT8
+            block_ks = (256, 512) if method == "int8" else (128,)
             configs = [(1, bn, bk, splits, warps, 4) for bn, bk, splits, warps in itertools.product(
-                (16, 32, 64, 128), block_ks, (1, 2, 4, 8), (4, 8))]
+                (16, 32, 64, 128, 256), block_ks, (1, 2, 4, 8), (4, 8)) if bn * bk <= 65536]
         for tiles in configs:
             try:
                 us = do_bench(lambda: quant_linear_triton(x, *args, tiles=tiles), warmup=5, rep=20) * 1e3

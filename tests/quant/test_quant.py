@@ -128,6 +128,29 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
         torch.testing.assert_close(got.float(), ref, atol=TRITON_ATOL[dtype] * max(1.0, scale / 10), rtol=1e-2)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_triton_gemv_keeps_fp32_precision_over_a_wide_range_of_x(method):
+    """The GEMV reads packed values as denormal floats and scales x by up to 2^77 to match: x spanning 1e-12 to
+    1e12 in one row (and a row of tiny values alone) comes out as precise as an fp32 matmul."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 64, 256
+    w = torch.randn(n, k, generator=gen)
+    x = torch.randn(2, k, generator=gen) * 10.0 ** torch.randint(-12, 13, (2, k), generator=gen)
+    x[1] = torch.randn(k, generator=gen) * 1e-12
+    if method == "int8":
+        q, scales = quantize_per_channel(w)
+        args, w_float = (q, scales, None, 0), dequantize_int8(q, scales)
+    else:
+        q, scales, offsets = quantize_groupwise(w, 64)
+        args, w_float = (q, scales, offsets, 64), dequantize_int4(q, scales, offsets, 64)
+    ref = (x.double() @ w_float.double().t())
+    for row in range(2):  # one row: the GEMV, whole tiles (EVEN) and split K
+        got = quant_linear_triton(x[row:row + 1].to(DEVICE), *(a if a is None or isinstance(a, int) else a.to(DEVICE)
+                                                              for a in args), tiles=(1, 32, 64, 2, 4, 1))
+        bound = 1e-5 * (x[row].abs().double() @ w_float.abs().double().t())  # fp32 rounding, not a lost range
+        assert ((got.cpu().double()[0] - ref[row]).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", _triton_dtypes())
 @pytest.mark.parametrize("method", ["int4-g32", "int4-g64-sym", "int4-g128"])
 def test_triton_int4_prefill_dequantizes_then_matmuls(method, dtype):

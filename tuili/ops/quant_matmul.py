@@ -116,6 +116,24 @@ def _group_scale_offset(s_ptr, o_ptr, offs, n_mask, HAS_OFFSET: tl.constexpr):
     return s, -8.0 * s
 
 
+def _columns(t, BLOCK_W: tl.constexpr, PER: tl.constexpr):
+    """The PER columns of t [BLOCK_W, PER] (4 or 8), each [BLOCK_W]: loaded as one tile, split in registers."""
+    if PER == 8:
+        even, odd = tl.split(tl.reshape(t, [BLOCK_W, 4, 2]))
+        e0, e1 = tl.split(tl.reshape(even, [BLOCK_W, 2, 2]))
+        o0, o1 = tl.split(tl.reshape(odd, [BLOCK_W, 2, 2]))
+        c0, c4 = tl.split(e0)
+        c2, c6 = tl.split(e1)
+        c1, c5 = tl.split(o0)
+        c3, c7 = tl.split(o1)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+    else:
+        even, odd = tl.split(tl.reshape(t, [BLOCK_W, 2, 2]))
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return c0, c1, c2, c3
+
+
 def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                          stride_sg, stride_om, k_per_split,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -175,61 +193,74 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
 def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_xm, stride_qn,
                        stride_sn, stride_sg, stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-                       WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr):
+                       WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr,
+                       STAGES: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
-    where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats with integer ops, never the
-    int-to-float convert (a quarter-rate unit): an INT4 value becomes 1 + q / 16 in two ops, the 1 taken off per
-    group through the sums of x (|f| < 2: summing f x in fp32 loses nothing that matters). Products accumulate
-    element-wise in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset
-    per group element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much
-    as the products). Split K (FIXUP): each split stores its partial sums in part [splits, M, N] and counts
-    itself in count [M, column tiles]; the last split of a column tile adds the partials in split order, stores
-    the result and sets the count back to 0. No zeroed output, no cast afterwards: two small kernels fewer per
-    matmul than atomics (ATOMIC), and the sum does not depend on the order the splits finish in."""
+    where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
+    (a quarter-rate unit): a value masked in place and read as a float is the denormal q * 2^(pos - 149), exact,
+    one AND per value (and one shift per word for the values above bit 20); x comes scaled by 2^(149 - pos - P)
+    so that every product is q x 2^-P. FFMA takes denormals at full rate (Triton does not flush them). INT8
+    words hold q + 128 (the 128 comes off through the x sums, as INT4's offsets do). The x tile is loaded as
+    [words, values] and split into one vector per value position in registers. Products accumulate element-wise
+    in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset per group
+    element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much as the
+    products). STAGES > 1 keeps that many K tiles of weights in flight (cp.async). Split K (FIXUP): each split
+    stores its partial sums in part [splits, M, N] and counts itself in count [M, column tiles]; the last split
+    of a column tile adds the partials in split order, stores the result and sets the count back to 0. No zeroed
+    output, no cast afterwards: two small kernels fewer per matmul than atomics (ATOMIC), and the sum does not
+    depend on the order the splits finish in."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    x_acc = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT8 per channel: the x sums of all tiles
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_row = x_ptr + row * stride_xm
     PER: tl.constexpr = 32 // BITS  # values per word
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):  # a last split may run past K
+    P: tl.constexpr = 72  # words: the products come out as q x 2^-P (|x| in [2^-58, 2^51] keeps full precision)
+    A: tl.constexpr = 4722366482869645213696.0 if WORDS else 1.0  # 2^P: sum q x = A terms + B xs
+    B: tl.constexpr = -128.0 if WORDS and BITS == 8 else 0.0  # (INT8 words hold q + 128)
+    LOW: tl.constexpr = 5 if BITS == 4 else 2  # values below bit 20 (the exponent starts at 23) stay in place;
+    HIGH: tl.constexpr = 12 if BITS == 4 else 16  # the others move down: nibble 5 to bit 8, byte 2 to bit 0
+    # a last split may run past K
+    for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K, num_stages=STAGES):
         if WORDS:  # value j of word w is k = PER * w + j (INT8: byte j; INT4: nibble j)
-            rw = k0 // PER + tl.arange(0, BLOCK_W)
-            w_mask = PER * rw < K
+            rw = tl.multiple_of(k0 // PER, BLOCK_W) + tl.arange(0, BLOCK_W)
+            x_ptrs = x_row + PER * rw[:, None] + tl.arange(0, PER)[None, :]
             if EVEN:  # whole tiles: no masks (their predicates and zero fills cost ~10% of the loop)
                 words = tl.load(w_rows + rw[None, :])
+                xt = tl.load(x_ptrs)
             else:
+                w_mask = PER * rw < K
                 words = tl.load(w_rows + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+                xt = tl.load(x_ptrs, mask=w_mask[:, None], other=0.0)
+            # value j read in place as the denormal q 2^(pos - 149) (pos: its lowest bit); x scaled by
+            # 2^(149 - pos - P), one multiply per element of the x tile before it is spread over the threads
+            col = tl.arange(0, PER)
+            pos = BITS * col - tl.where(col >= LOW, HIGH, 0)
+            xf = xt.to(tl.float32)
+            xs = tl.sum(xf, axis=1)  # the sum of the x values each word column saw
+            xj = _columns(xf * ((276 - P - pos) << 23).to(tl.float32, bitcast=True)[None, :], BLOCK_W, PER)
+            if BITS == 8:
+                words = words ^ -2139062144  # q + 128 in each byte: unsigned
+            high = (words.to(tl.uint32, bitcast=True) >> HIGH).to(tl.int32, bitcast=True)
             terms = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT4: the sum of the x values each column saw
             for j in tl.static_range(PER):
-                if EVEN:
-                    x_j = tl.load(x_row + PER * rw + j).to(tl.float32)
+                if j < LOW:  # INT4 nibbles 0-4, INT8 bytes 0-1: in place
+                    f_j = (words & ((2 ** BITS - 1) << (BITS * j))).to(tl.float32, bitcast=True)
                 else:
-                    x_j = tl.load(x_row + PER * rw + j, mask=w_mask, other=0.0).to(tl.float32)
-                if BITS == 8:  # 2^23 + (q + 128) has q + 128 in its low mantissa bits: a byte select, an add
-                    f_j = ((((words ^ -2139062144) >> (8 * j)) & 255) | 0x4B000000).to(tl.float32, bitcast=True) \
-                        - 8388736.0
-                else:  # f = 1 + q / 16: the nibble shifted into the top of 1.0's mantissa (a shift, an AND-OR);
-                    shift = 19 - 4 * j  # its 1 comes off per group through the x sums (A, B below)
-                    if shift >= 0:
-                        nibble = words << shift
-                    else:
-                        nibble = words >> -shift
-                    f_j = ((nibble & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-                    xs += x_j
-                terms += f_j * x_j[None, :]
-            A, B = 16.0, -16.0  # INT4: sum_j q_j x_j = A terms + B xs
+                    f_j = (high & ((2 ** BITS - 1) << (BITS * j - HIGH))).to(tl.float32, bitcast=True)
+                terms += f_j * xj[j][None, :]  # q 2^(pos - 149) x 2^(149 - pos - P) = q x 2^-P
         elif BITS == 8:
             rk = k0 + tl.arange(0, BLOCK_W)
             k_mask = rk < K
             x = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
             q = tl.load(w_rows + rk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
             terms = q.to(tl.float32) * x[None, :]
+            xs = tl.zeros([BLOCK_W], dtype=tl.float32)
         else:
             rb = k0 // 2 + tl.arange(0, BLOCK_W)
             b_mask = 2 * rb < K
@@ -238,18 +269,20 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             x_hi = tl.load(x_row + 2 * rb + 1, mask=b_mask, other=0.0).to(tl.float32)
             terms = (b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :]
             xs = x_lo + x_hi
-            A, B = 1.0, 0.0
         # scaled and offset per group element-wise: no reduction across threads per tile
         if GROUP > 0 and BITS == 8:
-            acc2 += terms * tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask,
-                                    other=0.0).to(tl.float32)[:, None]
+            s = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+            acc2 += terms * (A * s)[:, None] + (B * s)[:, None] * xs[None, :]
         elif GROUP > 0:
             s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
             acc2 += terms * (A * s)[:, None] + (B * s + m)[:, None] * xs[None, :]
         else:
             acc2 += terms
+            x_acc += xs
     acc = tl.sum(acc2, axis=1)
     if GROUP == 0:
+        if WORDS:
+            acc = A * acc + B * tl.sum(x_acc, axis=0)
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if FIXUP:
         rows, splits = tl.num_programs(0), tl.num_programs(2)
@@ -288,11 +321,12 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset  # the kernel bodies look these up as module globals when they are compiled
+    global tl, _group_scale_offset, _columns  # the kernel bodies look these up as module globals when compiled
     import triton
     import triton.language as tl
 
     _group_scale_offset = triton.jit(_group_scale_offset)
+    _columns = triton.jit(_columns)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
@@ -327,19 +361,21 @@ def _split_counts(device: torch.device) -> torch.Tensor | None:
 
 
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel. From sweeps
-    over Llama-3.1-8B's decode shapes (scripts/sweep_quant_matmul.py) and engine A/B runs on an H200
-    (docs/benchmarks/README.md): INT4 through the GEMV; INT8 one row through the GEMV too, except the LM head
-    (the tensor-core kernel streams it faster); INT8 batches through the tensor-core kernel with 64 x 256 tiles,
-    split 4 ways for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:  # INT4: best of the sweep for every shape: 64 columns, K split up to 8 ways
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel (its
+    num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
+    (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100): INT4 through the GEMV with
+    128-column tiles, K split until there are 4 programs per SM (up to 8 ways, 8 warps while fewer); INT8 one row
+    through the GEMV with 16 x 512 tiles (the LM head too); INT8 batches through the tensor-core kernel with
+    64 x 256 tiles, split 4 ways for long K on few column tiles."""
+    if group and m <= GEMV_MAX_ROWS:
         block_k = min(group, 256)
+        tiles = -(-n // 128)
         splits = 1
-        while splits < 8 and k // (splits * 2) >= 4 * block_k:
+        while splits < 8 and tiles * splits < 4 * num_sms and k // (splits * 2) >= 4 * block_k:
             splits *= 2
-        return 1, 64, block_k, splits, 4, 4
-    if not group and m == 1 and n < 65536:  # INT8 per channel, one row: the GEMV on words (not for the LM head)
-        return (1, 64, 256, 8, 4, 4) if k >= 8192 else (1, 16, 512, 1, 4, 4)
+        return 1, 128, block_k, splits, 4 if tiles * splits >= 4 * num_sms else 8, 3 if k >= 8192 else 1
+    if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
+        return 1, 16, 512, 2 if k >= 8192 else 1, 4, 3
     block_k = 256 if not group else min(group, 256)
     if m <= 16:
         splits = 4 if -(-n // 64) < num_sms and k >= 8192 else 1
@@ -392,7 +428,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         kernels.gemv[(m, -(-n // block_n), splits)](
             x, qw, scales, offsets, out, part, counts if fixup else out, n, k, x.stride(0), qw.stride(0),
             *scale_strides, out.stride(0), k_per_split, WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-            EVEN=n % block_n == 0 and k % block_k == 0, **common)
+            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,

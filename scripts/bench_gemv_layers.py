@@ -1,0 +1,97 @@
+"""Batch-1 decode matmuls as the engine runs them: one CUDA graph that calls the quantized matmul on `copies`
+different weights of one shape in a row (more bytes than L2 holds, no launch gaps, as in a layer stack), replayed;
+time per call and GB/s for each tile config, against cuBLAS bf16 on the same shape the same way. Steadier than
+timing one kernel alone (scripts/sweep_quant_matmul.py), whose numbers swing with clocks and the cache.
+
+usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto]   (--auto: only `_tiles`' choice)"""
+import itertools
+import json
+import sys
+
+import torch
+
+from tuili.ops.quant_matmul import _tiles, quant_linear_triton
+from tuili.quant import quantize_groupwise, quantize_per_channel
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def graph_us(fn, calls: int, replays: int = 20) -> float:
+    """Mean microseconds per call of `fn` (which makes `calls` calls) replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()  # compile and warm outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * calls))
+    return sorted(times)[len(times) // 2]
+
+
+def configs(method: str, n: int) -> list:
+    if method == "int4":
+        return [(1, bn, 128, s, w, st) for bn, s, w, st in itertools.product((64, 128, 256), (4, 8), (4, 8),
+                                                                               (1, 2, 3, 4))]
+    return [(1, bn, bk, s, 4, st) for bn, bk, s, st in itertools.product((16, 32, 64), (256, 512), (1, 2, 4, 8),
+                                                                          (1, 2, 3)) if bn * bk <= 32768]
+
+
+def main(out: str, methods: list[str], auto_only: bool) -> None:
+    torch.manual_seed(0)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = []
+    for (name, (n, k)), method in itertools.product(SHAPES.items(), methods):
+        if name == "lm_head" and method == "int4":
+            continue  # INT4 models keep the LM head in INT8
+        copies = max(2, min(16, (400 << 20) // (n * k)))  # ~400 MB of weights per graph: far past L2
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        weights = []
+        for _ in range(copies):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            if method == "int8":
+                q, s = quantize_per_channel(w)
+                weights.append((q, s, None, 0))
+            else:
+                weights.append((*quantize_groupwise(w, 128), 128))
+        q, s, z, g = weights[0]
+        nbytes = q.numel() * q.element_size() + s.numel() * 2 * (2 if z is not None else 1)
+        auto = _tiles(1, n, k, g, sms)
+        rec = dict(shape=name, n=n, k=k, method=method, bytes=nbytes, copies=copies, auto_tiles=auto)
+        rec["auto_us"] = graph_us(lambda: [quant_linear_triton(x, *a) for a in weights], copies)
+        if not auto_only:
+            timings = []
+            for tiles in configs(method, n):
+                try:
+                    us = graph_us(lambda: [quant_linear_triton(x, *a, tiles=tiles) for a in weights], copies)
+                except Exception as e:  # out of resources for a big tile: skip that config
+                    print(name, method, tiles, "failed:", str(e)[:80], flush=True)
+                    continue
+                timings.append((tiles, round(us, 2)))
+            timings.sort(key=lambda t: t[1])
+            rec["best_tiles"], rec["best_us"] = timings[0]
+            rec["all"] = timings
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        rec["cublas_bf16_us"] = graph_us(lambda: torch.nn.functional.linear(x, wb), 1)
+        rec["auto_GB_s"] = nbytes / rec["auto_us"] / 1e3
+        print(json.dumps({key: v for key, v in rec.items() if key != "all"}), flush=True)
+        results.append(rec)
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[2:] if not a.startswith("--")]
+    main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv)
