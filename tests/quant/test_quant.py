@@ -96,8 +96,9 @@ TRITON_ATOL = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 @pytest.mark.parametrize("m, n, k", [(1, 96, 200), (2, 40, 202), (5, 130, 576), (40, 72, 320), (2, 64, 256)])
 @pytest.mark.parametrize("method", ["int8", "int8-g16", "int8-g32", "int4-g32", "int4-g64-sym", "int4-g128"])
 def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
-    """The dequant-fused Triton kernels (the GEMV for a few rows, the tensor-core one with decode and prefill
-    tiles, with and without split-K) against the torch reference on the same packed weights."""
+    """The dequant-fused Triton kernels (the GEMV for a few rows, with one or several groups per K tile, the
+    tensor-core one with decode and prefill tiles, with and without split-K) against the torch reference on the
+    same packed weights."""
     gen = torch.Generator().manual_seed(m * n + k)
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(m, k, generator=gen).to(DEVICE)
@@ -117,7 +118,8 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
         ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets_dev, group)
     args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
     block_k = min(group or 128, 128) if CUDA else min(group or 32, 32)
-    for tiles in (None, (1, 32, block_k, 2, 4, 2), (16, 32, block_k, 2, 4, 2), (32, 64, min(group or 32, 32), 1, 4, 2)):
+    for tiles in (None, (1, 32, block_k, 2, 4, 2), (1, 32, 4 * (group or 32), 2, 4, 1), (16, 32, block_k, 2, 4, 2),
+                  (32, 64, min(group or 32, 32), 1, 4, 2)):  # the second GEMV: 4 groups per K tile (whole tiles)
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
         got = quant_linear_triton(x.to(dtype), *args, tiles=tiles)

@@ -270,7 +270,18 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             terms = (b & 15).to(tl.float32) * x_lo[None, :] + (b >> 4).to(tl.float32) * x_hi[None, :]
             xs = x_lo + x_hi
         # scaled and offset per group element-wise: no reduction across threads per tile
-        if GROUP > 0 and BITS == 8:
+        if GROUP > 0 and BLOCK_K > GROUP:  # several groups per K tile (whole tiles): each word column's own
+            G: tl.constexpr = BLOCK_K // GROUP
+            offs = rn[:, None] * stride_sn + (k0 // GROUP + tl.arange(0, G))[None, :] * stride_sg
+            if BITS == 8:
+                s = tl.load(s_ptr + offs).to(tl.float32)
+                m = tl.zeros_like(s)
+            else:
+                s, m = _group_scale_offset(s_ptr, o_ptr, offs, n_mask[:, None], HAS_OFFSET)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, G, BLOCK_W // G]), [BLOCK_N, BLOCK_W])
+            m = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, G, BLOCK_W // G]), [BLOCK_N, BLOCK_W])
+            acc2 += terms * (A * s) + (B * s + m) * xs[None, :]
+        elif GROUP > 0 and BITS == 8:
             s = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
             acc2 += terms * (A * s)[:, None] + (B * s)[:, None] * xs[None, :]
         elif GROUP > 0:
@@ -363,17 +374,14 @@ def _split_counts(device: torch.device) -> torch.Tensor | None:
 def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel (its
     num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
-    (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100): INT4 through the GEMV with
-    128-column tiles, K split until there are 4 programs per SM (up to 8 ways, 8 warps while fewer); INT8 one row
-    through the GEMV with 16 x 512 tiles (the LM head too); INT8 batches through the tensor-core kernel with
-    64 x 256 tiles, split 4 ways for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:
-        block_k = min(group, 256)
-        tiles = -(-n // 128)
-        splits = 1
-        while splits < 8 and tiles * splits < 4 * num_sms and k // (splits * 2) >= 4 * block_k:
-            splits *= 2
-        return 1, 128, block_k, splits, 4 if tiles * splits >= 4 * num_sms else 8, 3 if k >= 8192 else 1
+    (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
+    each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 256-wide
+    K tiles, 32 columns split 8 ways (n <= 4096) or 64 split 4 ways; INT8 one row through the GEMV with 16 x 512
+    tiles (the LM head too); INT8 batches through the tensor-core kernel with 64 x 256 tiles, split 4 ways for
+    long K on few column tiles."""
+    if group and m <= GEMV_MAX_ROWS:  # K tiles of 256 (two groups of 128: 128-byte runs of each row)
+        block_k = 256 if 256 % group == 0 or group % 256 == 0 else group
+        return 1, 32 if n <= 4096 else 64, block_k, min(8 if n <= 4096 else 4, max(1, k // block_k)), 4, 1
     if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
         return 1, 16, 512, 2 if k >= 8192 else 1, 4, 3
     block_k = 256 if not group else min(group, 256)
@@ -403,8 +411,11 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         return F.linear(x, w, bias)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
-    if group_size and group_size % block_k:
-        raise ValueError(f"group size {group_size} is not a multiple of BLOCK_K {block_k}")
+    words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
+    if group_size and block_k > group_size and not (words and n % block_n == 0 and k % block_k == 0):
+        block_k = group_size  # several groups per K tile: the GEMV on whole tiles of words only
+    if group_size and group_size % block_k and block_k % group_size:
+        raise ValueError(f"group size {group_size} and BLOCK_K {block_k} do not divide each other")
     k_per_split = -(-k // (splits * block_k)) * block_k
     splits = -(-k // k_per_split)
     counts = _split_counts(x.device) if block_m == 1 and splits > 1 else None
@@ -421,7 +432,6 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     common = dict(BITS=bits, GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=block_n, BLOCK_K=block_k,
                   ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
-        words = k % 8 == 0 and qweight.is_contiguous()
         qw = qweight.view(torch.int32) if words else qweight
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
