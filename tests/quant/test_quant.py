@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from tuili import LLM, SamplingParams  # noqa: E402
 from tuili.ops import quant_matmul  # noqa: E402
+from tuili.ops.activation import silu_and_mul_triton  # noqa: E402
 from tuili.ops.quant_matmul import (  # noqa: E402
     dequantize_int4, dequantize_int4_triton, dequantize_int8, int4_cpu_pack, int4_linear, int4_linear_cpu, int8_linear,
     int8_linear_cpu, quant_linear_triton)
@@ -128,6 +129,29 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
             assert not quant_matmul._COUNTS[got.device].any()
         scale = ref.abs().max().item()
         torch.testing.assert_close(got.float(), ref, atol=TRITON_ATOL[dtype] * max(1.0, scale / 10), rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", _triton_dtypes())
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_triton_gemv_fuses_silu_and_mul(method, dtype):
+    """A gated MLP's down projection with the activation computed inside the GEMV (silu_mul=True) gives what
+    the SiLU kernel followed by the matmul gives, to an ulp: whole and partial tiles, split K, and the
+    tensor-core path (which runs the SiLU kernel first)."""
+    gen = torch.Generator().manual_seed(11)
+    for n, k in ((64, 256), (40, 224)):  # whole tiles; partial ones (K tiles past K, columns past N)
+        w = torch.randn(n, k, generator=gen)
+        if method == "int8":
+            args = (*quantize_per_channel(w), None, 0)
+        else:
+            args = (*quantize_groupwise(w, 32), 32)
+        args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+        args = (args[0], args[1].to(dtype), None if args[2] is None else args[2].to(dtype), args[3])
+        for rows, tiles in ((1, (1, 32, 64 if method == "int8" else 32, 2, 4, 1)), (3, (16, 32, 32, 1, 4, 2))):
+            x = (torch.randn(rows, 2 * k, generator=gen) * 3).to(DEVICE).to(dtype)
+            unfused = quant_linear_triton(silu_and_mul_triton(x), *args, tiles=tiles)
+            fused = quant_linear_triton(x, *args, tiles=tiles, silu_mul=True)
+            ulp = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]  # two compilations
+            torch.testing.assert_close(fused, unfused, rtol=ulp, atol=1e-5)  # may contract their FMAs differently
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

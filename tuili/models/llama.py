@@ -79,7 +79,7 @@ class LlamaMLP(nn.Module):
         self._act = activation.silu_and_mul_triton if enabled else activation.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self._act(self.gate_up_proj(x)))             # [T, 2F] -> [T, F] -> [T, hidden]
+        return self.down_proj.forward_gated(self.gate_up_proj(x), self._act)  # [T, 2F] -> [T, F] -> [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from tuili.ops.activation import silu_and_mul_triton
+
 
 def group_major(t: torch.Tensor) -> torch.Tensor:
     """The same [N, groups] values stored group by group (a transposed view of a [groups, N] tensor)."""
@@ -116,6 +118,13 @@ def _group_scale_offset(s_ptr, o_ptr, offs, n_mask, HAS_OFFSET: tl.constexpr):
     return s, -8.0 * s
 
 
+def _silu_mul(gate, up):
+    """silu(gate) * up in their dtype, rounded as silu_and_mul_triton rounds it (silu first, then the product)."""
+    g = gate.to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32)
+    return (act * up.to(tl.float32)).to(gate.dtype)
+
+
 def _columns(t, BLOCK_W: tl.constexpr, PER: tl.constexpr):
     """The PER columns of t [BLOCK_W, PER] (4 or 8), each [BLOCK_W]: loaded as one tile, split in registers."""
     if PER == 8:
@@ -194,7 +203,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                        stride_sn, stride_sg, stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
                        WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       STAGES: tl.constexpr, SILU_MUL: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -233,10 +242,14 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             if EVEN:  # whole tiles: no masks (their predicates and zero fills cost ~10% of the loop)
                 words = tl.load(w_rows + rw[None, :])
                 xt = tl.load(x_ptrs)
+                if SILU_MUL:
+                    xt = _silu_mul(xt, tl.load(x_ptrs + K))
             else:
                 w_mask = PER * rw < K
                 words = tl.load(w_rows + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
                 xt = tl.load(x_ptrs, mask=w_mask[:, None], other=0.0)
+                if SILU_MUL:
+                    xt = _silu_mul(xt, tl.load(x_ptrs + K, mask=w_mask[:, None], other=0.0))
             # value j read in place as the denormal q 2^(pos - 149) (pos: its lowest bit); x scaled by
             # 2^(149 - pos - P), one multiply per element of the x tile before it is spread over the threads
             col = tl.arange(0, PER)
@@ -332,12 +345,13 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset, _columns  # the kernel bodies look these up as module globals when compiled
+    global tl, _group_scale_offset, _columns, _silu_mul  # kernel bodies look these up as globals when compiled
     import triton
     import triton.language as tl
 
     _group_scale_offset = triton.jit(_group_scale_offset)
     _columns = triton.jit(_columns)
+    _silu_mul = triton.jit(_silu_mul)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
@@ -377,13 +391,13 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
     each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 256-wide
     K tiles, 32 columns split 8 ways (n <= 4096) or 64 split 4 ways; INT8 one row through the GEMV with 16 x 512
-    tiles (the LM head too); INT8 batches through the tensor-core kernel with 64 x 256 tiles, split 4 ways for
-    long K on few column tiles."""
+    tiles (16 x 1024 for long K; the LM head too); INT8 batches through the tensor-core kernel with 64 x 256
+    tiles, split 4 ways for long K on few column tiles."""
     if group and m <= GEMV_MAX_ROWS:  # K tiles of 256 (two groups of 128: 128-byte runs of each row)
         block_k = 256 if 256 % group == 0 or group % 256 == 0 else group
         return 1, 32 if n <= 4096 else 64, block_k, min(8 if n <= 4096 else 4, max(1, k // block_k)), 4, 1
     if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
-        return 1, 16, 512, 2 if k >= 8192 else 1, 4, 3
+        return 1, 16, 1024 if k >= 8192 else 512, 1, 4, 3
     block_k = 256 if not group else min(group, 256)
     if m <= 16:
         splits = 4 if -(-n // 64) < num_sms and k >= 8192 else 1
@@ -393,24 +407,29 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         offsets: torch.Tensor | None = None, group_size: int = 0,
-                        bias: torch.Tensor | None = None, tiles: tuple | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, tiles: tuple | None = None,
+                        silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     INT4 with DEQUANT_MIN_ROWS rows or more: the weight dequantized, then cuBLAS. `tiles` overrides the choice
-    of `_tiles` (tests, sweeps) and keeps the fused kernels."""
+    of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
+    multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
+    silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first."""
     bits = 8 if qweight.dtype == torch.int8 else 4
     if x.dim() != 2 or x.stride(1) != 1:
         x = x.reshape(-1, x.shape[-1]).contiguous()
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
     n = qweight.shape[0]
     if (bits == 8 and qweight.shape[1] != k) or (bits == 4 and 2 * qweight.shape[1] != k):
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
+    if silu_mul and not (block_m == 1 and k % 8 == 0 and qweight.is_contiguous()):
+        x, silu_mul = silu_and_mul_triton(x), False
     if bits == 4 and tiles is None and m >= DEQUANT_MIN_ROWS:
         # the weight in x's dtype, made and read once per call (2.5 + 2 bytes per weight): at prefill sizes
         # cuBLAS on it beats the dequant-fused GEMM (a 128-token prompt on the 8B: 116 -> 31 ms, H200)
         w = dequantize_int4_triton(qweight, scales, offsets, group_size, x.dtype)
         return F.linear(x, w, bias)
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
     if group_size and block_k > group_size and not (words and n % block_n == 0 and k % block_k == 0):
         block_k = group_size  # several groups per K tile: the GEMV on whole tiles of words only
@@ -438,7 +457,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         kernels.gemv[(m, -(-n // block_n), splits)](
             x, qw, scales, offsets, out, part, counts if fixup else out, n, k, x.stride(0), qw.stride(0),
             *scale_strides, out.stride(0), k_per_split, WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, **common)
+            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
