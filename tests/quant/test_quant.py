@@ -135,7 +135,7 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_triton_gemv_fuses_silu_and_mul(method, dtype):
     """A gated MLP's down projection with the activation computed inside the GEMV (silu_mul=True) gives what
-    the SiLU kernel followed by the matmul gives, to an ulp: whole and partial tiles, split K, and the
+    the SiLU kernel followed by the matmul gives, to rounding: whole and partial tiles, split K, and the
     tensor-core path (which runs the SiLU kernel first)."""
     gen = torch.Generator().manual_seed(11)
     for n, k in ((64, 256), (40, 224)):  # whole tiles; partial ones (K tiles past K, columns past N)
@@ -150,8 +150,8 @@ def test_triton_gemv_fuses_silu_and_mul(method, dtype):
             x = (torch.randn(rows, 2 * k, generator=gen) * 3).to(DEVICE).to(dtype)
             unfused = quant_linear_triton(silu_and_mul_triton(x), *args, tiles=tiles)
             fused = quant_linear_triton(x, *args, tiles=tiles, silu_mul=True)
-            ulp = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]  # two compilations
-            torch.testing.assert_close(fused, unfused, rtol=ulp, atol=1e-5)  # may contract their FMAs differently
+            tol = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]  # an ulp in 16 bits:
+            torch.testing.assert_close(fused, unfused, rtol=tol, atol=1e-4)  # two compilations contract FMAs apart
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -389,13 +389,16 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel (its
     num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
     (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
-    each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 256-wide
-    K tiles, 32 columns split 8 ways (n <= 4096) or 64 split 4 ways; INT8 one row through the GEMV with 16 x 512
+    each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 16 x 512
+    tiles and 3 in flight (K < 8192), or 32 x 256 split 8 ways (long K); INT8 one row through the GEMV with 16 x 512
     tiles (16 x 1024 for long K; the LM head too); INT8 batches through the tensor-core kernel with 64 x 256
     tiles, split 4 ways for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:  # K tiles of 256 (two groups of 128: 128-byte runs of each row)
+    if group and m <= GEMV_MAX_ROWS:  # K tiles of several groups: runs of 128-256 bytes of each row
+        if k < 8192:  # 16 x 512, no split (no fixup at the end), 3 tiles in flight
+            block_k = 512 if 512 % group == 0 or group % 512 == 0 else group
+            return 1, 16, block_k, 1, 4, 3
         block_k = 256 if 256 % group == 0 or group % 256 == 0 else group
-        return 1, 32 if n <= 4096 else 64, block_k, min(8 if n <= 4096 else 4, max(1, k // block_k)), 4, 1
+        return 1, 32, block_k, min(8, max(1, k // block_k)), 4, 1
     if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
         return 1, 16, 1024 if k >= 8192 else 512, 1, 4, 3
     block_k = 256 if not group else min(group, 256)
