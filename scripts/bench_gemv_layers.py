@@ -3,9 +3,11 @@ different weights of one shape in a row (more bytes than L2 holds, no launch gap
 time per call and GB/s for each tile config, against cuBLAS bf16 on the same shape the same way. Steadier than
 timing one kernel alone (scripts/sweep_quant_matmul.py), whose numbers swing with clocks and the cache.
 
-usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto]   (--auto: only `_tiles`' choice)"""
+usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto]   (--auto: only `_tiles`' choice;
+TILES: the configs to time, see `configs`)"""
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -41,14 +43,13 @@ def graph_us(fn, calls: int, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def configs(method: str, n: int) -> list:
-    if "TILES" in __import__("os").environ:  # e.g. TILES='{"int4": [[1, 64, 512, 4, 4, 1]], "int8": []}'
-        return [tuple(t) for t in json.loads(__import__("os").environ["TILES"]).get(method, [])]
-    if method == "int4":
-        return [(1, bn, 128, s, w, st) for bn, s, w, st in itertools.product((64, 128, 256), (4, 8), (4, 8),
-                                                                               (1, 2, 3, 4))]
-    return [(1, bn, bk, s, 4, st) for bn, bk, s, st in itertools.product((16, 32, 64), (256, 512), (1, 2, 4, 8),
-                                                                          (1, 2, 3)) if bn * bk <= 32768]
+def configs(method: str) -> list:
+    """Tile configs to time: TILES='{"int4": [[1, 16, 512, 1, 4, 3], ...], "int8": [...]}' or a default grid."""
+    if "TILES" in os.environ:
+        return [tuple(t) for t in json.loads(os.environ["TILES"]).get(method, [])]
+    block_ks = (256, 512) if method == "int4" else (512, 1024)
+    return [(1, bn, bk, s, 4, st) for bn, bk, s, st in itertools.product((16, 32, 64), block_ks, (1, 2, 4, 8), (1, 3))
+            if bn * bk <= 32768]
 
 
 def main(out: str, methods: list[str], auto_only: bool) -> None:
@@ -75,7 +76,7 @@ def main(out: str, methods: list[str], auto_only: bool) -> None:
         rec["auto_us"] = graph_us(lambda: [quant_linear_triton(x, *a) for a in weights], copies)
         if not auto_only:
             timings = []
-            for tiles in configs(method, n):
+            for tiles in configs(method):
                 try:
                     us = graph_us(lambda: [quant_linear_triton(x, *a, tiles=tiles) for a in weights], copies)
                 except Exception as e:  # out of resources for a big tile: skip that config

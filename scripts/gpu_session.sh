@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [spec-probe] [quant-sweep] [quant] [kv] [distill] [latency] [prefill]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [spec-probe] [quant-sweep] [gemv] [quant] [kv] [distill] [latency] [prefill]
 #        [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -87,6 +87,9 @@ for step in "$@"; do
       python scripts/host_path_probe.py 2>&1 | grep -v "^loading" | tee "$OUT/host_path_probe.txt" ;;
     quant-sweep)
       python scripts/sweep_quant_matmul.py "$OUT/quant_sweep.json" 2>&1 | tail -12 ;;
+    gemv)
+      # the decode shapes as the engine's graph runs them: `_tiles`' choice and a grid of others (TILES: your own)
+      python scripts/bench_gemv_layers.py "$OUT/gemv_layers.json" 2>&1 | tail -12 ;;
     quant)
       # workload 1 with packed weights, and bf16 as the peer in the same call
       for q in "bf16" "int8" "int4 --quant-group-size 128"; do

@@ -106,7 +106,8 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: t
 # A tensor-core kernel for batches of rows (BLOCK_M 16 for decode batches, 64/128 for prefill): the packed tile
 # is loaded, converted to x's dtype (integers up to 255 are exact there), multiplied on the tensor cores, and
 # scaled per output column per group afterwards; and a CUDA-core GEMV for 1-4 rows (batch-1 decode). Both
-# split K when the column tiles alone would not fill the GPU (fp32 atomics into a zeroed output).
+# can split K when the column tiles alone would not fill the GPU (the GEMV's last split adds the partials; the
+# tensor-core kernel adds fp32 atomics into a zeroed output).
 tl = None
 
 
