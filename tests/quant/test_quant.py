@@ -119,9 +119,11 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
         ref = int4_linear(x.float(), q.to(DEVICE), scales.to(DEVICE), offsets_dev, group)
     args = (q.to(DEVICE), scales.to(DEVICE).to(dtype), None if offsets is None else offsets.to(DEVICE).to(dtype), group)
     block_k = min(group or 128, 128) if CUDA else min(group or 32, 32)
-    for tiles in (None, (1, 32, block_k, 2, 4, 2), (1, 32, 4 * (group or 32), 2, 4, 1), (1, 16, block_k, 1, 4, 3),
-                  (16, 32, block_k, 2, 4, 2), (32, 64, min(group or 32, 32), 1, 4, 2)):
-        # GEMVs: split K; 4 groups per K tile (whole tiles); one split, 3 K tiles in flight
+    gemv_rows = ((1, 32, 4 * (group or 32), 2, 4, 1), (1, 16, block_k, 1, 4, 3)) if m <= 4 else ()
+    for tiles in (None, (1, 32, block_k, 2, 4, 2), *gemv_rows, (16, 32, block_k, 2, 4, 2),
+                  (32, 64, min(group or 32, 32), 1, 4, 2)):
+        # GEMVs: split K; for the rows decode uses it for, 4 groups per K tile (whole tiles) and one split with
+        # 3 K tiles in flight
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
         got = quant_linear_triton(x.to(dtype), *args, tiles=tiles)
