@@ -427,14 +427,14 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
-    if silu_mul and not (block_m == 1 and k % 8 == 0 and qweight.is_contiguous()):
+    words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()  # the GEMV on int32 words
+    if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
     if bits == 4 and tiles is None and m >= DEQUANT_MIN_ROWS:
         # the weight in x's dtype, made and read once per call (2.5 + 2 bytes per weight): at prefill sizes
         # cuBLAS on it beats the dequant-fused GEMM (a 128-token prompt on the 8B: 116 -> 31 ms, H200)
         w = dequantize_int4_triton(qweight, scales, offsets, group_size, x.dtype)
         return F.linear(x, w, bias)
-    words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
     if group_size and block_k > group_size and not (words and n % block_n == 0 and k % block_k == 0):
         block_k = group_size  # several groups per K tile: the GEMV on whole tiles of words only
     if group_size and group_size % block_k and block_k % group_size:
