@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from tuili.ops.quant_matmul import _tiles, quant_linear_triton
+from tuili.ops.quant_matmul import _tiles, group_major, quant_linear_triton
 from tuili.quant import quantize_groupwise, quantize_per_channel
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -47,7 +47,7 @@ def configs(method: str) -> list:
     """Tile configs to time: TILES='{"int4": [[1, 16, 512, 1, 4, 3], ...], "int8": [...]}' or a default grid."""
     if "TILES" in os.environ:
         return [tuple(t) for t in json.loads(os.environ["TILES"]).get(method, [])]
-    block_ks = (256, 512) if method == "int4" else (512, 1024)
+    block_ks = (512, 1024)
     return [(1, bn, bk, s, 4, st) for bn, bk, s, st in itertools.product((16, 32, 64), block_ks, (1, 2, 4, 8), (1, 3))
             if bn * bk <= 32768]
 
@@ -67,8 +67,9 @@ def main(out: str, methods: list[str], auto_only: bool) -> None:
             if method == "int8":
                 q, s = quantize_per_channel(w)
                 weights.append((q, s, None, 0))
-            else:
-                weights.append((*quantize_groupwise(w, 128), 128))
+            else:  # scales and offsets group-major, as the layers keep them
+                q, s, z = quantize_groupwise(w, 128)
+                weights.append((q, group_major(s), group_major(z), 128))
         q, s, z, g = weights[0]
         nbytes = q.numel() * q.element_size() + s.numel() * 2 * (2 if z is not None else 1)
         auto = _tiles(1, n, k, g, sms)
@@ -89,7 +90,7 @@ def main(out: str, methods: list[str], auto_only: bool) -> None:
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         rec["cublas_bf16_us"] = graph_us(lambda: torch.nn.functional.linear(x, wb), 1)
         rec["auto_GB_s"] = nbytes / rec["auto_us"] / 1e3
-        print(json.dumps({key: v for key, v in rec.items() if key != "all"}), flush=True)
+        print(json.dumps({key: (v[:10] if key == "all" else v) for key, v in rec.items()}), flush=True)
         results.append(rec)
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)

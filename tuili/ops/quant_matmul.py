@@ -119,6 +119,18 @@ def _group_scale_offset(s_ptr, o_ptr, offs, n_mask, HAS_OFFSET: tl.constexpr):
     return s, -8.0 * s
 
 
+def _paired(ptr, g0, col0, stride_g, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, G] fp32: columns col0.. of groups g0.. of a group-major 16-bit [groups, N] tensor (N even), loaded
+    as [G, BLOCK_N / 2] int32 words of two columns each (a 2-byte load per thread is too narrow for cp.async, which
+    the pipeline needs: a plain load in the loop stalls every K tile on its latency)."""
+    dtype = ptr.dtype.element_ty
+    offs = (g0 + tl.arange(0, G))[:, None] * (stride_g // 2) + (col0 // 2 + tl.arange(0, BLOCK_N // 2))[None, :]
+    w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + offs)
+    lo = (w & 0xFFFF).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)  # column 2i
+    hi = (w >> 16).to(tl.int16).to(dtype, bitcast=True).to(tl.float32)  # column 2i + 1
+    return tl.trans(tl.reshape(tl.join(lo, hi), [G, BLOCK_N]))
+
+
 def _silu_mul(gate, up):
     """silu(gate) * up in their dtype, rounded as silu_and_mul_triton rounds it (silu first, then the product)."""
     g = gate.to(tl.float32)
@@ -204,7 +216,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                        stride_sn, stride_sg, stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr,
                        HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
                        WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr,
-                       STAGES: tl.constexpr, SILU_MUL: tl.constexpr):
+                       STAGES: tl.constexpr, SILU_MUL: tl.constexpr, PAIRED: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -215,7 +227,9 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     [words, values] and split into one vector per value position in registers. Products accumulate element-wise
     in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset per group
     element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much as the
-    products). STAGES > 1 keeps that many K tiles of weights in flight (cp.async). Split K (FIXUP): each split
+    products). STAGES > 1 keeps that many K tiles of weights, x and scales in flight (cp.async; a load it cannot
+    take, such as 2-byte scales one per thread, stays a plain load that stalls every K tile: PAIRED reads 16-bit
+    group-major scales as int32 column pairs instead, -10% time on the 8B's INT4 shapes). Split K (FIXUP): each split
     stores its partial sums in part [splits, M, N] and counts itself in count [M, column tiles]; the last split
     of a column tile adds the partials in split order, stores the result and sets the count back to 0. No zeroed
     output, no cast afterwards: two small kernels fewer per matmul than atomics (ATOMIC), and the sum does not
@@ -287,7 +301,15 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
         if GROUP > 0 and BLOCK_K > GROUP:  # several groups per K tile (whole tiles): each word column's own
             G: tl.constexpr = BLOCK_K // GROUP
             offs = rn[:, None] * stride_sn + (k0 // GROUP + tl.arange(0, G))[None, :] * stride_sg
-            if BITS == 8:
+            if PAIRED:  # 16-bit group-major scales read as int32 pairs of columns: cp.async can take those
+                s = _paired(s_ptr, k0 // GROUP, pid_n * BLOCK_N, stride_sg, G, BLOCK_N)
+                if HAS_OFFSET:
+                    m = _paired(o_ptr, k0 // GROUP, pid_n * BLOCK_N, stride_sg, G, BLOCK_N)
+                elif BITS == 8:
+                    m = tl.zeros_like(s)
+                else:
+                    m = -8.0 * s
+            elif BITS == 8:
                 s = tl.load(s_ptr + offs).to(tl.float32)
                 m = tl.zeros_like(s)
             else:
@@ -346,13 +368,14 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset, _columns, _silu_mul  # kernel bodies look these up as globals when compiled
+    global tl, _group_scale_offset, _columns, _silu_mul, _paired  # kernel bodies look these up as globals
     import triton
     import triton.language as tl
 
     _group_scale_offset = triton.jit(_group_scale_offset)
     _columns = triton.jit(_columns)
     _silu_mul = triton.jit(_silu_mul)
+    _paired = triton.jit(_paired)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
@@ -390,16 +413,13 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages); BLOCK_M 1 means the GEMV kernel (its
     num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
     (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
-    each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 16 x 512
-    tiles and 3 in flight (K < 8192), or 32 x 256 split 8 ways (long K); INT8 one row through the GEMV with 16 x 512
+    each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 32 x 1024
+    tiles and 3 in flight (split 2 ways for long K); INT8 one row through the GEMV with 16 x 512
     tiles (16 x 1024 for long K; the LM head too); INT8 batches through the tensor-core kernel with 64 x 256
     tiles, split 4 ways for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:  # K tiles of several groups: runs of 128-256 bytes of each row
-        if k < 8192:  # 16 x 512, no split (no fixup at the end), 3 tiles in flight
-            block_k = 512 if 512 % group == 0 or group % 512 == 0 else group
-            return 1, 16, block_k, 1, 4, 3
-        block_k = 256 if 256 % group == 0 or group % 256 == 0 else group
-        return 1, 32, block_k, min(8, max(1, k // block_k)), 4, 1
+    if group and m <= GEMV_MAX_ROWS:  # 32 x 1024 tiles of several groups, 3 in flight; long K split 2 ways
+        block_k = next((b for b in (1024, 512, 256) if k % b == 0 and b % group == 0), group)
+        return 1, 32, block_k, 2 if k >= 8192 else 1, 4, 3
     if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
         return 1, 16, 1024 if k >= 8192 else 512, 1, 4, 3
     block_k = 256 if not group else min(group, 256)
@@ -455,13 +475,17 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     common = dict(BITS=bits, GROUP=group_size, HAS_OFFSET=has_offset, BLOCK_N=block_n, BLOCK_K=block_k,
                   ATOMIC=atomic, num_warps=num_warps, num_stages=num_stages)
     if block_m == 1:
+        # 16-bit group-major scales (and offsets) of even N: read as int32 pairs of columns (see _paired)
+        paired = scales.element_size() == 2 and scale_strides[0] == 1 and n % 2 == 0 and scale_strides[1] % 2 == 0 \
+            and scales.data_ptr() % 4 == 0 and (not has_offset or offsets.data_ptr() % 4 == 0)
         qw = qweight.view(torch.int32) if words else qweight
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
         kernels.gemv[(m, -(-n // block_n), splits)](
             x, qw, scales, offsets, out, part, counts if fixup else out, n, k, x.stride(0), qw.stride(0),
             *scale_strides, out.stride(0), k_per_split, WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, **common)
+            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul,
+            PAIRED=paired, **common)
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
