@@ -155,7 +155,8 @@ def test_decode(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
 @pytest.mark.parametrize("dtype", cpu_and_cuda())
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("query_len, seq_lens, group", [(2, [2, 17, 100], 4), (5, [5, 16, 21, 333], 3),
-                                                        (9, [9, 40], 1), (5, [5, 34], 4), (16, [16, 50], 4)])
+                                                        (9, [9, 40], 1), (5, [5, 34], 4), (16, [16, 50], 4),
+                                                        (5, [130, 5], 2)])
 def test_decode_several_tokens_per_sequence(query_len, seq_lens, group, num_splits, dtype):
     """Speculative verification: every sequence `query_len` new tokens, causal among them, through the
     flash-decoding kernel (splits shorter than query_len at the end: rows that see none of a split)."""

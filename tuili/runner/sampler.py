@@ -89,6 +89,19 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of [N, V] for a few long rows in two passes (the max of each of C chunks, then the best
+    chunk): torch's reduction runs one row on few blocks, 28 us for a 128K vocabulary on an H100. The same
+    answer, ties included (both passes take the first maximum)."""
+    n, v = x.shape
+    chunks = next((c for c in (256, 128, 64) if v % c == 0), 0)
+    if n > 8 or not chunks or v < 64 * chunks:
+        return x.argmax(dim=-1)
+    values, index = x.view(n, chunks, v // chunks).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return best[:, 0] * (v // chunks) + index.gather(1, best)[:, 0]
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.vocab_size = vocab_size
@@ -104,7 +117,7 @@ class Sampler:
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             greedy = to_device([p.greedy for p in params], torch.bool, device)
             probs = self.distribution(logits, params)
