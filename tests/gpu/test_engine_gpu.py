@@ -56,15 +56,17 @@ def test_fast_path_equals_torch_path_fp32(tiny_models, family):
                                    dict(kv_cache_dtype="fp8"), dict(kv_cache_dtype="int8")],
                          ids=["int8", "int4-g32", "int4-g64-sym", "kv-fp8", "kv-int8"])
 def test_quantized_fast_path_equals_torch_path_fp32(tiny_models, quant):
-    """The dequant-fused Triton matmuls (decode GEMV tiles in CUDA graphs, GEMM tiles for prefill) and the
-    attention kernels over an fp8/int8 KV cache give the same greedy tokens as the torch references on the
-    same packed weights / the same quantized cache."""
+    """The dequant-fused Triton matmuls (decode GEMV tiles in CUDA graphs, with the layers' norms and residual
+    adds inside; GEMM tiles for prefill) and the attention kernels over an fp8/int8 KV cache give the same greedy
+    tokens as the torch references on the same packed weights / the same quantized cache."""
     path = tiny_models["llama"]
     ps = prompts(12, 512)
     ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
               enforce_eager=True, async_scheduling="off", max_num_seqs=16, **SMALL_CACHE, **quant)
     fast = LLM(path, device="cuda", dtype="float32", max_num_seqs=16, **SMALL_CACHE, **quant)
     assert quant.get("quantization") is None or fast.engine.model.layers[0].mlp.down_proj.qweight is not None
+    # decode steps of one sequence run with the norms and residual adds inside the GEMVs
+    assert fast.engine.model.norms_fuse(1) == (quant.get("quantization") is not None)
     assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
 from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
 from tuili.ops.rope import (apply_rope, apply_rope_triton, rotate_rows, qk_norm_rope,  # noqa: E402
-                             qk_norm_rope_triton, rope_rows)
+                             qk_norm_rope_triton, rope_rows, rope_store_kv_triton)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
@@ -143,6 +143,32 @@ def test_rope_reads_table_rows_at_positions(norm, pos_dtype, dtype):
         ref = apply_rope(q, k, cos[positions.long()], sin[positions.long()])
     assert_close(out[0], ref[0])
     assert_close(out[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS)
+def test_rope_and_kv_store_in_one_kernel(heads, dtype):
+    """rope_store_kv_triton: the rotated q, and the rotated k and v in the cache at each token's slot, equal to
+    apply_rope then store_kv_cache (the reference); a padding token (slot -1) stores nothing, other slots keep
+    what they held."""
+    from tuili.ops.attention import store_kv_cache
+
+    num_heads, num_kv_heads, head_dim = heads
+    qkv = randn(7, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=5)  # views of a fused qkv
+    q, k, v = (t.view(7, -1, head_dim) for t in qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                                                           num_kv_heads * head_dim], dim=-1))
+    cos, sin = cos_sin(300, head_dim)
+    positions = torch.randint(0, 300, (7,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    slots = torch.tensor([5, 0, 17, -1, 30, 8, 2], device=DEVICE)
+    caches = [randn(4, 8, num_kv_heads, head_dim, dtype=dtype, seed=s) for s in (6, 7)]  # 4 blocks of 8 slots
+    want = [c.clone() for c in caches]
+    ref_q, ref_k = apply_rope(q, k, cos[positions], sin[positions])
+    live = slots >= 0
+    store_kv_cache(ref_k[live], v[live], *want, slots[live])
+    got_q = rope_store_kv_triton(q, k, v, cos, sin, positions, *caches, slots)
+    assert_close(got_q, ref_q)
+    assert_close(caches[0], want[0])
+    assert torch.equal(caches[1], want[1])  # v: copied
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tuili import LLM, SamplingParams  # noqa: E402
+from tuili.layers.linear import Linear  # noqa: E402
 from tuili.ops import quant_matmul  # noqa: E402
 from tuili.ops.activation import silu_and_mul_triton  # noqa: E402
 from tuili.ops.quant_matmul import (  # noqa: E402
@@ -160,6 +161,80 @@ def test_triton_gemv_fuses_silu_and_mul(method, dtype):
             fused = quant_linear_triton(x, *args, tiles=tiles, silu_mul=True)
             tol = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]  # an ulp in 16 bits:
             torch.testing.assert_close(fused, unfused, rtol=tol, atol=1e-4)  # two compilations contract FMAs apart
+
+
+@pytest.mark.parametrize("dtype", _triton_dtypes())
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_triton_gemv_fuses_rms_norm_and_residual(method, dtype):
+    """A decoder layer's residual add and norm inside the GEMVs: with residual= and norm_weight=, the product is
+    added into the residual in place, and h * weight and the sums of squares of each column tile of h come back;
+    with norm=, the next GEMV takes that and scales by 1 / rms. Both against the add + RMSNorm kernel and plain
+    GEMVs: the sums exactly, the normalised product to the roundings the norm makes elsewhere; whole and partial
+    tiles, split K, 1 and 3 rows."""
+    from tuili.ops.rmsnorm import fused_add_rms_norm_triton
+
+    gen = torch.Generator().manual_seed(5)
+    for n, k in ((64, 256), (40, 224)):  # o_proj-like [n, k] writes h [n]; a gate_up-like [k, n] reads it
+        rows = 1 if method == "int8" else 3  # the rows the GEMV takes (INT8 per channel: decode of one)
+        layers = []
+        for shape in ((n, k), (k, n)):
+            w = torch.randn(*shape, generator=gen)
+            args = (*quantize_per_channel(w), None, 0) if method == "int8" else (*quantize_groupwise(w, 32), 32)
+            args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+            args[1] = args[1].to(dtype)
+            args[2] = None if args[2] is None else quant_matmul.group_major(args[2].to(dtype))
+            if args[3]:
+                args[1] = quant_matmul.group_major(args[1])
+            layers.append(args)
+        assert quant_matmul.fuses_norms(rows, k, layers[0][3], layers[0][0])
+        x = torch.randn(rows, k, generator=gen).to(DEVICE).to(dtype)
+        residual = (torch.randn(rows, n, generator=gen) * 2).to(DEVICE).to(dtype)
+        norm_w = (torch.rand(n, generator=gen) + 0.5).to(DEVICE).to(dtype)
+        for tiles in ((1, 16, 64, 1, 4, 2), (1, 32, 32 if method == "int4" else 64, 2, 4, 1)):
+            y = quant_linear_triton(x, *layers[0], tiles=tiles)
+            normed, h = fused_add_rms_norm_triton(y, residual, norm_w, 1e-5)
+            want = quant_linear_triton(normed, *layers[1], tiles=tiles)
+            stream = residual.clone()
+            out, hw, ss = quant_linear_triton(x, *layers[0], tiles=tiles, residual=stream, norm_weight=norm_w)
+            assert out is stream and ss.shape == (rows, -(-n // tiles[1]))
+            ulp = {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+            # the same sum, rounded the same way (two compilations may contract FMAs apart: an ulp)
+            torch.testing.assert_close(stream, h, rtol=ulp, atol=ulp)
+            torch.testing.assert_close(hw, (stream.float() * norm_w.float()).to(dtype), rtol=0, atol=0)
+            torch.testing.assert_close(ss.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=0)
+            got = quant_linear_triton(hw, *layers[1], tiles=tiles, norm=(1e-5, ss))
+            w2 = (dequantize_int8(*layers[1][:2]) if method == "int8" else dequantize_int4(*layers[1][:3], 32)).float()
+            # the norm's roundings (an ulp of each x) in another place, and the output's own rounding
+            bound = 4 * ulp * (normed.float().abs() @ w2.abs().t()) + 2 * ulp * want.float().abs() + 1e-5
+            assert ((got.float() - want.float()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_decoder_layers_with_norms_inside_the_gemvs_decode_the_same_tokens(tiny_models, method):
+    """What CUDA runs for decode on quantized layers (fuse_norms: RMSNorms and residual adds inside the GEMVs,
+    norms_fuse) gives the greedy tokens of the separate norm and add: the tiny Llama, eager, on the CPU through
+    the Triton interpreter (CUDA runs it under graphs: tests/gpu)."""
+    if CUDA:
+        pytest.skip("the engine on CUDA sets fuse_norms itself: tests/gpu/test_engine_gpu.py")
+    llm = LLM(tiny_models["llama"], dtype="float32", quantization=method, enforce_eager=True, kv_cache_memory=0.01,
+              max_num_seqs=2)
+    model, prompt = llm.engine.model, [5, 17, 300, 42, 7]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3)
+    want = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.use_triton(True)
+    model.fuse_norms, model._fused_rows = True, {}
+    try:
+        got = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    finally:
+        model.fuse_norms = False
+    assert model._fused_rows == {5: False, 1: True}  # the prompt unfused (5 rows), each decode step fused
+    assert got.token_ids == want.token_ids
+    for mine, theirs in zip(got.logprobs, want.logprobs):  # the top-3 log-probs at each step, to fp32 rounding
+        assert mine.keys() == theirs.keys()
+        for token, lp in mine.items():
+            assert abs(lp.logprob - theirs[token].logprob) < 1e-4
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

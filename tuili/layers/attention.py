@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from tuili.ops import attention as attention_ops
+from tuili.ops import rope
 from tuili.ops.attention_metadata import get_attention_metadata
 
 
@@ -21,6 +22,7 @@ class Attention(nn.Module):
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
+        self.triton = enabled
         if enabled:
             from tuili.ops import attention_triton
 
@@ -34,3 +36,14 @@ class Attention(nn.Module):
             return attention_ops.varlen_causal_attention(q, k, v, meta, self.scale)
         self._store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale)
+
+    def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     rotary: nn.Module) -> torch.Tensor | None:
+        """RoPE (rotary: a RotaryEmbedding), then forward, with the rotation and the K/V store in one kernel where
+        both run in Triton over a 16/32-bit cache; None elsewhere (the caller rotates and calls forward)."""
+        if not (self.triton and rotary.triton and self.k_cache.numel() and self.k_scale is None):
+            return None
+        meta = get_attention_metadata()
+        q = rope.rope_store_kv_triton(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache, self.v_cache,
+                                      meta.slot_mapping)
+        return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, None, None)

@@ -84,6 +84,16 @@ class Linear(nn.Module):
                                                     self.bias, silu_mul=True)
         return self(act(x))
 
+    def forward_fused(self, x: torch.Tensor, silu_mul: bool = False, norm: tuple | None = None,
+                      residual: torch.Tensor | None = None, next_norm: nn.Module | None = None):
+        """A quantized layer's GEMV with a decoder layer's residual add and RMSNorm inside (quant_linear_triton's
+        norm= and residual=): residual (h) with next_norm (an RMSNorm) returns (h, h * next_norm.weight, sums of
+        squares); norm=(RMSNorm, sums of squares) takes such an h * weight as x."""
+        return quant_matmul.quant_linear_triton(
+            x, self.qweight, self.scales, self.offsets, self.group_size, self.bias, silu_mul=silu_mul,
+            norm=None if norm is None else (norm[0].eps, norm[1]), residual=residual,
+            norm_weight=None if next_norm is None else next_norm.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self._cpu_int4
         if fast and x.dtype == fast[1].dtype and x.dtype == torch.bfloat16 and self.bias is None \

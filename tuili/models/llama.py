@@ -15,7 +15,7 @@ from tuili.layers.attention import Attention
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rope_parameters
-from tuili.ops import rope
+from tuili.ops import quant_matmul, rope
 from tuili.ops import activation
 
 
@@ -45,7 +45,10 @@ class LlamaAttention(nn.Module):
             self.fused_qk_norm_rope = rope.qk_norm_rope_triton if enabled else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(x)                                             # [T, (H + 2 KVH) D]
+        return self.o_proj(self.attend(positions, self.qkv_proj(x)).flatten(1))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """[T, (H + 2 KVH) D] projections -> [T, H, D] attention output (RoPE, q/k norms, the KV cache)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)                      # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)                   # [T, KVH, D]
@@ -56,12 +59,13 @@ class LlamaAttention(nn.Module):
         elif self.fused_qk_norm_rope is not None:
             q, k = self.fused_qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                                            self.rotary.cos, self.rotary.sin, positions)
+        elif self.q_norm is None and (o := self.attn.forward_rope(positions, q, k, v, self.rotary)) is not None:
+            return o                                                       # RoPE and the K/V store: one kernel
         else:
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)                                             # [T, H, D]
-        return self.o_proj(o.flatten(1))
+        return self.attn(q, k, v)                                          # [T, H, D]
 
 
 class LlamaMLP(nn.Module):
@@ -99,6 +103,22 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def forward_fused(self, positions: torch.Tensor, h: torch.Tensor, hw: torch.Tensor | None,
+                      ss: torch.Tensor | None, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same with the residual adds and norms inside the quantized GEMVs (see LlamaForCausalLM.forward): h,
+        the residual stream, is updated in place; hw = h * this layer's input norm weight and ss, the sums of
+        squares of h per column tile, come from the GEMV that last added into h (None in the first layer, whose
+        input norm runs as its own kernel). Returns the (hw, ss) for next_norm."""
+        attn, mlp = self.self_attn, self.mlp
+        if ss is None:
+            qkv = attn.qkv_proj(self.input_layernorm(h))
+        else:
+            qkv = attn.qkv_proj.forward_fused(hw, norm=(self.input_layernorm, ss))
+        _, hw, ss = attn.o_proj.forward_fused(attn.attend(positions, qkv).flatten(1), residual=h,
+                                              next_norm=self.post_attention_layernorm)
+        gate_up = mlp.gate_up_proj.forward_fused(hw, norm=(self.post_attention_layernorm, ss))
+        return mlp.down_proj.forward_fused(gate_up, silu_mul=True, residual=h, next_norm=next_norm)[1:]
+
 
 class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer; `forward` gives hidden states, `compute_logits` the vocabulary scores."""
@@ -124,17 +144,45 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], scales)
+        self.fuse_norms, self._fused_rows = False, {}
 
     def set_backends(self, fused_ops: bool, triton_attention: bool) -> None:
-        """Triton kernels (fused_ops: norms, RoPE, SiLU; triton_attention: paged attention) or torch references."""
+        """Triton kernels (fused_ops: norms, RoPE, SiLU; triton_attention: paged attention) or torch references.
+        fused_ops with quantized projections on CUDA: decode batches the GEMVs take also get the norms and
+        residual adds inside them (fuse_norms)."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.use_triton(triton_attention)
             elif module is not self and hasattr(module, "use_triton"):
                 module.use_triton(fused_ops)
+        self.fuse_norms = fused_ops and all(p.qweight is not None and p.qweight.is_cuda
+                                            for layer in self.layers for p in self._projections(layer))
+        self._fused_rows: dict[int, bool] = {}
+
+    @staticmethod
+    def _projections(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
+        attn, mlp = layer.self_attn, layer.mlp
+        return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+    def norms_fuse(self, rows: int) -> bool:
+        """Whether a forward of `rows` tokens runs the layers with their norms and residual adds inside the
+        quantized GEMVs (fuse_norms on, every projection through the GEMV on words, no bias where it adds)."""
+        if rows not in self._fused_rows:
+            self._fused_rows[rows] = self.fuse_norms and all(
+                quant_matmul.fuses_norms(rows, p.qweight.shape[1] * (2 if p.qweight.dtype == torch.uint8 else 1),
+                                         p.group_size, p.qweight) and p._triton
+                for layer in self.layers for p in self._projections(layer)) and all(
+                layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
+        return self._fused_rows[rows]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                                   # [T, hidden]
+        if self.norms_fuse(x.shape[0]):  # decode on quantized GEMVs: 2 kernels fewer per layer
+            hw = ss = None
+            for i, layer in enumerate(self.layers):
+                nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+                hw, ss = layer.forward_fused(positions, x, hw, ss, nxt)
+            return self.norm(x)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)

@@ -131,6 +131,22 @@ def _paired(ptr, g0, col0, stride_g, G: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.trans(tl.reshape(tl.join(lo, hi), [G, BLOCK_N]))
 
 
+def _store_out(out_row, hw_row, nw_ptr, ss_slot, rn, n_mask, acc, ADD: tl.constexpr):
+    """Store a tile of sums (fp32) into a row of out. ADD: add it to what out holds (the residual stream h; the
+    sum rounded to out's dtype first, then the result, as `residual + y` is), and store h * nw (the next RMSNorm's
+    weight) in hw and the sum of squares of h at ss_slot: the next GEMV's normalised input, up to 1 / rms."""
+    dtype = out_row.dtype.element_ty
+    if ADD:
+        h = (acc.to(dtype).to(tl.float32) + tl.load(out_row + rn, mask=n_mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(out_row + rn, h, mask=n_mask)
+        hf = h.to(tl.float32)
+        tl.store(hw_row + rn, (hf * tl.load(nw_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)).to(dtype),
+                 mask=n_mask)
+        tl.store(ss_slot, tl.sum(tl.where(n_mask, hf * hf, 0.0), axis=0))
+    else:
+        tl.store(out_row + rn, acc.to(dtype), mask=n_mask)
+
+
 def _silu_mul(gate, up):
     """silu(gate) * up in their dtype, rounded as silu_and_mul_triton rounds it (silu first, then the product)."""
     g = gate.to(tl.float32)
@@ -212,11 +228,13 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_xm, stride_qn,
-                       stride_sn, stride_sg, stride_om, k_per_split, BITS: tl.constexpr, GROUP: tl.constexpr,
-                       HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
-                       WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr,
-                       STAGES: tl.constexpr, SILU_MUL: tl.constexpr, PAIRED: tl.constexpr):
+def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, ss_ptr, nw_ptr, hw_ptr, N, K,
+                       stride_xm,
+                       stride_qn, stride_sn, stride_sg, stride_om, k_per_split, num_ss, eps, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       ATOMIC: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr,
+                       EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr, PAIRED: tl.constexpr,
+                       NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -233,7 +251,12 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     stores its partial sums in part [splits, M, N] and counts itself in count [M, column tiles]; the last split
     of a column tile adds the partials in split order, stores the result and sets the count back to 0. No zeroed
     output, no cast afterwards: two small kernels fewer per matmul than atomics (ATOMIC), and the sum does not
-    depend on the order the splits finish in."""
+    depend on the order the splits finish in.
+    RMSNorm and the residual add of a decoder layer, fused (words only). ADD: out holds the residual stream h and
+    out += x W^T in place (rounded as `residual + y` in out's dtype); the epilogue also stores hw = h * nw (nw: the
+    next RMSNorm's weight) and the sums of squares of h per column tile in ss [M, column tiles]. NORM: x is such
+    an hw and the sums (1 / rms from ss [M, num_ss], added in a fixed order) scale the result: rms_norm(h) W^T
+    with the norm's roundings in another place, and no norm kernel, nor norm work per K tile, in between."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_start = tl.program_id(2) * k_per_split
@@ -331,6 +354,10 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
         if WORDS:
             acc = A * acc + B * tl.sum(x_acc, axis=0)
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    if NORM:  # 1 / rms of the row, from the sums of squares of its column tiles (in a fixed order)
+        offs_ss = tl.arange(0, BLOCK_SS)
+        ss = tl.load(ss_ptr + row * num_ss + offs_ss, mask=offs_ss < num_ss, other=0.0)
+        acc *= tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if FIXUP:
         rows, splits = tl.num_programs(0), tl.num_programs(2)
         tl.store(part_ptr + (tl.program_id(2) * rows + row) * N + rn, acc, mask=n_mask)
@@ -340,12 +367,14 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for split in range(0, splits):  # from L2 (.cg): other SMs wrote them
                 acc += tl.load(part_ptr + (split * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, nw_ptr,
+                       ss_ptr + row * tl.num_programs(1) + pid_n, rn, n_mask, acc, ADD)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     elif ATOMIC:
         tl.atomic_add(out_ptr + row * stride_om + rn, acc, mask=n_mask)
     else:
-        tl.store(out_ptr + row * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, nw_ptr,
+                       ss_ptr + row * tl.num_programs(1) + pid_n, rn, n_mask, acc, ADD)
 
 
 def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_sg, stride_on,
@@ -368,7 +397,7 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset, _columns, _silu_mul, _paired  # kernel bodies look these up as globals
+    global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out  # kernels' globals
     import triton
     import triton.language as tl
 
@@ -376,6 +405,7 @@ def _kernels():
     _columns = triton.jit(_columns)
     _silu_mul = triton.jit(_silu_mul)
     _paired = triton.jit(_paired)
+    _store_out = triton.jit(_store_out)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
@@ -429,15 +459,26 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     return (64 if m <= 64 else 128), 128, min(block_k, 64), 1, 8, 3
 
 
+def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor) -> bool:
+    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words)."""
+    n = qweight.shape[0]
+    return _tiles(m, n, k, group_size, 132)[0] == 1 and k % 8 == 0 and qweight.is_contiguous()
+
+
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         offsets: torch.Tensor | None = None, group_size: int = 0,
                         bias: torch.Tensor | None = None, tiles: tuple | None = None,
-                        silu_mul: bool = False) -> torch.Tensor:
+                        silu_mul: bool = False, norm: tuple | None = None,
+                        residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     INT4 with DEQUANT_MIN_ROWS rows or more: the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
-    silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first."""
+    silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first.
+    Where `fuses_norms` holds (the GEMV on words), a decoder layer's residual add and RMSNorm: residual (the
+    stream h [M, N]) and norm_weight (the next norm's weight [N]): h += x W^T in place, and the call returns
+    (h, h * norm_weight, ss) with ss [M, column tiles] the sums of squares of h per tile; norm=(eps, ss): x is
+    such an h * weight and the result is rms_norm(h, weight, eps) W^T (the norm's roundings in another place)."""
     bits = 8 if qweight.dtype == torch.int8 else 4
     if x.dim() != 2 or x.stride(1) != 1:
         x = x.reshape(-1, x.shape[-1]).contiguous()
@@ -448,6 +489,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()  # the GEMV on int32 words
+    if (residual is None) != (norm_weight is None):
+        raise ValueError("residual and norm_weight come together")
+    if (norm is not None or residual is not None) and not (words and (residual is None or bias is None)):
+        raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms), without bias")
     if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
     if bits == 4 and tiles is None and m >= DEQUANT_MIN_ROWS:
@@ -464,8 +509,11 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     counts = _split_counts(x.device) if block_m == 1 and splits > 1 else None
     fixup = counts is not None and m * -(-n // block_n) <= COUNTS_SIZE
     atomic = splits > 1 and not fixup
+    if residual is not None and (atomic or residual.shape != (m, n) or residual.stride(1) != 1
+                                 or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} tensor (rows contiguous) and K splits counted")
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+        residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     kernels = _kernels()
     if offsets is not None and offsets.stride() != scales.stride():
         raise ValueError("scales and offsets must have the same layout")
@@ -481,11 +529,28 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         qw = qweight.view(torch.int32) if words else qweight
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
-        kernels.gemv[(m, -(-n // block_n), splits)](
-            x, qw, scales, offsets, out, part, counts if fixup else out, n, k, x.stride(0), qw.stride(0),
-            *scale_strides, out.stride(0), k_per_split, WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul,
-            PAIRED=paired, **common)
+        tiles_n = -(-n // block_n)
+        hw = out
+        if residual is not None:  # written
+            if norm_weight.shape != (n,):
+                raise ValueError(f"norm_weight must have {n} values")
+            ss = torch.empty(m, tiles_n, dtype=torch.float32, device=x.device)
+            hw = torch.empty_like(out)
+        elif norm is not None:  # read
+            ss = norm[1]
+            if ss.shape[0] != m or not ss.is_contiguous() or ss.dtype != torch.float32:
+                raise ValueError(f"norm needs fp32 sums of squares [{m}, tiles], contiguous")
+        else:
+            ss = out  # a placeholder pointer
+        kernels.gemv[(m, tiles_n, splits)](
+            x, qw, scales, offsets, out, part, counts if fixup else out, ss, out if residual is None else norm_weight,
+            hw, n, k, x.stride(0), qw.stride(0), *scale_strides, out.stride(0), k_per_split, ss.shape[1],
+            0.0 if norm is None else norm[0], WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
+            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, PAIRED=paired,
+            NORM=norm is not None, ADD=residual is not None,
+            BLOCK_SS=1 << max(ss.shape[1] - 1, 0).bit_length() if norm is not None else 1, **common)
+        if residual is not None:
+            return out, hw, ss
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
         kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,

@@ -48,7 +48,8 @@ tl = None
 
 
 def _norm_rope_heads(x_ptr, out_ptr, weight_ptr, t, stride_t, stride_h, num_heads, cos, sin, offs_d, mask_d,
-                     half, eps, NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+                     half, eps, NORM: tl.constexpr, BLOCK_H: tl.constexpr, TO_SLOT: tl.constexpr = False,
+                     out_stride_h=0):
     # All heads of token t of one tensor as two [BLOCK_H, BLOCK_HALF] tiles (first and second half of each
     # head), so the rotation needs no data movement across lanes. cos/sin: [1, BLOCK_HALF] fp32.
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -66,7 +67,10 @@ def _norm_rope_heads(x_ptr, out_ptr, weight_ptr, t, stride_t, stride_h, num_head
     # each product rounded to x's dtype before the sum, as the reference (torch ops in x's dtype) does
     o1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
     o2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
-    dst = out_ptr + (t * num_heads + heads) * (2 * half) + offs_d[None, :]
+    if TO_SLOT:  # one token's heads at out_ptr, out_stride_h apart (a KV cache slot)
+        dst = out_ptr + heads * out_stride_h + offs_d[None, :]
+    else:  # a contiguous [T, heads, D] output
+        dst = out_ptr + (t * num_heads + heads) * (2 * half) + offs_d[None, :]
     tl.store(dst, o1.to(dtype), mask=mask)
     tl.store(dst + half, o2.to(dtype), mask=mask)
 
@@ -93,16 +97,43 @@ def _norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_weight
                      mask_d, half, eps, NORM, BLOCK_KVH)
 
 
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
+                       slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+                       stride_sin, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h, num_heads, half,
+                       NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # apply_rope_triton of token t (tables read at pos[t]) with its rotated k and its v stored straight into the
+    # KV cache at slot[t] (store_kv_cache_triton's layout; a negative slot, padding, stores nothing): one kernel
+    # where a decode step ran two. q_out: [T, H, D] contiguous.
+    t = tl.program_id(0).to(tl.int64)
+    row = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask_d = offs_d < half
+    dtype = q_out_ptr.dtype.element_ty
+    cos = tl.load(cos_ptr + row * stride_cos + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + row * stride_sin + offs_d, mask=mask_d, other=0.0).to(dtype).to(tl.float32)[None, :]
+    _norm_rope_heads(q_ptr, q_out_ptr, q_ptr, t, stride_qt, stride_qh, num_heads, cos, sin, offs_d, mask_d,
+                     half, 0.0, False, BLOCK_H)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        _norm_rope_heads(k_ptr, k_cache_ptr + slot * stride_kc_slot, k_ptr, t, stride_kt, stride_kh, NUM_KV_HEADS,
+                         cos, sin, offs_d, mask_d, half, 0.0, False, BLOCK_KVH, True, stride_kc_h)
+        heads = tl.arange(0, BLOCK_KVH)[:, None]
+        offs = tl.arange(0, HEAD_DIM)[None, :]
+        v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + offs, mask=heads < NUM_KV_HEADS)
+        tl.store(v_cache_ptr + slot * stride_vc_slot + heads * stride_vc_h + offs, v, mask=heads < NUM_KV_HEADS)
+
+
 @functools.cache
 def _kernel():
-    """The jitted kernel (and its helper, which it finds by name in this module), built on first use."""
+    """The jitted kernels (and their helper, which they find by name in this module), built on first use."""
     global tl, _norm_rope_heads
     import triton
     import triton.language
 
     tl = triton.language
     _norm_rope_heads = triton.jit(_norm_rope_heads)
-    return triton.jit(_norm_rope_kernel)
+    return triton.jit(_norm_rope_kernel), triton.jit(_rope_store_kernel)
 
 
 def _pow2(n: int) -> int:
@@ -126,7 +157,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     block_h, block_kvh, block_half = _pow2(num_heads), _pow2(num_kv_heads), _pow2(half)
     tile = 2 * max(block_h, block_kvh) * block_half
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-    _kernel()[(num_tokens,)](
+    _kernel()[0][(num_tokens,)](
         q, k, q_out, k_out, q_weight, k_weight, cos, sin, q if positions is None else positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0), num_heads, num_kv_heads,
         half, eps, NORM=weights is not None, HAS_POS=positions is not None, BLOCK_H=block_h, BLOCK_KVH=block_kvh,
@@ -146,3 +177,32 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor
                         positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton qk_norm_rope in one launch: q/k may be strided views; returns new contiguous q, k."""
     return _launch(q, k, cos, sin, (q_weight, k_weight), eps, positions)
+
+
+def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rope_triton (tables read at `positions`) and store_kv_cache_triton of the rotated k and v into a
+    16/32-bit cache [blocks, block_size, KVH, D], in one kernel: returns the rotated q (new, contiguous)."""
+    (num_tokens, num_heads, head_dim), num_kv_heads = q.shape, k.shape[1]
+    if head_dim % 2 or head_dim & (head_dim - 1) or k.shape != v.shape or k.shape[0] != num_tokens or \
+            k_cache.shape[2:] != (num_kv_heads, head_dim) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)}, k/v {tuple(k.shape)} and cache {tuple(k_cache.shape)} "
+                         f"{k_cache.dtype} do not fit (head_dim a power of 2, the cache in q's dtype)")
+    if k_cache.stride(1) * k_cache.shape[1] != k_cache.stride(0) or v_cache.stride(1) * v_cache.shape[1] != \
+            v_cache.stride(0):
+        raise ValueError("each cache block's slots must be laid out back to back")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
+    half = head_dim // 2
+    block_h, block_kvh, block_half = _pow2(num_heads), _pow2(num_kv_heads), _pow2(half)
+    tile = 2 * block_h * block_half
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    _kernel()[1][(num_tokens,)](
+        q, k, v, q_out, k_cache, v_cache, cos, sin, positions, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(1), v_cache.stride(2), num_heads, half, NUM_KV_HEADS=num_kv_heads, BLOCK_H=block_h,
+        BLOCK_KVH=block_kvh, BLOCK_HALF=block_half, HEAD_DIM=head_dim, num_warps=num_warps)
+    return q_out
