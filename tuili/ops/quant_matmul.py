@@ -131,17 +131,17 @@ def _paired(ptr, g0, col0, stride_g, G: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.trans(tl.reshape(tl.join(lo, hi), [G, BLOCK_N]))
 
 
-def _store_out(out_row, hw_row, nw_ptr, ss_slot, rn, n_mask, acc, ADD: tl.constexpr):
-    """Store a tile of sums (fp32) into a row of out. ADD: add it to what out holds (the residual stream h; the
-    sum rounded to out's dtype first, then the result, as `residual + y` is), and store h * nw (the next RMSNorm's
-    weight) in hw and the sum of squares of h at ss_slot: the next GEMV's normalised input, up to 1 / rms."""
+def _store_out(out_row, hw_row, ss_slot, rn, n_mask, acc, residual, nw, ADD: tl.constexpr):
+    """Store a tile of sums (fp32) into a row of out. ADD: add it to the residual stream h (`residual`, loaded
+    from out before the K loop; the sum rounded to out's dtype first, then the result, as `residual + y` is) and
+    store h in out, h * nw (the next RMSNorm's weight) in hw, and the sum of squares of h at ss_slot: the next
+    GEMV's normalised input, up to 1 / rms."""
     dtype = out_row.dtype.element_ty
     if ADD:
-        h = (acc.to(dtype).to(tl.float32) + tl.load(out_row + rn, mask=n_mask, other=0.0).to(tl.float32)).to(dtype)
+        h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
         tl.store(out_row + rn, h, mask=n_mask)
         hf = h.to(tl.float32)
-        tl.store(hw_row + rn, (hf * tl.load(nw_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)).to(dtype),
-                 mask=n_mask)
+        tl.store(hw_row + rn, (hf * nw.to(tl.float32)).to(dtype), mask=n_mask)
         tl.store(ss_slot, tl.sum(tl.where(n_mask, hf * hf, 0.0), axis=0))
     else:
         tl.store(out_row + rn, acc.to(dtype), mask=n_mask)
@@ -266,6 +266,16 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     x_acc = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT8 per channel: the x sums of all tiles
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_row = x_ptr + row * stride_xm
+    # the epilogue's inputs, loaded before the K loop: at the end their latency would add to every call's
+    residual = rn  # placeholders where unused
+    nw = rn
+    ss = rn
+    if ADD:
+        residual = tl.load(out_ptr + row * stride_om + rn, mask=n_mask, other=0.0)
+        nw = tl.load(nw_ptr + rn, mask=n_mask, other=0.0)
+    if NORM:
+        offs_ss = tl.arange(0, BLOCK_SS)
+        ss = tl.load(ss_ptr + row * num_ss + offs_ss, mask=offs_ss < num_ss, other=0.0)
     PER: tl.constexpr = 32 // BITS  # values per word
     P: tl.constexpr = 72  # words: the products come out as q x 2^-P (|x| in [2^-58, 2^51] keeps full precision)
     A: tl.constexpr = 4722366482869645213696.0 if WORDS else 1.0  # 2^P: sum q x = A terms + B xs
@@ -355,8 +365,6 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             acc = A * acc + B * tl.sum(x_acc, axis=0)
         acc *= tl.load(s_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     if NORM:  # 1 / rms of the row, from the sums of squares of its column tiles (in a fixed order)
-        offs_ss = tl.arange(0, BLOCK_SS)
-        ss = tl.load(ss_ptr + row * num_ss + offs_ss, mask=offs_ss < num_ss, other=0.0)
         acc *= tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if FIXUP:
         rows, splits = tl.num_programs(0), tl.num_programs(2)
@@ -367,14 +375,14 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for split in range(0, splits):  # from L2 (.cg): other SMs wrote them
                 acc += tl.load(part_ptr + (split * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
-            _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, nw_ptr,
-                       ss_ptr + row * tl.num_programs(1) + pid_n, rn, n_mask, acc, ADD)
+            _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tl.num_programs(1) + pid_n,
+                       rn, n_mask, acc, residual, nw, ADD)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     elif ATOMIC:
         tl.atomic_add(out_ptr + row * stride_om + rn, acc, mask=n_mask)
     else:
-        _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, nw_ptr,
-                       ss_ptr + row * tl.num_programs(1) + pid_n, rn, n_mask, acc, ADD)
+        _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tl.num_programs(1) + pid_n,
+                   rn, n_mask, acc, residual, nw, ADD)
 
 
 def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_sg, stride_on,
