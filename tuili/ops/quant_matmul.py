@@ -229,12 +229,11 @@ def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_x
 
 
 def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, ss_ptr, nw_ptr, hw_ptr, N, K,
-                       stride_xm,
-                       stride_qn, stride_sn, stride_sg, stride_om, k_per_split, num_ss, eps, BITS: tl.constexpr,
-                       GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       ATOMIC: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr, FIXUP: tl.constexpr,
-                       EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr, PAIRED: tl.constexpr,
-                       NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr):
+                       stride_xm, stride_qn, stride_sn, stride_sg, stride_om, k_per_split, num_ss, eps,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
+                       FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
+                       PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -266,7 +265,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     x_acc = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT8 per channel: the x sums of all tiles
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_row = x_ptr + row * stride_xm
-    # the epilogue's inputs, loaded before the K loop: at the end their latency would add to every call's
+    # the epilogue's inputs, loaded before the K loop (loaded after it, their latency added to every call)
     residual = rn  # placeholders where unused
     nw = rn
     ss = rn
@@ -497,8 +496,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()  # the GEMV on int32 words
-    if (residual is None) != (norm_weight is None):
-        raise ValueError("residual and norm_weight come together")
+    if (residual is None) != (norm_weight is None) or (residual is not None and norm is not None):
+        raise ValueError("residual comes with norm_weight, and not with norm")
     if (norm is not None or residual is not None) and not (words and (residual is None or bias is None)):
         raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms), without bias")
     if silu_mul and not words:
