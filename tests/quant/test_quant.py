@@ -209,14 +209,15 @@ def test_triton_gemv_fuses_rms_norm_and_residual(method, dtype):
             assert ((got.float() - want.float()).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_decoder_layers_with_norms_inside_the_gemvs_decode_the_same_tokens(tiny_models, method):
+@pytest.mark.parametrize("method, family", [("int8", "llama"), ("int4", "llama"), ("int4", "qwen2")])
+def test_decoder_layers_with_norms_inside_the_gemvs_decode_the_same_tokens(tiny_models, method, family):
     """What CUDA runs for decode on quantized layers (fuse_norms: RMSNorms and residual adds inside the GEMVs,
-    norms_fuse) gives the greedy tokens of the separate norm and add: the tiny Llama, eager, on the CPU through
-    the Triton interpreter (CUDA runs it under graphs: tests/gpu)."""
+    norms_fuse) gives the greedy tokens and log-probs of the separate norm and add: tiny models (Qwen2: a qkv
+    bias after the normalised product), eager, on the CPU through the Triton interpreter (CUDA runs it under
+    graphs: tests/gpu)."""
     if CUDA:
         pytest.skip("the engine on CUDA sets fuse_norms itself: tests/gpu/test_engine_gpu.py")
-    llm = LLM(tiny_models["llama"], dtype="float32", quantization=method, enforce_eager=True, kv_cache_memory=0.01,
+    llm = LLM(tiny_models[family], dtype="float32", quantization=method, enforce_eager=True, kv_cache_memory=0.01,
               max_num_seqs=2)
     model, prompt = llm.engine.model, [5, 17, 300, 42, 7]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3)
