@@ -216,7 +216,8 @@ def test_decoder_layers_with_norms_inside_the_gemvs_decode_the_same_tokens(tiny_
     bias after the normalised product), eager, on the CPU through the Triton interpreter (CUDA runs it under
     graphs: tests/gpu)."""
     if CUDA:
-        pytest.skip("the engine on CUDA sets fuse_norms itself: tests/gpu/test_engine_gpu.py")
+        pytest.skip("runs the kernels on CPU tensors through the Triton interpreter, which is off on a CUDA machine; "
+                    "there tests/gpu/test_engine_gpu.py checks the fused decode under CUDA graphs")
     llm = LLM(tiny_models[family], dtype="float32", quantization=method, enforce_eager=True, kv_cache_memory=0.01,
               max_num_seqs=2)
     model, prompt = llm.engine.model, [5, 17, 300, 42, 7]

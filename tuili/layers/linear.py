@@ -80,8 +80,7 @@ class Linear(nn.Module):
         """self(act(x)) for a gated MLP's down projection (act: silu_and_mul): a quantized layer on CUDA computes
         the activation inside its GEMV as it loads x (one kernel fewer per layer)."""
         if self.qweight is not None and self.qweight.is_cuda and self._triton:
-            return quant_matmul.quant_linear_triton(x, self.qweight, self.scales, self.offsets, self.group_size,
-                                                    self.bias, silu_mul=True)
+            return self.forward_fused(x, silu_mul=True)
         return self(act(x))
 
     def forward_fused(self, x: torch.Tensor, silu_mul: bool = False, norm: tuple | None = None,

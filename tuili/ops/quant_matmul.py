@@ -466,10 +466,15 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     return (64 if m <= 64 else 128), 128, min(block_k, 64), 1, 8, 3
 
 
+def _on_words(block_m: int, k: int, qweight: torch.Tensor) -> bool:
+    """Whether the GEMV (BLOCK_M 1) reads the packed weight as int32 words."""
+    return block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
+
+
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor) -> bool:
-    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words)."""
-    n = qweight.shape[0]
-    return _tiles(m, n, k, group_size, 132)[0] == 1 and k % 8 == 0 and qweight.is_contiguous()
+    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words; the SM count passed
+    to `_tiles` only splits the tensor-core kernel's K)."""
+    return _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0], k, qweight)
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -495,7 +500,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
-    words = block_m == 1 and k % 8 == 0 and qweight.is_contiguous()  # the GEMV on int32 words
+    words = _on_words(block_m, k, qweight)
     if (residual is None) != (norm_weight is None) or (residual is not None and norm is not None):
         raise ValueError("residual comes with norm_weight, and not with norm")
     if (norm is not None or residual is not None) and not (words and (residual is None or bias is None)):
