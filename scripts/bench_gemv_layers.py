@@ -3,8 +3,8 @@ different weights of one shape in a row (more bytes than L2 holds, no launch gap
 time per call and GB/s for each tile config, against cuBLAS bf16 on the same shape the same way. Steadier than
 timing one kernel alone (scripts/sweep_quant_matmul.py), whose numbers swing with clocks and the cache.
 
-usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto]   (--auto: only `_tiles`' choice;
-TILES: the configs to time, see `configs`)"""
+usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto] [--shapes=qkv,o]   (--auto: only
+`_tiles`' choice; TILES: the configs to time, see `configs`)"""
 import itertools
 import json
 import os
@@ -52,12 +52,12 @@ def configs(method: str) -> list:
             if bn * bk <= 32768]
 
 
-def main(out: str, methods: list[str], auto_only: bool) -> None:
+def main(out: str, methods: list[str], auto_only: bool, shapes: list[str]) -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
     for (name, (n, k)), method in itertools.product(SHAPES.items(), methods):
-        if name == "lm_head" and method == "int4":
+        if name not in shapes or (name == "lm_head" and method == "int4"):
             continue  # INT4 models keep the LM head in INT8
         copies = max(2, min(16, (400 << 20) // (n * k)))  # ~400 MB of weights per graph: far past L2
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -98,4 +98,5 @@ def main(out: str, methods: list[str], auto_only: bool) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[2:] if not a.startswith("--")]
-    main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv)
+    shapes = next((a.split("=")[1].split(",") for a in sys.argv if a.startswith("--shapes=")), list(SHAPES))
+    main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv, shapes)

@@ -171,6 +171,43 @@ def test_rope_and_kv_store_in_one_kernel(heads, dtype):
     assert torch.equal(caches[1], want[1])  # v: copied
 
 
+def test_programmatic_dependent_launch_where_the_device_has_it():
+    """PDL (ops/pdl.py) is asked for on CUDA devices of compute capability 9.0 or later only: never on the CPU
+    (the interpreter), where the kernels get PDL off."""
+    from tuili.ops import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    if torch.cuda.is_available():
+        on = torch.cuda.get_device_capability()[0] >= 9
+        assert pdl.launch_options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if on else {"PDL": False})
+
+
+@NEEDS_GPU
+def test_chain_of_kernels_launched_early_in_a_cuda_graph():
+    """64 fused add + RMSNorm kernels, each reading what the one before wrote, replayed as a CUDA graph (with
+    PDL where the GPU has it, each kernel launched before the last finished): the same values as the chain run
+    in torch, step by step. A kernel that read before its wait would see stale inputs."""
+    x, residual = randn(3, 4096, dtype=torch.bfloat16, seed=1), randn(3, 4096, dtype=torch.bfloat16, seed=2)
+    weight = randn(4096, dtype=torch.bfloat16, seed=3) * 0.1 + 1
+
+    def chain(norm):
+        a, b = x, residual
+        for _ in range(64):
+            a, b = norm(a, b, weight, EPS)
+        return a, b
+
+    chain(fused_add_rms_norm_triton)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(fused_add_rms_norm_triton)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = chain(fused_add_rms_norm)
+        assert_close(out[0], ref[0])
+        assert_close(out[1], ref[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [64, 576, 96, 2 * 1100])
 @pytest.mark.parametrize("num_tokens", TOKENS)

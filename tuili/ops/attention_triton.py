@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tuili.ops import pdl
 from tuili.ops.attention import QMAX
 from tuili.ops.attention_metadata import AttentionMetadata
 
@@ -115,7 +116,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
     over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
@@ -129,6 +130,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
+        tl.extra.cuda.gdc_wait()
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     start = split * split_len
@@ -159,6 +162,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                                      valid, score_mask, m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
                                      stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE,
                                      NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
+    if PDL:  # not before the loop: the next kernel's waiting programs would slow it
+        tl.extra.cuda.gdc_launch_dependents()
     # an empty split (seq_len <= start) writes out 0 and lse -inf, which the merge weighs 0
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -170,8 +175,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
 
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                         stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         PDL: tl.constexpr):
     """Grid (batch, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2)."""
+    if PDL:  # launched early (ops/pdl.py): wait for the splits to be written
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -396,12 +405,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
         MIN_SPLIT=-(-MIN_SPLIT_TOKENS // k_cache.shape[1]) * k_cache.shape[1], num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **pdl.launch_options(q.device))
     if num_splits > 1:
         kernels.merge[(rows, num_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), num_splits,
-            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4)
+            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4,
+            **pdl.launch_options(q.device))
     return out
 
 

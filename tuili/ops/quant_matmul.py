@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from tuili.ops import pdl
 from tuili.ops.activation import silu_and_mul_triton
 
 
@@ -233,7 +234,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
                        FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
-                       PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr):
+                       PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr,
+                       PDL: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -265,6 +267,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     x_acc = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT8 per channel: the x sums of all tiles
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_row = x_ptr + row * stride_xm
+    if PDL:  # launched early (ops/pdl.py): wait for the kernels before; let the next one launch after the K loop
+        tl.extra.cuda.gdc_wait()
     # the epilogue's inputs, loaded before the K loop (loaded after it, their latency added to every call)
     residual = rn  # placeholders where unused
     nw = rn
@@ -358,6 +362,8 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
         else:
             acc2 += terms
             x_acc += xs
+    if PDL:  # earlier, the next kernel's waiting programs slow this one's loop (-5% per step, H100)
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     if GROUP == 0:
         if WORDS:
@@ -451,7 +457,8 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
     (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
     each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 32 x 1024
-    tiles and 3 in flight (split 2 ways for long K); INT8 one row through the GEMV with 16 x 512
+    tiles and 3 in flight (split 2 ways for long K: unsplit with 4 in flight, faster alone, 16.3 -> 14.2 us, made
+    the whole step 2.5% slower); INT8 one row through the GEMV with 16 x 512
     tiles (16 x 1024 for long K; the LM head too); INT8 batches through the tensor-core kernel with 64 x 256
     tiles, split 4 ways for long K on few column tiles."""
     if group and m <= GEMV_MAX_ROWS:  # 32 x 1024 tiles of several groups, 3 in flight; long K split 2 ways
@@ -560,7 +567,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             0.0 if norm is None else norm[0], WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
             EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, PAIRED=paired,
             NORM=norm is not None, ADD=residual is not None,
-            BLOCK_SS=1 << max(ss.shape[1] - 1, 0).bit_length() if norm is not None else 1, **common)
+            BLOCK_SS=1 << max(ss.shape[1] - 1, 0).bit_length() if norm is not None else 1,
+            **pdl.launch_options(x.device), **common)
         if residual is not None:
             return out, hw, ss
     else:

@@ -5,6 +5,8 @@ import functools
 
 import torch
 
+from tuili.ops import pdl
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, hidden]; normalised in fp32, then scaled by `weight` in x's dtype (as HF does)."""
@@ -28,9 +30,13 @@ tl = None
 
 
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, hidden, eps,
-                     stride_x, stride_residual, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_x, stride_residual, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     # x, residual: [T, hidden], last dim contiguous (row strides given); weight: [hidden];
     # out, new_residual: [T, hidden] contiguous. One program per row; BLOCK = next_power_of_2(hidden).
+    if PDL:  # launched early (ops/pdl.py): wait for x
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -78,7 +84,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _kernel()[(x2d.shape[0],)](
         x2d, r2d, weight.contiguous(), out, out if new_residual is None else new_residual, hidden, eps,
-        x2d.stride(0), r2d.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        x2d.stride(0), r2d.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+        **pdl.launch_options(x.device))
     return out, new_residual
 
 

@@ -6,6 +6,7 @@ import functools
 
 import torch
 
+from tuili.ops import pdl
 from tuili.ops.rmsnorm import rms_norm
 
 
@@ -101,10 +102,13 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                        slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                        stride_sin, stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h, num_heads, half,
                        NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                       BLOCK_HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+                       BLOCK_HALF: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     # apply_rope_triton of token t (tables read at pos[t]) with its rotated k and its v stored straight into the
     # KV cache at slot[t] (store_kv_cache_triton's layout; a negative slot, padding, stores nothing): one kernel
     # where a decode step ran two. q_out: [T, H, D] contiguous.
+    if PDL:  # launched early (ops/pdl.py): wait for the projections
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(pos_ptr + t).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -204,5 +208,6 @@ def rope_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         q, k, v, q_out, k_cache, v_cache, cos, sin, positions, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(1), v_cache.stride(2), num_heads, half, NUM_KV_HEADS=num_kv_heads, BLOCK_H=block_h,
-        BLOCK_KVH=block_kvh, BLOCK_HALF=block_half, HEAD_DIM=head_dim, num_warps=num_warps)
+        BLOCK_KVH=block_kvh, BLOCK_HALF=block_half, HEAD_DIM=head_dim, num_warps=num_warps,
+        **pdl.launch_options(q.device))
     return q_out
