@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from tuili.ops.attention import dequantize_kv, paged_attention, quantize_kv, store_kv_cache  # noqa: E402
 from tuili.ops.attention_metadata import AttentionMetadata  # noqa: E402
+from tuili.ops.rope import apply_rope  # noqa: E402
 from tuili.ops.attention_triton import (  # noqa: E402
     _kernels, choose_num_splits, paged_attention_triton, paged_decode_attention, paged_prefill_attention,
     store_kv_cache_triton, warm_up_kernels)
@@ -150,6 +151,55 @@ def test_decode(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
     out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
                                  block_n=DECODE_BLOCK_N)
     check(out, reference(q, k_cache, v_cache, meta, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", cpu_and_cuda())
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("seq_lens, num_kv_heads, group, head_dim", [([1, 15, 17, 100, 333], 2, 3, 128),
+                                                                    ([64, 65, 200], 1, 4, 64)])
+def test_decode_applies_rope_and_stores_the_new_kv(seq_lens, num_kv_heads, group, head_dim, num_splits, dtype):
+    """rope=: q, k, v before RoPE (views of a fused qkv) give what RoPE, the K/V store and decode attention give
+    one after the other (the torch references), and leave the new token's rotated k and its v in the cache at
+    its slot, the rest of the cache as it was."""
+    meta, k_cache, v_cache = make_batch([1] * len(seq_lens), seq_lens, 16, num_kv_heads, head_dim, dtype)
+    num_heads, half = num_kv_heads * group, head_dim // 2
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    qkv = torch.randn(len(seq_lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+    freqs = torch.outer(torch.arange(512.0), 10000.0 ** (-torch.arange(half) / half)).to(DEVICE)
+    cos, sin = freqs.cos(), freqs.sin()  # [positions, D / 2] fp32, as RotaryEmbedding keeps them
+    positions = meta.seq_lens.long() - 1
+    scale = head_dim ** -0.5
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    rotated_q, rotated_k = apply_rope(q, k, cos[positions], sin[positions])
+    store_kv_cache(rotated_k, v, want_k, want_v, meta.slot_mapping)
+    ref = reference(rotated_q, want_k, want_v, meta, scale)
+    out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
+                                 block_n=DECODE_BLOCK_N, rope=(k, v, cos, sin, positions, meta.slot_mapping))
+    check(out, ref, dtype)
+    torch.testing.assert_close(k_cache, want_k, atol=ATOL[dtype], rtol=0)
+    assert torch.equal(v_cache, want_v)
+
+
+def test_engine_decodes_the_same_tokens_with_rope_in_the_attention_kernel(tiny_models):
+    """Through the engine (tiny Llama, fp32, eager, on the CPU through the Triton interpreter; CUDA runs it in
+    graphs: tests/gpu): the Triton kernels, whose decode steps rotate q and k and store the new K/V inside the
+    decode attention kernel, give the greedy tokens and log-probs of the torch references."""
+    if CUDA:
+        pytest.skip("runs the kernels on CPU tensors through the Triton interpreter, which is off on a CUDA machine; "
+                    "there tests/gpu/test_engine_gpu.py checks the fast path under CUDA graphs")
+    from tuili import LLM, SamplingParams
+
+    llm = LLM(tiny_models["llama"], dtype="float32", enforce_eager=True, kv_cache_memory=0.01, max_num_seqs=2)
+    prompts, params = [[5, 17, 300, 42, 7], [9, 8, 7]], SamplingParams(temperature=0, max_tokens=6, logprobs=3)
+    want = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.engine.model.set_backends(fused_ops=True, triton_attention=True)
+    got = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    for mine, theirs in zip(got, want):
+        assert mine.token_ids == theirs.token_ids
+        for step, ref in zip(mine.logprobs, theirs.logprobs):  # the top-3 log-probs at each step, to fp32 rounding
+            assert step.keys() == ref.keys()
+            assert all(abs(lp.logprob - ref[token].logprob) < 1e-4 for token, lp in step.items())
 
 
 @pytest.mark.parametrize("dtype", cpu_and_cuda())

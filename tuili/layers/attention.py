@@ -40,10 +40,16 @@ class Attention(nn.Module):
     def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      rotary: nn.Module) -> torch.Tensor | None:
         """RoPE (rotary: a RotaryEmbedding), then forward, with the rotation and the K/V store in one kernel where
-        both run in Triton over a 16/32-bit cache; None elsewhere (the caller rotates and calls forward)."""
+        both run in Triton over a 16/32-bit cache (and in the decode attention kernel itself in a decode step);
+        None elsewhere (the caller rotates and calls forward)."""
         if not (self.triton and rotary.triton and self.k_cache.numel() and self.k_scale is None):
             return None
         meta = get_attention_metadata()
+        if meta.max_query_len == 1 and q.dtype == self.k_cache.dtype:  # decode: RoPE inside the attention kernel
+            from tuili.ops import attention_triton
+
+            return attention_triton.decode_attention_rope(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache,
+                                                          self.v_cache, meta, self.scale)
         q = rope.rope_store_kv_triton(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache, self.v_cache,
                                       meta.slot_mapping)
         return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, None, None)

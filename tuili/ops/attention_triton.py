@@ -109,14 +109,23 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_pt
     return m_new, l_i, acc
 
 
+def _rotate(x, x_rot, cos, signed_sin):
+    """RoPE of x (NeoX: x_rot is x with its halves swapped, signed_sin -sin on the first half), each product
+    rounded to x's dtype before the sum, as rope_store_kv_triton (and the torch reference) round them."""
+    dtype = x.dtype
+    return ((x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+            + (x_rot.to(tl.float32) * signed_sin).to(dtype).to(tl.float32)).to(dtype)
+
+
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-                   out_ptr, lse_ptr, scale,
+                   out_ptr, lse_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, scale,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                   stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+                   stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_knt, stride_knh,
+                   stride_vnt, stride_vnh, stride_cos, stride_sin,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
     over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
@@ -126,7 +135,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     (j, head) sits at position seq_len - QLEN + j and sees the keys up to it; each K/V tile is read once for
     all of them.
     q: [B * QLEN, H, D]; out: [B * QLEN, H, splits, D] (fp32, normalised per split) with lse: [B * QLEN, H,
-    splits] (log2 domain) when WRITE_LSE, else out: [B * QLEN, H, D] in q's dtype (one split: final)."""
+    splits] (log2 domain) when WRITE_LSE, else out: [B * QLEN, H, D] in q's dtype (one split: final).
+    ROPE (QLEN 1; a 16/32-bit cache in q's dtype): q, k_new, v_new are this step's projections before RoPE
+    (views of the fused qkv: [B, H, D], [B, KVH, D]) and the kernel does rope_store_kv_triton's work too: each
+    program rotates its q rows (cos/sin rows at pos[b], rounded as that kernel rounds), and the split holding
+    position seq_len - 1 rotates the new key, stores it and v_new at slot[b] (a negative slot: padding, not
+    stored) and attends to them from registers, not from the cache it has just written (one kernel fewer per
+    step, no store-to-load ordering inside the program)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -145,6 +160,19 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     tokens = b.to(tl.int64) * QLEN + token
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=head_mask[:, None], other=0.0)
+    if ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        rot_d = (offs_d + half) % HEAD_DIM  # rotate_half: x2 beside x1, -x1 beside x2
+        sign = tl.where(offs_d < half, -1.0, 1.0)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d % half).to(q.dtype).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_sin + offs_d % half).to(q.dtype).to(tl.float32)
+        q_rot = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + rot_d[None, :],
+                        mask=head_mask[:, None], other=0.0)
+        q = _rotate(q, q_rot, cos[None, :], sin[None, :] * sign[None, :])
+        own_new = (start <= seq_len - 1) & (seq_len - 1 < end)  # this split holds the new token: the loop stops
+        if own_new:                                               # before it, which comes from registers
+            end = seq_len - 1
     visible_end = seq_len - QLEN + 1 + token              # one past the last key each row sees
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -164,6 +192,25 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                                      NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
     if PDL:  # not before the loop: the next kernel's waiting programs would slow it
         tl.extra.cuda.gdc_launch_dependents()
+    if ROPE:
+        if own_new:  # the new token: rotated k and v from the projections, stored, and attended to here
+            k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kv_head * stride_knh
+            k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + rot_d), cos, sin * sign)
+            v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            if slot >= 0:
+                tl.store(k_cache_ptr + (slot // PAGE_SIZE) * stride_kb + (slot % PAGE_SIZE) * stride_ks
+                         + kv_head * stride_kh + offs_d, k_new)
+                tl.store(v_cache_ptr + (slot // PAGE_SIZE) * stride_vb + (slot % PAGE_SIZE) * stride_vs
+                         + kv_head * stride_vh + offs_d, v_new)
+            score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
+            score = tl.where(head_mask, score, -1.0e30)
+            m_new = tl.maximum(m_i, score)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(score - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
     # an empty split (seq_len <= start) writes out 0 and lse -inf, which the merge weighs 0
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -255,17 +302,18 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """Import triton and jit-compile the kernels above, once, on first use."""
-    global tl, _attend_tile, _store_quantized  # the kernels look these up as module globals when compiled
+    global tl, _attend_tile, _store_quantized, _rotate  # the kernels look these up as module globals when compiled
     import triton
     import triton.language as tl
 
     _attend_tile = triton.jit(_attend_tile)
     _store_quantized = triton.jit(_store_quantized)
+    _rotate = triton.jit(_rotate)
     # Triton compiles a kernel once per "specialization" of its arguments (an int equal to 1 or divisible by
     # 16, a pointer 16-byte aligned). Block tables and lengths arrive as views of one buffer at any offset and
     # width, so they would make a server compile new variants (about a second each) in the middle of serving;
     # they are read once per tile, so nothing is lost by not specializing them.
-    loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "stride_bt",
+    loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slot_ptr", "stride_bt",
              "stride_lt", "stride_lh"]  # lse strides: the split count (1 or 16, ...) must not make a variant
     jit_args = inspect.signature(triton.jit).parameters
 
@@ -370,9 +418,13 @@ def _decode_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int, block_n: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, query_len: int = 1) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, query_len: int = 1,
+                           rope: tuple | None = None) -> torch.Tensor:
     """`query_len` new tokens per sequence (1: decode; more: a verification step), the last of each
     sequence's seq_lens[b] cached tokens, causal: q [B * query_len, H, D] -> the same shape.
+    rope = (k, v, cos, sin, positions, slot_mapping) (query_len 1, a 16/32-bit cache in q's dtype): q, k [B, KVH,
+    D] and v are not yet rotated nor stored, and the kernel does rope_store_kv_triton's work as well (the new
+    token's K/V in the cache afterwards).
 
     Reads no device value on the host and launches a grid that depends only on B and num_splits, so it can be
     captured in a CUDA graph and replayed with other seq_lens / block_tables. seq_len 0 gives zeros.
@@ -385,6 +437,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{seq_lens.shape[0]}, block_tables {block_tables.shape[0]}")
     k_scale, v_scale, quantized = _scales(k_cache, k_scale, v_scale)
     q = q if q.stride(2) == 1 else q.contiguous()
+    if rope is not None:
+        k_new, v_new, cos, sin, positions, slots = rope
+        if query_len != 1 or quantized or k_cache.dtype != q.dtype or k_new.shape != (batch, k_cache.shape[2],
+                                                                                       head_dim) \
+                or v_new.shape != k_new.shape or head_dim % 2 or cos.shape[-1] != head_dim // 2:
+            raise ValueError("RoPE in the decode kernel takes one new token per sequence, k and v [B, KVH, D] and "
+                             "a 16/32-bit cache in q's dtype")
+        k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new, cos, sin))
+    else:
+        k_new = v_new = cos = sin = positions = slots = q  # placeholders
     block_g = max(16, _next_power_of_2(group * query_len))
     tile_n, num_warps, num_stages = _decode_tiles(head_dim, q.dtype)
     block_n = block_n or tile_n
@@ -398,9 +460,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
         partial_strides = partial.stride()[:3]
     kernels.decode[(batch, k_cache.shape[2], num_splits)](
-        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, partial, lse, scale, q.stride(0),
+        q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, partial, lse, k_new, v_new, cos, sin,
+        positions, slots, scale, q.stride(0),
         q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *partial_strides, lse.stride(0), lse.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0), sin.stride(0),
+        ROPE=rope is not None,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
@@ -483,6 +548,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         query_lens_cpu=meta.query_lens_cpu[d:], max_seq_len=max(meta.seq_lens_cpu[d:]))
     out[d:] = paged_prefill_attention(q[d:], k_cache, v_cache, rest, scale, **scales)
     return out
+
+
+def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """A decode step (every sequence one new token) from q, k, v before RoPE: rope_store_kv_triton then
+    paged_attention_triton, in one kernel (a 16/32-bit cache in q's dtype)."""
+    num_splits = choose_num_splits(len(meta.query_lens_cpu), k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
+                                  rope=(k, v, cos, sin, positions, meta.slot_mapping))
 
 
 def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
