@@ -273,7 +273,8 @@ def _select(meta: AttentionMetadata, rows: list[int]) -> AttentionMetadata:
 def test_warm_up_runs_every_variant_and_writes_nothing():
     _, k_cache, v_cache = make_batch([1], [40], 16, 2, 64, torch.float32)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    warm_up_kernels(k_cache, v_cache, num_heads=4, dtype=torch.float32, max_splits=4)
+    tables = (torch.rand(8, 32, device=DEVICE), torch.rand(8, 32, device=DEVICE))  # RoPE's cos, sin
+    warm_up_kernels(k_cache, v_cache, num_heads=4, dtype=torch.float32, max_splits=4, rope_tables=tables)
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 

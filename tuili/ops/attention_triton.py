@@ -562,11 +562,13 @@ def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
 
 def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
                     max_splits: int = 64, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None, verify_query_len: int = 0) -> None:
+                    v_scale: torch.Tensor | None = None, verify_query_len: int = 0,
+                    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Compile now the attention kernel variants that serving meets later (each first use of a variant costs
     about a second of Triton compilation, which the request that meets it would wait for): decode with every
     split count choose_num_splits can return (and verification's k + 1 tokens per sequence, one split and
-    several), and prefill with each tile shape. Reads the cache, writes nothing to it."""
+    several; and, given the model's RoPE tables (cos, sin), decode steps outside CUDA graphs with RoPE inside,
+    see decode_attention_rope), and prefill with each tile shape. Reads the cache, writes nothing to it."""
     device, head_dim = k_cache.device, k_cache.shape[-1]
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
@@ -576,6 +578,14 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     while splits <= max_splits:
         paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
         splits *= 2
+    if rope_tables is not None and k_scale is None and k_cache.dtype == dtype:
+        kv = torch.zeros(1, k_cache.shape[2], head_dim, dtype=dtype, device=device)
+        no_slot = torch.full((1,), -1, dtype=torch.int32, device=device)  # stores nothing; int32 as eager steps
+        splits = 1
+        while splits <= max_splits:
+            paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits,
+                                   rope=(kv, kv, *rope_tables, no_slot + 1, no_slot))
+            splits *= 2
     if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
         qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)
         lens = torch.full((1,), verify_query_len, dtype=torch.int32, device=device)

@@ -91,8 +91,10 @@ class ModelRunner:
 
         self.verify_query_len = verify_query_len
         attn = self.model.layers[0].self_attn
+        rope = (attn.rotary.cos, attn.rotary.sin) if attn.q_norm is None and attn.rotary.triton else None
         warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads, self.dtype,
-                        k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale, verify_query_len=verify_query_len)
+                        k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale, verify_query_len=verify_query_len,
+                        rope_tables=rope)
         torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, spec_query_len: int = 0,
