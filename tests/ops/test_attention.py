@@ -179,6 +179,9 @@ def test_decode_applies_rope_and_stores_the_new_kv(seq_lens, num_kv_heads, group
     check(out, ref, dtype)
     torch.testing.assert_close(k_cache, want_k, atol=ATOL[dtype], rtol=0)
     assert torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="one new token per sequence"):  # a verification step: rotate first
+        paged_decode_attention(q, k_cache, v_cache, meta.block_tables[:1], meta.seq_lens[:1], scale, num_splits,
+                               query_len=len(seq_lens), rope=(k, v, cos, sin, positions, meta.slot_mapping))
 
 
 def test_engine_decodes_the_same_tokens_with_rope_in_the_attention_kernel(tiny_models):

@@ -439,11 +439,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q = q if q.stride(2) == 1 else q.contiguous()
     if rope is not None:
         k_new, v_new, cos, sin, positions, slots = rope
-        if query_len != 1 or quantized or k_cache.dtype != q.dtype or k_new.shape != (batch, k_cache.shape[2],
-                                                                                       head_dim) \
-                or v_new.shape != k_new.shape or head_dim % 2 or cos.shape[-1] != head_dim // 2:
-            raise ValueError("RoPE in the decode kernel takes one new token per sequence, k and v [B, KVH, D] and "
-                             "a 16/32-bit cache in q's dtype")
+        kv_shape = (batch, k_cache.shape[2], head_dim)
+        if query_len != 1 or quantized or k_cache.dtype != q.dtype or k_new.shape != kv_shape or \
+                v_new.shape != kv_shape or cos.shape[-1] != head_dim // 2:
+            raise ValueError("RoPE in the decode kernel takes one new token per sequence, k and v [B, KVH, D], "
+                             "cos/sin tables [positions, D / 2] and a 16/32-bit cache in q's dtype")
         k_new, v_new, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new, cos, sin))
     else:
         k_new = v_new = cos = sin = positions = slots = q  # placeholders
