@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -75,9 +76,42 @@ def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, devi
             "ms_per_step": 1e3 * (total - ttft) / steps}
 
 
+def time_llama_cpp(path: str, prompt: list[int], output_len: int, repeats: int, threads: int) -> dict:
+    """llama.cpp through llama-cpp-python (installed in the benchmark's environment only: tuili does not depend
+    on it) on the same GGUF file, batch 1 on the CPU with as many threads as torch: the same prompt tokens,
+    greedy, output_len tokens whatever they are; TTFT to the first token, decode rate from the rest."""
+    from llama_cpp import Llama
+
+    model = Llama(model_path=path, n_ctx=len(prompt) + output_len + 16, n_batch=512, n_threads=threads,
+                  n_threads_batch=threads, verbose=False)
+
+    def run(n: int) -> tuple[float, float]:
+        model.reset()  # no prompt reuse between runs
+        start = time.perf_counter()
+        for i, _ in enumerate(model.generate(prompt, top_k=1, temp=0.0)):
+            if i == 0:
+                first = time.perf_counter()
+            if i + 1 == n:
+                break
+        return first - start, time.perf_counter() - first
+
+    run(4)
+    ttft, decode = min((run(output_len) for _ in range(repeats)), key=lambda r: r[1])
+    steps = output_len - 1
+    return {"ttft_s": ttft, "decode_s": decode, "decode_tok_s": steps / decode, "ms_per_step": 1e3 * decode / steps,
+            "threads": threads}
+
+
 def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    if ns.llama_cpp and ns.batch_size != 1:
+        raise ValueError("--llama-cpp times batch 1 only")
+    if ns.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError("--llama-cpp needs llama-cpp-python in this environment (pip install llama-cpp-python; "
+                         "tuili does not depend on it)")
     llm = LLM(**dataclasses.asdict(engine_args))
     engine = llm.engine
+    if ns.llama_cpp and (engine.args.load_format == "dummy" or not engine.model_name.endswith(".gguf")):
+        raise ValueError("--llama-cpp needs a GGUF model file (the default model is one)")
     if ns.input_len is None:
         if engine.tokenizer is None:
             raise ValueError("this model has no tokenizer: give --input-len")
@@ -120,6 +154,12 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         report["speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
         _print_row("HF transformers", hf)
         print(f"tuili decode is {report['speedup_vs_hf']:.2f}x HF transformers")
+    if ns.llama_cpp:
+        peer = time_llama_cpp(engine.model_name, prompts[0], ns.output_len, ns.repeats, torch.get_num_threads())
+        report["llama_cpp"] = peer
+        report["ratio_vs_llama_cpp"] = ours["decode_tok_s"] / peer["decode_tok_s"]
+        _print_row("llama.cpp", peer)
+        print(f"tuili decode is {report['ratio_vs_llama_cpp']:.2f}x llama.cpp on the same file")
     from tuili.bench.plot import latency_plot, save_report
 
     save_report(report, ns.json, ns.plot, latency_plot)
