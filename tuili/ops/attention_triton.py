@@ -163,13 +163,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     if ROPE:
         half: tl.constexpr = HEAD_DIM // 2
         rot_d = (offs_d + half) % HEAD_DIM  # rotate_half: x2 beside x1, -x1 beside x2
-        sign = tl.where(offs_d < half, -1.0, 1.0)
         pos = tl.load(pos_ptr + b).to(tl.int64)
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d % half).to(q.dtype).to(tl.float32)
         sin = tl.load(sin_ptr + pos * stride_sin + offs_d % half).to(q.dtype).to(tl.float32)
+        sin = tl.where(offs_d < half, -sin, sin)
         q_rot = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + rot_d[None, :],
                         mask=head_mask[:, None], other=0.0)
-        q = _rotate(q, q_rot, cos[None, :], sin[None, :] * sign[None, :])
+        q = _rotate(q, q_rot, cos[None, :], sin[None, :])
         own_new = (start <= seq_len - 1) & (seq_len - 1 < end)  # this split holds the new token: the loop stops
         if own_new:                                               # before it, which comes from registers
             end = seq_len - 1
@@ -195,7 +195,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     if ROPE:
         if own_new:  # the new token: rotated k and v from the projections, stored, and attended to here
             k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kv_head * stride_knh
-            k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + rot_d), cos, sin * sign)
+            k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + rot_d), cos, sin)
             v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
             slot = tl.load(slot_ptr + b).to(tl.int64)
             if slot >= 0:
@@ -574,18 +574,16 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     table = torch.zeros(1, 1, dtype=torch.int32, device=device)
     seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+    with_rope = rope_tables is not None and k_scale is None and k_cache.dtype == dtype
+    kv = torch.zeros(1, k_cache.shape[2], head_dim, dtype=dtype, device=device)
+    no_slot = torch.full((1,), -1, dtype=torch.int32, device=device)  # stores nothing; int32 as eager steps
     splits = 1
     while splits <= max_splits:
         paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
-        splits *= 2
-    if rope_tables is not None and k_scale is None and k_cache.dtype == dtype:
-        kv = torch.zeros(1, k_cache.shape[2], head_dim, dtype=dtype, device=device)
-        no_slot = torch.full((1,), -1, dtype=torch.int32, device=device)  # stores nothing; int32 as eager steps
-        splits = 1
-        while splits <= max_splits:
+        if with_rope:
             paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits,
                                    rope=(kv, kv, *rope_tables, no_slot + 1, no_slot))
-            splits *= 2
+        splits *= 2
     if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
         qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)
         lens = torch.full((1,), verify_query_len, dtype=torch.int32, device=device)
