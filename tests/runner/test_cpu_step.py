@@ -1,11 +1,14 @@
-"""The CPU's scripted step (tuili/runner/cpu_step.py) against the eager layers it replaces: bit for bit."""
+"""The CPU's scripted step (tuili/runner/cpu_step.py) against the eager layers it replaces: bit for bit; and its
+native form (cpu_kernels.decode_step, one C++ call) against them within bf16 roundings."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from tuili import LLM, SamplingParams
+from tuili.ops import cpu_kernels
 from tuili.ops.attention_metadata import set_attention_metadata
+from tuili.runner.cpu_step import GEMV4, GEMV8, INT4
 
 CONTEXT = 37  # tokens already in the cache (3 blocks of 16)
 
@@ -17,9 +20,15 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
     llm = LLM(tiny_models[family], device="cpu", dtype=dtype, quantization=quantization, quant_group_size=32,
               kv_cache_memory=0.01)
     runner, model = llm.engine.runner, llm.engine.model
-    assert runner.cpu_step is not None
-    if quantization == "int4":  # the layers run torch's packed int4 kernel
-        assert runner.cpu_step.args[2][0] == [1, 1, 1, 1]
+    step = runner.cpu_step
+    assert step is not None
+    native = cpu_kernels.available() and dtype == "bfloat16" and family == "llama" and quantization is not None
+    assert (step.native is not None) == native
+    if quantization == "int4":  # more than GEMV_ROWS rows: torch's packed int4 kernel; up to that: tuili's
+        assert step.args[False][2][0] == [INT4] * 4
+        assert step.args[True][2][0] == [GEMV4 if cpu_kernels.available() else INT4] * 4
+    if quantization == "int8" and dtype == "bfloat16" and cpu_kernels.available():
+        assert step.args[True][2][0] == [GEMV8] * 4
     gen = torch.Generator().manual_seed(0)
     table = [3, 0, 5]
     with torch.no_grad():
@@ -34,14 +43,23 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
             positions = torch.arange(CONTEXT, CONTEXT + q_len)
             meta, _ = runner._metadata([q_len], [CONTEXT + q_len], [table],
                                        [table[p // 16] * 16 + p % 16 for p in positions.tolist()])
-            assert runner.cpu_step.handles(meta)
-            scripted = runner.cpu_step.run(ids, positions, meta)
-            k_after = model.layers[1].self_attn.attn.k_cache.clone()
+            assert step.handles(meta)
+            k_cache = model.layers[1].self_attn.attn.k_cache
+            if native:  # the C++ step: the same computation; bf16 roundings may fall differently (sums' order)
+                out = step.run(ids, positions, meta)
+                k_native = k_cache.clone()
+            scripted = step.run(ids, positions, meta, native=False)
+            k_after = k_cache.clone()
             set_attention_metadata(meta)
             eager = model(ids, positions)
             set_attention_metadata(None)
             assert torch.equal(scripted, eager), (scripted - eager).abs().max()
-            assert torch.equal(model.layers[1].self_attn.attn.k_cache, k_after)  # the same K/V stored
+            assert torch.equal(k_cache, k_after)  # the same K/V stored
+            if native:
+                assert (out.float() - eager.float()).abs().max() <= 0.01 * eager.float().abs().max()
+                written = k_after.flatten(0, 1)[meta.slot_mapping.long()].float()
+                assert (k_native.flatten(0, 1)[meta.slot_mapping.long()].float() - written).abs().max() <= \
+                    0.03 * written.abs().max()
 
 
 def test_cpu_step_is_used_and_enforce_eager_turns_it_off(tiny_models):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuili.ops import quant_matmul
+from tuili.ops import cpu_kernels, quant_matmul
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -28,7 +28,7 @@ class Linear(nn.Module):
         self.qweight = self.scales = self.offsets = None
         self.group_size = 0
         self._triton = False
-        self._cpu_int4 = self._cpu_dense = None
+        self._cpu_int4 = self._cpu_dense = self._cpu_gemv = None
 
     def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                       group_size: int = 0) -> None:
@@ -41,7 +41,7 @@ class Linear(nn.Module):
         self.scales = nn.Parameter(layout(scales), requires_grad=False)
         self.offsets = None if offsets is None else nn.Parameter(layout(offsets), requires_grad=False)
         self.group_size = group_size
-        self._cpu_int4 = self._cpu_dense = None
+        self._cpu_int4 = self._cpu_dense = self._cpu_gemv = None
 
     def use_triton(self, enabled: bool) -> None:
         """Quantized layers on CUDA: the dequant-fused Triton matmul (else the torch reference)."""
@@ -53,6 +53,15 @@ class Linear(nn.Module):
         if self._cpu_int4 is None:
             self._cpu_int4 = quant_matmul.int4_cpu_pack(self.qweight, self.scales, self.offsets, self.group_size) or ()
         return self._cpu_int4
+
+    def cpu_gemv(self) -> tuple:
+        """This INT4 layer in the layout of tuili's own CPU kernel (cpu_kernels.pack_int4), or () where that
+        kernel does not run here or does not take the shape; made on first use."""
+        if self._cpu_gemv is None:
+            ok = self.qweight.device.type == "cpu" and cpu_kernels.available()
+            packed = ok and cpu_kernels.pack_int4(self.qweight, self.scales, self.offsets, self.group_size)
+            self._cpu_gemv = packed or ()
+        return self._cpu_gemv
 
     def cpu_dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The float copy of an INT8-groups layer that the CPU multiplies with (torch has no kernel for it)."""
@@ -69,6 +78,9 @@ class Linear(nn.Module):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
             if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
                 return F.linear(x, self.cpu_dense(x.dtype), self.bias)
+            if x.dtype == torch.bfloat16 and x.shape[0] <= cpu_kernels.GEMV_ROWS and self.cpu_gemv():
+                out = cpu_kernels.int4_gemv(x.contiguous(), self._cpu_gemv, self.group_size)
+                return out if self.bias is None else out + self.bias
             # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
             if self.cpu_int4() and x.dtype == self.scales.dtype and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
                 return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
@@ -94,6 +106,9 @@ class Linear(nn.Module):
             norm_weight=None if next_norm is None else next_norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_gemv and x.dtype == torch.bfloat16 and self.bias is None and x.shape[0] <= cpu_kernels.GEMV_ROWS \
+                and x.is_contiguous():  # as directly as it goes, as below
+            return torch.ops.tuili.int4_gemv(x, *self._cpu_gemv, self.group_size)
         fast = self._cpu_int4
         if fast and x.dtype == fast[1].dtype and x.dtype == torch.bfloat16 and self.bias is None \
                 and fast[1].shape[0] * self.group_size == x.shape[1] and x.is_contiguous():

@@ -212,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:                                           # tied embeddings
             if self.lm_head_int8 is not None and hidden.shape[0] <= 16 and hidden.dtype == self.lm_head_int8[1].dtype:
-                return torch._weight_int8pack_mm(hidden.contiguous(), *self.lm_head_int8)  # see load_model
+                return quant_matmul.int8_linear_cpu(hidden, *self.lm_head_int8)  # see load_model
             return F.linear(hidden, self.embed_tokens.weight)              # [N, vocab]
         return self.lm_head(hidden)
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tuili.ops import pdl
+from tuili.ops import cpu_kernels, pdl
 from tuili.ops.activation import silu_and_mul_triton
 
 
@@ -69,12 +69,16 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
 
 def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same on the CPU. Decode-sized batches go through torch's packed int8 kernel (1 byte read per weight,
-    no dequantized copy); it is a matrix-vector kernel, so prefill-sized ones (more than 16 rows) dequantize the
-    weight once and use the float GEMM, which is many times faster there."""
+    """The same on the CPU. Decode-sized batches go through a packed int8 kernel (1 byte read per weight, no
+    dequantized copy): tuili's own (cpu_kernels) where it runs, else torch's; these are matrix-vector kernels, so
+    prefill-sized batches (more than 16 rows) dequantize the weight once and use the float GEMM, many times
+    faster there."""
     if x.shape[0] > 16:
         return int8_linear(x, qweight, scales, bias)
-    out = torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
+    if x.shape[1] % 32 == 0 and x.dtype in (torch.bfloat16, torch.float32) and cpu_kernels.available():
+        out = cpu_kernels.int8_gemv(x.contiguous(), qweight, scales)
+    else:
+        out = torch._weight_int8pack_mm(x.contiguous(), qweight, scales)
     return out if bias is None else out + bias
 
 

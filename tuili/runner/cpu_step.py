@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.ops import rope
+from tuili.ops import cpu_kernels, rope
 from tuili.ops.attention import MAX_ONE_SEQUENCE_QUERY, attend_one_cpu
 from tuili.ops.attention_metadata import AttentionMetadata
 from tuili.ops.rmsnorm import rms_norm
@@ -27,13 +27,18 @@ from tuili.ops.rope import rotate_rows
 
 logger = logging.getLogger(__name__)
 
-FLOAT, INT4, INT8 = 0, 1, 2  # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels
+# how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels, tuili's (cpu_kernels) for up to GEMV_ROWS
+FLOAT, INT4, INT8, GEMV4, GEMV8 = 0, 1, 2, 3, 4
 
 
 def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], group: int) -> Tensor:
     if kind == 0:
         return F.linear(x, w, b)
-    if kind == 1:
+    if kind == 3:
+        y = torch.ops.tuili.int4_gemv(x, w, s, group)
+    elif kind == 4:
+        y = torch.ops.tuili.int8_gemv(x, w, s)
+    elif kind == 1:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, s)
     else:
         y = torch.ops.aten._weight_int8pack_mm(x, w, s)
@@ -89,19 +94,24 @@ _SCRIPTED = None
 def _scripted():
     global _SCRIPTED
     if _SCRIPTED is None:
+        cpu_kernels.available()  # torch.ops.tuili.* exist from here on (as placeholders where they cannot run)
         with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.compile, which on the CPU
             warnings.simplefilter("ignore")  # takes ~a minute per shape and was no faster here
             _SCRIPTED = torch.jit.script(_forward)
     return _SCRIPTED
 
 
-def _linear_args(linear, dtype: torch.dtype):
-    """(kind, weight, scales, bias, group) as the eager Linear.forward runs it for up to MAX_ONE_SEQUENCE_QUERY
-    rows on the CPU, or None where that is not one of our three kernels."""
+def _linear_args(linear, dtype: torch.dtype, gemv: bool):
+    """(kind, weight, scales, bias, group) as the eager Linear.forward runs it on the CPU for up to GEMV_ROWS rows
+    (gemv) or up to MAX_ONE_SEQUENCE_QUERY, or None where that is not one of our kernels."""
     empty = torch.empty(0)
     if linear.qweight is None:
         return FLOAT, linear.weight, empty, linear.bias, 0
     qweight, group = linear.qweight, linear.group_size
+    if gemv and qweight.dtype == torch.int8 and not group and qweight.shape[1] % 32 == 0 and cpu_kernels.available():
+        return GEMV8, qweight, linear.scales, linear.bias, 0
+    if gemv and qweight.dtype == torch.uint8 and dtype == torch.bfloat16 and linear.cpu_gemv():
+        return GEMV4, *linear.cpu_gemv(), linear.bias, group
     if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
         return INT8, qweight, linear.scales, linear.bias, 0
     if qweight.dtype == torch.int8:  # INT8 groups: the float copy the eager layer makes
@@ -116,9 +126,16 @@ def _linear_args(linear, dtype: torch.dtype):
 class CpuStep:
     """Runs one sequence's step through the scripted function, where it covers the model (`build`)."""
 
-    def __init__(self, model, fn, tensors, biases, kinds, groups) -> None:
+    def __init__(self, model, fn, args: dict) -> None:
         self.model, self.fn = model, fn
-        self.args = (tensors, biases, kinds, groups)
+        self.args = args  # {True: the function's per-layer arguments for up to GEMV_ROWS rows, False: for more}
+        attn = model.layers[0].self_attn
+        tensors, biases, kinds, groups = args[True]
+        # up to GEMV_ROWS rows: the whole step as one C++ call (cpu_kernels.decode_step) where it covers the model
+        native = attn.q_norm is None and all(b is None for bs in biases for b in bs) and \
+            all(k in (GEMV4, GEMV8) for ks in kinds for k in ks) and model.norm.weight.dtype == torch.bfloat16
+        self.native = ([u for t in tensors for u in t[:12]], [k for ks in kinds for k in ks],
+                       [g for gs in groups for g in gs]) if native else None
         attn = model.layers[0].self_attn
         self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
                        attn.q_norm is not None)
@@ -126,38 +143,49 @@ class CpuStep:
     @classmethod
     def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
         """After the KV cache exists; None (and the reason logged) where some layer needs the eager path."""
-        tensors, biases, kinds, groups = [], [], [], []
-        for i, layer in enumerate(model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
-                logger.info("CPU steps run eagerly: the KV cache is quantized")
-                return None
-            linears = [_linear_args(m, dtype) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if None in linears:
-                logger.info("CPU steps run eagerly: layer %d has a weight format without a CPU kernel at %s", i, dtype)
-                return None
-            qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
-                (layer.input_layernorm.weight,) * 2  # placeholders
-            tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
-                            layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
-                            attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
-            biases.append([a[3] for a in linears])
-            kinds.append([a[0] for a in linears])
-            groups.append([a[4] for a in linears])
+        args = {}
+        for gemv in (True, False):
+            tensors, biases, kinds, groups = [], [], [], []
+            for i, layer in enumerate(model.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
+                    logger.info("CPU steps run eagerly: the KV cache is quantized")
+                    return None
+                linears = [_linear_args(m, dtype, gemv) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                  mlp.down_proj)]
+                if None in linears:
+                    logger.info("CPU steps run eagerly: layer %d has a weight format without a CPU kernel at %s",
+                                i, dtype)
+                    return None
+                qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
+                    (layer.input_layernorm.weight,) * 2  # placeholders
+                tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
+                                layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
+                                attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
+                biases.append([a[3] for a in linears])
+                kinds.append([a[0] for a in linears])
+                groups.append([a[4] for a in linears])
+            args[gemv] = (tensors, biases, kinds, groups)
         try:
             fn = _scripted()
         except Exception as e:  # noqa: BLE001 - a torch without (working) TorchScript: the eager path still works
             logger.warning("CPU steps run eagerly: TorchScript failed here (%s)", e)
             return None
-        return cls(model, fn, tensors, biases, kinds, groups)
+        return cls(model, fn, args)
 
     def handles(self, meta: AttentionMetadata) -> bool:
         return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_ONE_SEQUENCE_QUERY
 
-    def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata) -> Tensor:
+    def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, native: bool = True) -> Tensor:
+        """The step's hidden states after the final norm; native=False: through the scripted function only."""
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.layers[0].self_attn.rotary
         cos2, sin2 = rope.rope_rows(rotary.cos, rotary.sin, positions, x.dtype)
         norm, eps, num_heads, num_kv_heads, scale, qk_norm = self.consts
-        return self.fn(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0], meta.seq_lens_cpu[0], *self.args,
-                       norm, eps, num_heads, num_kv_heads, scale, qk_norm)
+        if native and self.native is not None and x.shape[0] <= cpu_kernels.GEMV_ROWS:
+            return torch.ops.tuili.decode_step(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0],
+                                               meta.seq_lens_cpu[0], *self.native, norm, eps, num_heads,
+                                               num_kv_heads, scale)
+        return self.fn(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0], meta.seq_lens_cpu[0],
+                       *self.args[x.shape[0] <= cpu_kernels.GEMV_ROWS], norm, eps, num_heads, num_kv_heads, scale,
+                       qk_norm)

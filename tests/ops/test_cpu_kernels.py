@@ -1,0 +1,112 @@
+"""tuili's C++ CPU kernels (tuili/ops/cpu_kernels.cpp) against the torch references, on random inputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tuili.ops import cpu_kernels, quant_matmul
+
+HAS_BF16 = "avx512_bf16" in cpu_kernels._cpu_flags().split()
+needs_kernels = pytest.mark.skipif(not HAS_BF16, reason="this CPU lacks AVX-512 BF16: tuili uses torch's kernels")
+
+
+def test_kernels_build_where_the_cpu_has_avx512_bf16():
+    # where the instruction set is there, a failure to build (compiler, headers) must not pass unnoticed
+    assert cpu_kernels.available() == HAS_BF16, cpu_kernels.why_not()
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # the kernels sum in fp32 and round once to bf16: within a few bf16 ulps of the output's scale
+    assert (out.float() - ref).abs().max() <= 0.01 * ref.abs().max(), (out.float() - ref).abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_int4_gemv_matches_the_reference(group, symmetric, rows):
+    gen = torch.Generator().manual_seed(rows * group)
+    for n, k in ((33, 128), (100, 640), (7, 1536)):  # odd column counts: the last row pair is a single row
+        qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+        scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).bfloat16()
+        offsets = None if symmetric else (torch.randn(n, k // group, generator=gen) * 0.05).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        ref = quant_matmul.int4_linear(x.float(), qweight, scales.float(),
+                                       None if offsets is None else offsets.float(), group)
+        packed = cpu_kernels.pack_int4(qweight, scales, offsets, group)
+        _close(cpu_kernels.int4_gemv(x, packed, group), ref)
+
+
+def test_int4_pack_refuses_shapes_the_kernel_does_not_take():
+    q = torch.zeros(4, 48, dtype=torch.uint8)  # K = 96: not a multiple of 64
+    assert cpu_kernels.pack_int4(q, torch.ones(4, 3), None, 32) is None
+    q = torch.zeros(4, 64, dtype=torch.uint8)  # group 16 (GGUF Q6_K-like)
+    assert cpu_kernels.pack_int4(q, torch.ones(4, 8), None, 16) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_int8_gemv_matches_the_reference(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((49, 64), (300, 576)):
+        qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        scales = (torch.rand(n, generator=gen) * 0.01).to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ref = quant_matmul.int8_linear(x.float(), qweight, scales.float())
+        out = cpu_kernels.int8_gemv(x, qweight, scales)
+        assert out.dtype == dtype
+        _close(out, ref)
+
+
+@needs_kernels
+def test_bad_inputs_get_clear_errors():
+    packed = cpu_kernels.pack_int4(torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None, 32)
+    with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
+        torch.ops.tuili.int4_gemv(torch.zeros(1, 64), *packed, 32)
+    with pytest.raises(RuntimeError, match="w must be contiguous uint8"):
+        torch.ops.tuili.int4_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), *packed, 32)
+    with pytest.raises(RuntimeError, match="scales must be contiguous"):
+        torch.ops.tuili.int8_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(4))
+
+
+def test_turned_off_the_ops_say_why_and_the_engine_runs_on_torchs_kernels(tiny_models):
+    code = (
+        "import torch, pytest\n"
+        "from tuili import LLM, SamplingParams\n"
+        "from tuili.ops import cpu_kernels\n"
+        "from tuili.runner.cpu_step import INT4\n"
+        "assert not cpu_kernels.available() and 'TUILI_CPU_KERNELS=0' in cpu_kernels.why_not()\n"
+        "with pytest.raises(RuntimeError, match='not available here'):\n"
+        "    torch.ops.tuili.int8_gemv(torch.zeros(1, 32), torch.zeros(2, 32, dtype=torch.int8), torch.ones(2))\n"
+        f"llm = LLM({tiny_models['llama']!r}, device='cpu', dtype='bfloat16', quantization='int4',\n"
+        "          quant_group_size=32, kv_cache_memory=0.01)\n"
+        "step = llm.engine.runner.cpu_step\n"
+        "assert step.native is None and step.args[True][2][0] == [INT4] * 4\n"
+        "params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)\n"
+        "out = llm.generate([[1, 2, 3]], params, use_tqdm=False)\n"
+        "assert len(out[0].outputs[0].token_ids) == 4\n")
+    env = dict(os.environ, TUILI_CPU_KERNELS="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_native_step_generates_what_the_scripted_step_does(tiny_models, quantization):
+    from tuili import LLM, SamplingParams
+
+    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", quantization=quantization, quant_group_size=32,
+              kv_cache_memory=0.01)
+    step = llm.engine.runner.cpu_step
+    assert step.native is not None
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5], [7] * 40]
+    run = lambda: [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]  # noqa: E731
+    native = run()  # one sequence at a time: its steps are the CPU step's
+    step.native = None  # the scripted function for every step
+    assert native == run()

@@ -1,0 +1,399 @@
+// tuili's CPU kernels: matrix-vector products over packed weights (decode-sized batches) and one sequence's whole
+// decode step, built on first use by tuili/ops/cpu_kernels.py with the machine's own instruction set
+// (-march=native) and registered as torch ops (torch.ops.tuili.*).
+//
+// Why: on a small model a CPU decode step is memory traffic plus per-op overhead. The weights are read with a
+// nibble turned into bf16 in two integer instructions and multiplied by `vdpbf16ps` (32 exact products per
+// instruction, summed in fp32), so the loops keep up with the memory; and the step's ~45 small torch ops per
+// layer become plain loops in one call (decode_step, at the end).
+//
+// int4_gemv: x [M, K] bf16; w [N, K/2] uint8 in the "paired" layout (cpu_kernels.pack_int4): each 64 inputs of a
+// row are 32 bytes, byte j holding input j in its low nibble and input 32 + j in its high nibble; scales and
+// offsets [N, K/group] bf16, row-major: W[n, k] = s[n, g] * q[n, k] + o[n, g], g = k / group.
+// A nibble q becomes the bf16 number 128 + q by OR-ing it into 0x4300 (bf16 128, whose last mantissa bit is 1),
+// so a 32-input sub-block gives dot = sum (128 + q) x, and
+//   y = sum_g s_g * dot_g + (o_g - 128 s_g) * sum_{k in g} x_k.
+// int8_gemv: x [M, K] bf16 or fp32; w [N, K] int8; s [N]: y = s[n] * sum_k w[n, k] x[k] (weights to fp32, FMA).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
+#error "tuili's CPU kernels need AVX-512 (F, BW, BF16); without them tuili uses torch's packed kernels"
+#endif
+
+namespace {
+
+constexpr int64_t kMaxGroups = 512;  // K / group (group 32: K up to 16384)
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) { return c10::BFloat16(f).x; }
+
+// 16 bf16 values (the lanes of `mask`, zero elsewhere) as fp32
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// y[m, n + r] for the x rows m < M and R weight rows from n (independent FMA chains). sx: [M, groups padded to 16]
+template <int M, int R>
+void int4_rows(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
+               int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n, uint16_t* y, int64_t ldy) {
+  const __m512i low4 = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
+  alignas(64) float scale[R][kMaxGroups + 16];  // the rows' scales in fp32
+  __m512 acc[M][R][2];
+  for (int r = 0; r < R; ++r) {  // scales to fp32; the offsets' part of y: sum_g (o_g - 128 s_g) sum_g x
+    for (int m = 0; m < M; ++m) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 mask = groups - g >= 16 ? 0xFFFF : __mmask16((1u << (groups - g)) - 1);
+      const __m512 sv = load_bf16(s + (n + r) * groups + g, mask), ov = load_bf16(o + (n + r) * groups + g, mask);
+      _mm512_store_ps(scale[r] + g, sv);
+      const __m512 cv = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), sv, ov);
+      for (int m = 0; m < M; ++m) acc[m][r][1] = _mm512_fmadd_ps(cv, _mm512_loadu_ps(sx + m * ldsx + g), acc[m][r][1]);
+    }
+  }
+  for (int64_t c = 0; c < K / 64; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const __m512i bytes = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * (K / 2) + 32 * c)));
+      const __m512i lo = _mm512_ternarylogic_epi32(bytes, low4, bf16_128, 0xEA);  // (a & b) | c
+      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bf16_128);
+      const __m512 s0 = _mm512_set1_ps(scale[r][(2 * c) >> shift]);
+      const __m512 s1 = _mm512_set1_ps(scale[r][(2 * c + 1) >> shift]);
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* xm = x + m * K + 64 * c;
+        const __m512 d0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo,
+                                           (__m512bh)_mm512_loadu_si512(xm));
+        const __m512 d1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi,
+                                           (__m512bh)_mm512_loadu_si512(xm + 32));
+        acc[m][r][0] = _mm512_fmadd_ps(d0, s0, acc[m][r][0]);
+        acc[m][r][1] = _mm512_fmadd_ps(d1, s1, acc[m][r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * ldy + n + r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])));
+}
+
+template <int M>
+void int4_block(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
+                int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n0, int64_t n1, uint16_t* y,
+                int64_t ldy) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) int4_rows<M, 2>(x, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
+  if (n < n1) int4_rows<M, 1>(x, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "tuili CPU kernel: ", what); }
+
+// y [M, N] bf16 = x [M, K] bf16 times an INT4 weight (w [N, K/2] paired, so [2, N, K/group] bf16)
+void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, int64_t N,
+              int64_t group, uint16_t* yp) {
+  const int64_t groups = K / group;
+  const uint16_t* op = sp + N * groups;
+  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;  // sub-block of 32 -> group
+  const int64_t ldsx = (groups + 15) / 16 * 16;
+  std::vector<float> sx(M * ldsx, 0.f);  // sum of x over each group (zero-padded to 16)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sx[m * ldsx + k / group] += bf16_to_float(xp[m * K + k]);
+  at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = 2 * begin, n1 = std::min(N, 2 * end);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // four rows of x at a time: 16 accumulators
+      const uint16_t* xm = xp + m0 * K;
+      const float* sxm = sx.data() + m0 * ldsx;
+      uint16_t* ym = yp + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: int4_block<1>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        case 2: int4_block<2>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        case 3: int4_block<3>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        default: int4_block<4>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+      }
+    }
+  });
+}
+
+void check_int4(const at::Tensor& w, const at::Tensor& so, int64_t K, int64_t group) {
+  check(K % 64 == 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
+        "K must be a multiple of 64 and of the group (32, 64 or 128)");
+  check(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == K / 2,
+        "w must be contiguous uint8 [N, K/2]");
+  const int64_t groups = K / group;
+  check(groups <= kMaxGroups, "too many groups");
+  check(so.scalar_type() == at::kBFloat16 && so.is_contiguous() && so.dim() == 3 && so.size(0) == 2 &&
+            so.size(1) == w.size(0) && so.size(2) == groups,
+        "scales and offsets must be contiguous bf16 [2, N, K/group]");
+}
+
+inline const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+inline uint16_t* bf16_ptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& so, int64_t group) {
+  check(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_int4(w, so, K, group);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M > 0 && N > 0) int4_run(bf16_ptr(x), M, K, w.data_ptr<uint8_t>(), bf16_ptr(so), N, group, bf16_ptr(y));
+  return y;
+}
+
+// out[m, n] = s[n] * sum_k w[n, k] x[m, k], written in the output's dtype (bf16 or fp32)
+template <int M, int R, typename T>
+void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64_t n, T* out, int64_t ldo) {
+  __m512 acc[M][R][2];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wr = w + (n + r) * K + k;
+      const __m512 w0 =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr))));
+      const __m512 w1 =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16))));
+      for (int m = 0; m < M; ++m) {
+        acc[m][r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][r][0]);
+        acc[m][r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[m][r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      out[m * ldo + n + r] = T(s[n + r] * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])));
+}
+
+template <int M, typename T>
+void int8_block(const float* x, int64_t K, const int8_t* w, const float* s, int64_t n0, int64_t n1, T* out,
+                int64_t ldo) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) int8_rows<M, 2>(x, K, w, s, n, out, ldo);
+  if (n < n1) int8_rows<M, 1>(x, K, w, s, n, out, ldo);
+}
+
+template <typename T>
+void int8_all(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, int64_t N, T* yp) {
+  at::parallel_for(0, (N + 1) / 2, 64, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = 2 * begin, n1 = std::min(N, 2 * end);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = xp + m0 * K;
+      T* ym = yp + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: int8_block<1>(xm, K, wp, sp, n0, n1, ym, N); break;
+        case 2: int8_block<2>(xm, K, wp, sp, n0, n1, ym, N); break;
+        case 3: int8_block<3>(xm, K, wp, sp, n0, n1, ym, N); break;
+        default: int8_block<4>(xm, K, wp, sp, n0, n1, ym, N); break;
+      }
+    }
+  });
+}
+
+// y [M, N] bf16 = x [M, K] bf16 times an INT8 weight (w [N, K] int8, s [N] bf16)
+void int8_run_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* s, int64_t N,
+                   uint16_t* y) {
+  std::vector<float> xf(M * K), sf(N);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
+  for (int64_t i = 0; i < N; ++i) sf[i] = bf16_to_float(s[i]);
+  int8_all(xf.data(), M, K, w, sf.data(), N, reinterpret_cast<c10::BFloat16*>(y));
+}
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  check(x.dim() == 2 && x.is_contiguous() && (bf16 || x.scalar_type() == at::kFloat),
+        "x must be contiguous bf16 or fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check(K % 32 == 0, "K must be a multiple of 32");
+  check(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+        "w must be contiguous int8 [N, K]");
+  check(s.dim() == 1 && s.size(0) == N && s.scalar_type() == x.scalar_type() && s.is_contiguous(),
+        "scales must be contiguous [N] in x's dtype");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  std::vector<float> xf(M * K), sf(N);  // x and the scales in fp32
+  for (int64_t i = 0; i < M * K; ++i)
+    xf[i] = bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(x.data_ptr())[i]) : x.data_ptr<float>()[i];
+  for (int64_t i = 0; i < N; ++i)
+    sf[i] = bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(s.data_ptr())[i]) : s.data_ptr<float>()[i];
+  if (bf16)
+    int8_all(xf.data(), M, K, w.data_ptr<int8_t>(), sf.data(), N, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
+  else
+    int8_all(xf.data(), M, K, w.data_ptr<int8_t>(), sf.data(), N, y.data_ptr<float>());
+  return y;
+}
+
+
+// --- One sequence's step through every layer (Llama: RMSNorm, RoPE, GQA attention over the paged cache, gated
+// SiLU MLP), for a few new tokens in bf16: the scripted step's computation (tuili/runner/cpu_step.py) op for op,
+// with its bf16 roundings, as one call instead of ~45 torch ops per layer.
+
+inline float bf(float v) { return bf16_to_float(float_to_bf16(v)); }  // a bf16 op's rounding
+
+// out = weight * bf16(x * rsqrt(mean(x^2) + eps)), rows of x [T, H]
+void rms_norm_rows(const uint16_t* x, const uint16_t* weight, int64_t T, int64_t H, double eps, uint16_t* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const uint16_t* xr = x + t * H;
+    float sum = 0.f;
+    for (int64_t i = 0; i < H; ++i) sum += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+    const float r = 1.f / std::sqrt(sum / float(H) + float(eps));
+    for (int64_t i = 0; i < H; ++i)
+      out[t * H + i] = float_to_bf16(bf16_to_float(weight[i]) * bf(bf16_to_float(xr[i]) * r));
+  }
+}
+
+void add_rows(const uint16_t* a, uint16_t* b, int64_t n) {  // b = bf16(a + b)
+  for (int64_t i = 0; i < n; ++i) b[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+void linear(int64_t kind, const at::Tensor& w, const at::Tensor& s, int64_t group, const uint16_t* x, int64_t T,
+            int64_t K, uint16_t* y) {
+  if (kind == 3)
+    int4_run(x, T, K, w.data_ptr<uint8_t>(), bf16_ptr(s), w.size(0), group, y);
+  else
+    int8_run_bf16(x, T, K, w.data_ptr<int8_t>(), bf16_ptr(s), w.size(0), y);
+}
+
+inline int64_t index_at(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kInt ? t.data_ptr<int32_t>()[i] : t.data_ptr<int64_t>()[i];
+}
+
+at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Tensor& sin2, const at::Tensor& slots,
+                       const at::Tensor& block_table, int64_t length, at::TensorList tensors, at::IntArrayRef kinds,
+                       at::IntArrayRef groups, const at::Tensor& final_norm, double eps, int64_t num_heads,
+                       int64_t num_kv_heads, double scale) {
+  constexpr int64_t kPerLayer = 12;  // in norm, qkv w, s, o w, s, post norm, gate_up w, s, down w, s, k, v cache
+  const int64_t T = x.size(0), H = x.size(1), layers = int64_t(tensors.size()) / kPerLayer;
+  check(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && T >= 1 && T <= length, "x: bf16 [T, hidden]");
+  check(int64_t(tensors.size()) == layers * kPerLayer && int64_t(kinds.size()) == 4 * layers &&
+            int64_t(groups.size()) == 4 * layers && layers > 0,
+        "12 tensors, 4 kinds and 4 groups per layer");
+  const at::Tensor& cache0 = tensors[10];
+  const int64_t bs = cache0.size(1), D = cache0.size(3), half = D / 2;
+  check(D % 16 == 0 && cache0.size(2) == num_kv_heads && num_heads % num_kv_heads == 0, "head size, kv heads");
+  check(cos2.is_contiguous() && sin2.is_contiguous() && cos2.scalar_type() == at::kBFloat16 &&
+            sin2.scalar_type() == at::kBFloat16 && cos2.numel() == T * D && sin2.numel() == T * D,
+        "cos2, sin2: bf16 [T, 1, head size]");
+  check(slots.numel() == T && slots.is_contiguous() && (slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt),
+        "slots: [T] int");
+  check(block_table.is_contiguous() && (block_table.scalar_type() == at::kLong || block_table.scalar_type() == at::kInt) &&
+            block_table.numel() * bs >= length,
+        "block table");
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* t = &tensors[l * kPerLayer];
+    for (int j : {0, 5}) check(t[j].scalar_type() == at::kBFloat16 && t[j].numel() == H, "norm weights: bf16 [hidden]");
+    for (int j : {10, 11})
+      check(t[j].scalar_type() == at::kBFloat16 && t[j].is_contiguous() && t[j].sizes() == cache0.sizes(),
+            "KV caches: bf16 [blocks, block size, kv heads, head size]");
+    for (int j = 0; j < 4; ++j) {
+      const at::Tensor &w = t[1 + 2 * j + (j >= 2)], &sc = t[2 + 2 * j + (j >= 2)];
+      const int64_t kind = kinds[4 * l + j];
+      check(kind == 3 || kind == 4, "linears: kind 3 (INT4) or 4 (INT8)");
+      if (kind == 3) {
+        check_int4(w, sc, 2 * w.size(1), groups[4 * l + j]);
+      } else {
+        check(w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % 32 == 0 &&
+                  sc.scalar_type() == at::kBFloat16 && sc.numel() == w.size(0) && sc.is_contiguous(),
+              "INT8 linears: int8 [N, K], bf16 scales [N]");
+      }
+    }
+  }
+  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
+  const int64_t inter2 = tensors[6].size(0), inter = inter2 / 2;
+  check(tensors[1].size(0) == qkv_n && tensors[8].size(0) == H, "projection sizes");
+  std::vector<uint16_t> cur(x.numel()), resid(T * H), h(T * H), qkv(T * qkv_n), att(T * q_size), gu(T * inter2),
+      act(T * inter);
+  std::memcpy(cur.data(), x.data_ptr(), cur.size() * 2);
+  const uint16_t *c2 = bf16_ptr(cos2), *s2 = bf16_ptr(sin2);
+  const int64_t group_heads = num_heads / num_kv_heads;
+  std::vector<float> rot(D);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* t = &tensors[l * kPerLayer];
+    const int64_t* kind = kinds.data() + 4 * l;
+    const int64_t* grp = groups.data() + 4 * l;
+    if (l == 0) resid = cur; else add_rows(cur.data(), resid.data(), T * H);
+    rms_norm_rows(resid.data(), bf16_ptr(t[0]), T, H, eps, h.data());
+    linear(kind[0], t[1], t[2], grp[0], h.data(), T, H, qkv.data());
+    // RoPE on q and k heads: x * cos2 + cat(x2, x1) * sin2, each op rounded to bf16
+    for (int64_t tok = 0; tok < T; ++tok)
+      for (int64_t hd = 0; hd < num_heads + num_kv_heads; ++hd) {
+        uint16_t* v = qkv.data() + tok * qkv_n + hd * D;
+        for (int64_t i = 0; i < D; ++i) {
+          const float other = bf16_to_float(v[i < half ? i + half : i - half]);
+          rot[i] = bf(bf(bf16_to_float(v[i]) * bf16_to_float(c2[tok * D + i])) + bf(other * bf16_to_float(s2[tok * D + i])));
+        }
+        for (int64_t i = 0; i < D; ++i) v[i] = float_to_bf16(rot[i]);
+      }
+    uint16_t *kc = bf16_ptr(const_cast<at::Tensor&>(t[10])), *vc = bf16_ptr(const_cast<at::Tensor&>(t[11]));
+    for (int64_t tok = 0; tok < T; ++tok) {
+      const int64_t slot = index_at(slots, tok);
+      std::memcpy(kc + slot * kv_size, qkv.data() + tok * qkv_n + q_size, kv_size * 2);
+      std::memcpy(vc + slot * kv_size, qkv.data() + tok * qkv_n + q_size + kv_size, kv_size * 2);
+    }
+    // attention in fp32: token tok (position length - T + tok) sees keys 0..its position
+    at::parallel_for(0, num_heads * T, length * D >= 8192 ? 1 : num_heads * T, [&](int64_t b, int64_t e) {
+      std::vector<float> scores(length), q(D), o(D);
+      for (int64_t job = b; job < e; ++job) {
+        const int64_t tok = job / num_heads, head = job % num_heads, kvh = head / group_heads;
+        const int64_t seen = length - T + tok + 1;
+        for (int64_t i = 0; i < D; ++i) q[i] = bf16_to_float(qkv[tok * qkv_n + head * D + i]);
+        float mx = -INFINITY;
+        for (int64_t p = 0; p < seen; ++p) {
+          const uint16_t* kr = kc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(&q[i]), load_bf16(kr + i, 0xFFFF), acc);
+          scores[p] = _mm512_reduce_add_ps(acc) * float(scale);
+          mx = std::max(mx, scores[p]);
+        }
+        float sum = 0.f;
+        for (int64_t p = 0; p < seen; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
+        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+        for (int64_t p = 0; p < seen; ++p) {
+          const uint16_t* vr = vc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
+          const __m512 w = _mm512_set1_ps(scores[p]);
+          for (int64_t i = 0; i < D; i += 16)
+            _mm512_storeu_ps(&o[i], _mm512_fmadd_ps(w, load_bf16(vr + i, 0xFFFF), _mm512_loadu_ps(&o[i])));
+        }
+        for (int64_t i = 0; i < D; ++i) att[tok * q_size + head * D + i] = float_to_bf16(o[i] / sum);
+      }
+    });
+    linear(kind[1], t[3], t[4], grp[1], att.data(), T, q_size, cur.data());
+    add_rows(cur.data(), resid.data(), T * H);
+    rms_norm_rows(resid.data(), bf16_ptr(t[5]), T, H, eps, h.data());
+    linear(kind[2], t[6], t[7], grp[2], h.data(), T, H, gu.data());
+    for (int64_t tok = 0; tok < T; ++tok)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = bf16_to_float(gu[tok * inter2 + i]);
+        act[tok * inter + i] = float_to_bf16(bf(g / (1.f + std::exp(-g))) * bf16_to_float(gu[tok * inter2 + inter + i]));
+      }
+    linear(kind[3], t[8], t[9], grp[3], act.data(), T, inter, cur.data());
+  }
+  add_rows(cur.data(), resid.data(), T * H);
+  at::Tensor out = at::empty({T, H}, x.options());
+  rms_norm_rows(resid.data(), bf16_ptr(final_norm), T, H, eps, bf16_ptr(out));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tuili, m) {
+  m.def("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_table, int length, "
+        "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
+        "int num_kv_heads, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tuili, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("decode_step", &decode_step);
+}

@@ -1,0 +1,128 @@
+"""tuili's own CPU kernels (cpu_kernels.cpp), built on first use with this machine's compiler and instruction set,
+then cached: matrix-vector products over INT4 and INT8 weights for decode-sized batches (int4_gemv, int8_gemv)
+and one sequence's whole step through a quantized bf16 Llama-type model (decode_step; runner/cpu_step.py).
+
+On the default model a CPU decode step was ~45 torch ops per layer around torch's packed kernels: the ops'
+overhead as large as the matmuls. They need AVX-512 with BF16 and a C++ compiler; where either is missing,
+`available()` is False, the reason is logged once, and torch's kernels and the TorchScript step run as before.
+TUILI_CPU_KERNELS=0 turns them off (for comparisons).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+GEMV_ROWS = 4  # up to this many rows of x they beat torch's kernels (beyond: torch's, or oneDNN's dense GEMM)
+SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
+           "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
+           "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_table, int length, "
+           "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
+           "int num_kv_heads, float scale) -> Tensor")  # as TORCH_LIBRARY in cpu_kernels.cpp defines them
+_STATE: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+    lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE),
+            "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
+
+
+def _build() -> None:
+    """Compile (once per source, torch and CPU: the cache key) and load the library: the ops torch.ops.tuili.*"""
+    if os.environ.get("TUILI_CPU_KERNELS", "1") == "0":
+        raise RuntimeError("turned off by TUILI_CPU_KERNELS=0")
+    if "avx512_bf16" not in _cpu_flags().split():
+        raise RuntimeError("this CPU lacks AVX-512 BF16")
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili"))
+    lib = cache / f"cpu_kernels_{key}.so"
+    if not lib.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        logger.info("building tuili's CPU kernels (once, ~15 s) into %s", lib)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            out = Path(tmp) / lib.name
+            result = subprocess.run(_command(out), capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            os.replace(out, lib)  # atomic: a concurrent build leaves one complete file
+    torch.ops.load_library(str(lib))
+
+
+def _define_placeholders() -> None:
+    """The ops' schemas without the kernels, so that code naming them (the scripted CPU step) still compiles;
+    calling one says why it is missing."""
+    lib = torch.library.Library("tuili", "DEF")
+    for schema in SCHEMAS:
+        lib.define(schema)
+        name = schema.split("(")[0]
+        lib.impl(name, lambda *args, name=name: _missing(name), "CompositeExplicitAutograd")
+    _STATE["placeholders"] = lib  # the registration lives as long as this object
+
+
+def _missing(name: str):
+    raise RuntimeError(f"tuili's CPU kernel {name} is not available here: {_STATE.get('why')}")
+
+
+def available() -> bool:
+    """Whether torch.ops.tuili.int4_gemv / int8_gemv run here (built on the first call; where they cannot be,
+    they exist as placeholders that raise)."""
+    if "ok" not in _STATE:
+        try:
+            _build()
+            _STATE["ok"] = True
+        except Exception as e:  # noqa: BLE001 - no compiler, no AVX-512 BF16, turned off: torch's kernels run
+            logger.info("tuili's CPU kernels are not used: %s", e)
+            _STATE["ok"], _STATE["why"] = False, str(e)
+            _define_placeholders()
+    return _STATE["ok"]
+
+
+def why_not() -> str:
+    return _STATE.get("why", "")
+
+
+def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+              group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Our INT4 layer (quant_matmul's format) in int4_gemv's: (paired nibbles [N, K/2], scales and offsets
+    [2, N, K/G] bf16 row-major; symmetric layers get offsets -8 * scale); None where the kernel does not take the
+    shape (K a multiple of 64 and of the group, whole groups only)."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if k % 64 or group_size not in (32, 64, 128) or k % group_size or scales.shape[1] != k // group_size:
+        return None
+    from tuili.ops.quant_matmul import unpack_int4
+    q = unpack_int4(qweight).view(n, k // 64, 2, 32)
+    paired = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    offsets = -8.0 * scales.float() if offsets is None else offsets
+    return paired, torch.stack((scales, offsets)).to(torch.bfloat16).contiguous()
+
+
+def int4_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 -> [M, N] bf16."""
+    return torch.ops.tuili.int4_gemv(x, *packed, group_size)
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16/fp32, qweight int8 [N, K], scales [N] in x's dtype -> [M, N] in x's dtype."""
+    return torch.ops.tuili.int8_gemv(x, qweight, scales)
