@@ -489,7 +489,8 @@ def test_gguf_common_format():
 
 def test_cpu_bf16_gguf_reads_an_int8_copy_of_the_tied_head(smollm, default_model_path):
     """The default run (GGUF kept packed, CPU, bf16) scores decode rows with an INT8 per-row copy of the tied
-    embedding; fp32 keeps the float head (the exact-vs-HF runs); the answer is unchanged."""
+    embedding; fp32 keeps the float head (the exact-vs-HF runs); the answer is unchanged (through the native
+    CPU step where it runs)."""
     import torch
 
     from tuili import LLM, SamplingParams
@@ -498,7 +499,10 @@ def test_cpu_bf16_gguf_reads_an_int8_copy_of_the_tied_head(smollm, default_model
     llm = LLM(default_model_path, dtype="bfloat16", kv_cache_memory=0.05)
     model = llm.engine.model
     assert model.lm_head_int8 is not None
-    assert llm.engine.runner.cpu_step is not None  # and its decode steps run as one TorchScript call
+    from tuili.ops import cpu_kernels
+
+    step = llm.engine.runner.cpu_step  # its decode steps run as one call: C++ where tuili's CPU kernels build
+    assert step is not None and (step.native is not None) == cpu_kernels.available()
     hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     fast = model.compute_logits(hidden).float()
     head, model.lm_head_int8 = model.lm_head_int8, None
