@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -10,13 +11,16 @@ import torch
 
 from tuili.ops import cpu_kernels, quant_matmul
 
-HAS_BF16 = "avx512_bf16" in cpu_kernels._cpu_flags().split()
-needs_kernels = pytest.mark.skipif(not HAS_BF16, reason="this CPU lacks AVX-512 BF16: tuili uses torch's kernels")
+FLAGS = set(cpu_kernels._cpu_flags().split())
+HAS_AVX2 = platform.machine() == "x86_64" and {"avx2", "fma"} <= FLAGS
+needs_kernels = pytest.mark.skipif(not HAS_AVX2, reason="not an x86-64 CPU with AVX2: tuili uses torch's kernels")
 
 
-def test_kernels_build_where_the_cpu_has_avx512_bf16():
+def test_kernels_build_where_the_cpu_has_avx2():
     # where the instruction set is there, a failure to build (compiler, headers) must not pass unnoticed
-    assert cpu_kernels.available() == HAS_BF16, cpu_kernels.why_not()
+    assert cpu_kernels.available() == HAS_AVX2, cpu_kernels.why_not()
+    if HAS_AVX2:
+        assert cpu_kernels.isa() == ("avx512_bf16" if "avx512_bf16" in FLAGS else "avx2")
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -72,6 +76,29 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.tuili.int4_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), *packed, 32)
     with pytest.raises(RuntimeError, match="scales must be contiguous"):
         torch.ops.tuili.int8_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(4))
+
+
+@needs_kernels
+@pytest.mark.skipif("avx512_bf16" not in FLAGS, reason="the default build is the AVX2 one here already")
+def test_the_avx2_build_on_an_avx512_machine(tiny_models, tmp_path):
+    """The kernels of CPUs without AVX-512 BF16, built here (-march=x86-64-v3): the same checks, in a subprocess."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import test_cpu_kernels as t\n"
+        "from tuili.ops import cpu_kernels\n"
+        "assert cpu_kernels.isa() == 'avx2', (cpu_kernels.isa(), cpu_kernels.why_not())\n"
+        "for group in (32, 128):\n"
+        "    for rows in (1, 3, 5):\n"
+        "        t.test_int4_gemv_matches_the_reference(group, False, rows)\n"
+        "t.test_int4_gemv_matches_the_reference(64, True, 2)\n"
+        "for rows in (1, 4, 6):\n"
+        "    t.test_int8_gemv_matches_the_reference(t.torch.bfloat16, rows)\n"
+        "t.test_native_step_generates_what_the_scripted_step_does({'llama': %r}, 'int4')\n"
+    ) % (tests, tiny_models["llama"])
+    env = dict(os.environ, TUILI_CPU_MARCH="x86-64-v3", TUILI_CACHE=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_turned_off_the_ops_say_why_and_the_engine_runs_on_torchs_kernels(tiny_models):

@@ -23,10 +23,17 @@
 
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__)
-#error "tuili's CPU kernels need AVX-512 (F, BW, BF16); without them tuili uses torch's packed kernels"
+// Two instruction sets: AVX-512 with BF16 (Zen 4, Sapphire Rapids and later: vdpbf16ps, as described above) and
+// AVX2 + FMA (nearly every x86-64 CPU since 2013: the nibbles to fp32, then FMA, 8 lanes). -march=native picks.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define TUILI_AVX512BF16 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TUILI_AVX512BF16 0
+#else
+#error "tuili's CPU kernels need x86-64 with AVX2 and FMA; without them tuili uses torch's packed kernels"
 #endif
 
 namespace {
@@ -42,6 +49,9 @@ inline float bf16_to_float(uint16_t v) {
 
 inline uint16_t float_to_bf16(float f) { return c10::BFloat16(f).x; }
 
+#if TUILI_AVX512BF16
+constexpr const char* kIsa = "avx512_bf16";
+
 // 16 bf16 values (the lanes of `mask`, zero elsewhere) as fp32
 inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
@@ -49,7 +59,7 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
 
 // y[m, n + r] for the x rows m < M and R weight rows from n (independent FMA chains). sx: [M, groups padded to 16]
 template <int M, int R>
-void int4_rows(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
+void int4_rows(const uint16_t* x, const float*, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
                int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n, uint16_t* y, int64_t ldy) {
   const __m512i low4 = _mm512_set1_epi16(0x000F), bf16_128 = _mm512_set1_epi16(0x4300);
   alignas(64) float scale[R][kMaxGroups + 16];  // the rows' scales in fp32
@@ -88,13 +98,95 @@ void int4_rows(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* s
       y[m * ldy + n + r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])));
 }
 
+inline float dot_bf16(const float* q, const uint16_t* k, int64_t D) {  // D a multiple of 16
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_bf16(k + i, 0xFFFF), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {  // o += a * v
+  const __m512 w = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < D; i += 16)
+    _mm512_storeu_ps(o + i, _mm512_fmadd_ps(w, load_bf16(v + i, 0xFFFF), _mm512_loadu_ps(o + i)));
+}
+
+#else  // AVX2 + FMA
+constexpr const char* kIsa = "avx2";
+
+inline __m256 load8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_hadd_ps(a, a);
+  return _mm_cvtss_f32(_mm_hadd_ps(a, a));
+}
+
+// as above with x in fp32 (xf) and the nibbles converted to fp32: y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k
+template <int M, int R>
+void int4_rows(const uint16_t*, const float* xf, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
+               int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n, uint16_t* y, int64_t ldy) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  float scale[R][kMaxGroups], bias[M][R] = {};
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      scale[r][g] = bf16_to_float(s[(n + r) * groups + g]);
+      const float off = bf16_to_float(o[(n + r) * groups + g]);
+      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
+    }
+  __m256 acc[M][R][2];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wc = w + (n + r) * (K / 2) + 32 * c;
+      __m256 d[M][2];
+      for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
+      for (int j = 0; j < 32; j += 8) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wc + j)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xf + m * K + 64 * c + j;
+          d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
+          d[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 32), d[m][1]);
+        }
+      }
+      const __m256 s0 = _mm256_set1_ps(scale[r][(2 * c) >> shift]);
+      const __m256 s1 = _mm256_set1_ps(scale[r][(2 * c + 1) >> shift]);
+      for (int m = 0; m < M; ++m) {
+        acc[m][r][0] = _mm256_fmadd_ps(d[m][0], s0, acc[m][r][0]);
+        acc[m][r][1] = _mm256_fmadd_ps(d[m][1], s1, acc[m][r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      y[m * ldy + n + r] = float_to_bf16(hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r]);
+}
+
+inline float dot_bf16(const float* q, const uint16_t* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_bf16(k + i), acc);
+  return hsum8(acc);
+}
+
+inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {
+  const __m256 w = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < D; i += 8)
+    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8_bf16(v + i), _mm256_loadu_ps(o + i)));
+}
+#endif
+
 template <int M>
-void int4_block(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
-                int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n0, int64_t n1, uint16_t* y,
-                int64_t ldy) {
+void int4_block(const uint16_t* x, const float* xf, int64_t K, const uint8_t* w, const uint16_t* s,
+                const uint16_t* o, int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n0, int64_t n1,
+                uint16_t* y, int64_t ldy) {
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int4_rows<M, 2>(x, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
-  if (n < n1) int4_rows<M, 1>(x, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
+  for (; n + 2 <= n1; n += 2) int4_rows<M, 2>(x, xf, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
+  if (n < n1) int4_rows<M, 1>(x, xf, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
 }
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "tuili CPU kernel: ", what); }
@@ -107,19 +199,25 @@ void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const
   const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;  // sub-block of 32 -> group
   const int64_t ldsx = (groups + 15) / 16 * 16;
   std::vector<float> sx(M * ldsx, 0.f);  // sum of x over each group (zero-padded to 16)
+  std::vector<float> xf(TUILI_AVX512BF16 ? 0 : M * K);  // the AVX2 path multiplies in fp32
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) sx[m * ldsx + k / group] += bf16_to_float(xp[m * K + k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = bf16_to_float(xp[m * K + k]);
+      sx[m * ldsx + k / group] += v;
+      if (!TUILI_AVX512BF16) xf[m * K + k] = v;
+    }
   at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
     const int64_t n0 = 2 * begin, n1 = std::min(N, 2 * end);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {  // four rows of x at a time: 16 accumulators
       const uint16_t* xm = xp + m0 * K;
+      const float* xfm = xf.data() + (TUILI_AVX512BF16 ? 0 : m0 * K);
       const float* sxm = sx.data() + m0 * ldsx;
       uint16_t* ym = yp + m0 * N;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 1: int4_block<1>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        case 2: int4_block<2>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        case 3: int4_block<3>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        default: int4_block<4>(xm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        case 1: int4_block<1>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        case 2: int4_block<2>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        case 3: int4_block<3>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+        default: int4_block<4>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
       }
     }
   });
@@ -152,25 +250,40 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // out[m, n] = s[n] * sum_k w[n, k] x[m, k], written in the output's dtype (bf16 or fp32)
 template <int M, int R, typename T>
 void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64_t n, T* out, int64_t ldo) {
-  __m512 acc[M][R][2];
+#if TUILI_AVX512BF16
+  using V = __m512;
+  constexpr int L = 16;
+  auto zero = [] { return _mm512_setzero_ps(); };
+  auto weights = [](const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  };
+  auto fma = [](V a, const float* b, V c) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(b), c); };
+  auto total = [](V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); };
+#else
+  using V = __m256;
+  constexpr int L = 8;
+  auto zero = [] { return _mm256_setzero_ps(); };
+  auto weights = [](const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  };
+  auto fma = [](V a, const float* b, V c) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(b), c); };
+  auto total = [](V a, V b) { return hsum8(_mm256_add_ps(a, b)); };
+#endif
+  V acc[M][R][2];
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = zero();
+  for (int64_t k = 0; k < K; k += 2 * L) {
     for (int r = 0; r < R; ++r) {
       const int8_t* wr = w + (n + r) * K + k;
-      const __m512 w0 =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr))));
-      const __m512 w1 =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16))));
+      const V w0 = weights(wr), w1 = weights(wr + L);
       for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][r][0]);
-        acc[m][r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[m][r][1]);
+        acc[m][r][0] = fma(w0, x + m * K + k, acc[m][r][0]);
+        acc[m][r][1] = fma(w1, x + m * K + k + L, acc[m][r][1]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      out[m * ldo + n + r] = T(s[n + r] * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])));
+    for (int m = 0; m < M; ++m) out[m * ldo + n + r] = T(s[n + r] * total(acc[m][r][0], acc[m][r][1]));
 }
 
 template <int M, typename T>
@@ -348,9 +461,7 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
         float mx = -INFINITY;
         for (int64_t p = 0; p < seen; ++p) {
           const uint16_t* kr = kc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(&q[i]), load_bf16(kr + i, 0xFFFF), acc);
-          scores[p] = _mm512_reduce_add_ps(acc) * float(scale);
+          scores[p] = dot_bf16(q.data(), kr, D) * float(scale);
           mx = std::max(mx, scores[p]);
         }
         float sum = 0.f;
@@ -358,9 +469,7 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
         for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
         for (int64_t p = 0; p < seen; ++p) {
           const uint16_t* vr = vc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
-          const __m512 w = _mm512_set1_ps(scores[p]);
-          for (int64_t i = 0; i < D; i += 16)
-            _mm512_storeu_ps(&o[i], _mm512_fmadd_ps(w, load_bf16(vr + i, 0xFFFF), _mm512_loadu_ps(&o[i])));
+          axpy_bf16(scores[p], vr, o.data(), D);
         }
         for (int64_t i = 0; i < D; ++i) att[tok * q_size + head * D + i] = float_to_bf16(o[i] / sum);
       }
@@ -382,11 +491,14 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
   return out;
 }
 
+std::string kernel_isa() { return kIsa; }
+
 }  // namespace
 
 TORCH_LIBRARY(tuili, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor");
+  m.def("kernel_isa() -> str", &kernel_isa);  // which of the two instruction sets this build uses
   m.def("decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_table, int length, "
         "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
         "int num_kv_heads, float scale) -> Tensor");

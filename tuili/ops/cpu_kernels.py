@@ -3,15 +3,17 @@ then cached: matrix-vector products over INT4 and INT8 weights for decode-sized 
 and one sequence's whole step through a quantized bf16 Llama-type model (decode_step; runner/cpu_step.py).
 
 On the default model a CPU decode step was ~45 torch ops per layer around torch's packed kernels: the ops'
-overhead as large as the matmuls. They need AVX-512 with BF16 and a C++ compiler; where either is missing,
-`available()` is False, the reason is logged once, and torch's kernels and the TorchScript step run as before.
-TUILI_CPU_KERNELS=0 turns them off (for comparisons).
+overhead as large as the matmuls. They need an x86-64 CPU with AVX2 and FMA (AVX-512 BF16 where it has it:
+`isa()`) and a C++ compiler; where either is missing, `available()` is False, the reason is logged once, and
+torch's kernels and the TorchScript step run as before. TUILI_CPU_KERNELS=0 turns them off (for comparisons);
+TUILI_CPU_MARCH=x86-64-v3 builds the AVX2 kernels on an AVX-512 machine (the tests do).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,11 +42,15 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _march() -> str:
+    return os.environ.get("TUILI_CPU_MARCH", "native")
+
+
 def _command(out: Path) -> list[str]:
     from torch.utils import cpp_extension
     lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
+    return [os.environ.get("CXX", "g++"), "-O3", f"-march={_march()}", "-fopenmp", "-shared", "-fPIC", "-std=c++20",
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE),
             "-o", str(out), f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
 
@@ -53,14 +59,15 @@ def _build() -> None:
     """Compile (once per source, torch and CPU: the cache key) and load the library: the ops torch.ops.tuili.*"""
     if os.environ.get("TUILI_CPU_KERNELS", "1") == "0":
         raise RuntimeError("turned off by TUILI_CPU_KERNELS=0")
-    if "avx512_bf16" not in _cpu_flags().split():
-        raise RuntimeError("this CPU lacks AVX-512 BF16")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= set(_cpu_flags().split()):
+        raise RuntimeError("they need an x86-64 CPU with AVX2 and FMA")
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() +
+                         _march().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TUILI_CACHE", Path.home() / ".cache" / "tuili"))
     lib = cache / f"cpu_kernels_{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        logger.info("building tuili's CPU kernels (once, ~15 s) into %s", lib)
+        logger.info("building tuili's CPU kernels (once, ~15 s, -march=%s) into %s", _march(), lib)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
             result = subprocess.run(_command(out), capture_output=True, text=True)
@@ -74,7 +81,7 @@ def _define_placeholders() -> None:
     """The ops' schemas without the kernels, so that code naming them (the scripted CPU step) still compiles;
     calling one says why it is missing."""
     lib = torch.library.Library("tuili", "DEF")
-    for schema in SCHEMAS:
+    for schema in SCHEMAS:  # (kernel_isa is not among them: nothing scripted calls it)
         lib.define(schema)
         name = schema.split("(")[0]
         lib.impl(name, lambda *args, name=name: _missing(name), "CompositeExplicitAutograd")
@@ -92,7 +99,7 @@ def available() -> bool:
         try:
             _build()
             _STATE["ok"] = True
-        except Exception as e:  # noqa: BLE001 - no compiler, no AVX-512 BF16, turned off: torch's kernels run
+        except Exception as e:  # noqa: BLE001 - no compiler, no AVX2, turned off: torch's kernels run
             logger.info("tuili's CPU kernels are not used: %s", e)
             _STATE["ok"], _STATE["why"] = False, str(e)
             _define_placeholders()
@@ -101,6 +108,11 @@ def available() -> bool:
 
 def why_not() -> str:
     return _STATE.get("why", "")
+
+
+def isa() -> str:
+    """The instruction set the kernels were built for ("avx512_bf16" or "avx2"), "" where they are not."""
+    return torch.ops.tuili.kernel_isa() if available() else ""
 
 
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
