@@ -137,3 +137,31 @@ def test_native_step_generates_what_the_scripted_step_does(tiny_models, quantiza
     native = run()  # one sequence at a time: its steps are the CPU step's
     step.native = None  # the scripted function for every step
     assert native == run()
+
+
+@needs_kernels
+def test_decode_step_refuses_inconsistent_arguments(tiny_models):
+    from tuili import LLM
+
+    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", quantization="int4", quant_group_size=32,
+              kv_cache_memory=0.01)
+    step = llm.engine.runner.cpu_step
+    tensors, kinds, groups = step.native
+    norm, eps, heads, kv_heads, scale, _ = step.consts
+    d = tensors[10].shape[3]
+    x, cos2, sin2 = torch.zeros(1, 64, dtype=torch.bfloat16), *torch.ones(2, 1, 1, d, dtype=torch.bfloat16)
+    table = torch.zeros(4, dtype=torch.int32)
+
+    def call(slot=0, kinds=kinds, tensors=tensors):
+        return torch.ops.tuili.decode_step(x, cos2, sin2, torch.tensor([slot]), table, 1, tensors, kinds, groups,
+                                           norm, eps, heads, kv_heads, scale)
+
+    assert call().shape == (1, 64)
+    with pytest.raises(RuntimeError, match="4 kinds"):
+        call(kinds=kinds[:-1])
+    with pytest.raises(RuntimeError, match="slot range"):
+        call(slot=10**6)
+    swapped = list(tensors)
+    swapped[1], swapped[3] = swapped[3], swapped[1]  # the o projection where the qkv one belongs
+    with pytest.raises(RuntimeError, match="linear shapes"):
+        call(tensors=swapped)

@@ -45,7 +45,8 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
                                        [table[p // 16] * 16 + p % 16 for p in positions.tolist()])
             assert step.handles(meta)
             k_cache = model.layers[1].self_attn.attn.k_cache
-            if native:  # the C++ step: the same computation; bf16 roundings may fall differently (sums' order)
+            one_call = native and q_len <= cpu_kernels.GEMV_ROWS
+            if one_call:  # the C++ step: the same computation; bf16 roundings may fall differently (sums' order)
                 out = step.run(ids, positions, meta)
                 k_native = k_cache.clone()
             scripted = step.run(ids, positions, meta, native=False)
@@ -55,7 +56,7 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
             set_attention_metadata(None)
             assert torch.equal(scripted, eager), (scripted - eager).abs().max()
             assert torch.equal(k_cache, k_after)  # the same K/V stored
-            if native:
+            if one_call:
                 assert (out.float() - eager.float()).abs().max() <= 0.01 * eager.float().abs().max()
                 written = k_after.flatten(0, 1)[meta.slot_mapping.long()].float()
                 assert (k_native.flatten(0, 1)[meta.slot_mapping.long()].float() - written).abs().max() <= \

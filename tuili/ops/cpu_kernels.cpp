@@ -400,18 +400,29 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
   check(block_table.is_contiguous() && (block_table.scalar_type() == at::kLong || block_table.scalar_type() == at::kInt) &&
             block_table.numel() * bs >= length,
         "block table");
+  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
+  const int64_t inter2 = tensors[6].size(0), inter = inter2 / 2;
+  const int64_t slots_total = cache0.size(0) * bs;
+  for (int64_t i = 0; i < T; ++i) check(index_at(slots, i) >= 0 && index_at(slots, i) < slots_total, "slot range");
+  for (int64_t i = 0; i < (length + bs - 1) / bs; ++i)
+    check(index_at(block_table, i) >= 0 && index_at(block_table, i) < cache0.size(0), "block table entries");
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* t = &tensors[l * kPerLayer];
-    for (int j : {0, 5}) check(t[j].scalar_type() == at::kBFloat16 && t[j].numel() == H, "norm weights: bf16 [hidden]");
+    for (int j : {0, 5})
+      check(t[j].scalar_type() == at::kBFloat16 && t[j].is_contiguous() && t[j].numel() == H,
+            "norm weights: contiguous bf16 [hidden]");
     for (int j : {10, 11})
       check(t[j].scalar_type() == at::kBFloat16 && t[j].is_contiguous() && t[j].sizes() == cache0.sizes(),
             "KV caches: bf16 [blocks, block size, kv heads, head size]");
+    const int64_t in[4] = {H, q_size, H, inter}, out[4] = {qkv_n, H, inter2, H};  // qkv, o, gate_up, down
     for (int j = 0; j < 4; ++j) {
       const at::Tensor &w = t[1 + 2 * j + (j >= 2)], &sc = t[2 + 2 * j + (j >= 2)];
       const int64_t kind = kinds[4 * l + j];
       check(kind == 3 || kind == 4, "linears: kind 3 (INT4) or 4 (INT8)");
+      check(w.dim() == 2 && w.size(0) == out[j] && w.size(1) * (kind == 3 ? 2 : 1) == in[j],
+            "linear shapes: [qkv, hidden], [hidden, heads x head size], [2 x inter, hidden], [hidden, inter]");
       if (kind == 3) {
-        check_int4(w, sc, 2 * w.size(1), groups[4 * l + j]);
+        check_int4(w, sc, in[j], groups[4 * l + j]);
       } else {
         check(w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % 32 == 0 &&
                   sc.scalar_type() == at::kBFloat16 && sc.numel() == w.size(0) && sc.is_contiguous(),
@@ -419,9 +430,8 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
       }
     }
   }
-  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
-  const int64_t inter2 = tensors[6].size(0), inter = inter2 / 2;
-  check(tensors[1].size(0) == qkv_n && tensors[8].size(0) == H, "projection sizes");
+  check(final_norm.scalar_type() == at::kBFloat16 && final_norm.is_contiguous() && final_norm.numel() == H,
+        "final norm: contiguous bf16 [hidden]");
   std::vector<uint16_t> cur(x.numel()), resid(T * H), h(T * H), qkv(T * qkv_n), att(T * q_size), gu(T * inter2),
       act(T * inter);
   std::memcpy(cur.data(), x.data_ptr(), cur.size() * 2);

@@ -7,7 +7,6 @@ scale = max |w| / 7 and the offset is -8 * scale (not stored). Layout: see tuili
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 GROUP_SIZES = (32, 64, 128)
 

@@ -103,13 +103,13 @@ def _scripted():
 
 def _linear_args(linear, dtype: torch.dtype, gemv: bool):
     """(kind, weight, scales, bias, group) as the eager Linear.forward runs it on the CPU for up to GEMV_ROWS rows
-    (gemv) or up to MAX_ONE_SEQUENCE_QUERY, or None where that is not one of our kernels."""
+    (gemv; INT4) or up to MAX_ONE_SEQUENCE_QUERY, or None where that is not one of our kernels."""
     empty = torch.empty(0)
     if linear.qweight is None:
         return FLOAT, linear.weight, empty, linear.bias, 0
     qweight, group = linear.qweight, linear.group_size
-    if gemv and qweight.dtype == torch.int8 and not group and qweight.shape[1] % 32 == 0 and cpu_kernels.available():
-        return GEMV8, qweight, linear.scales, linear.bias, 0
+    if qweight.dtype == torch.int8 and not group and qweight.shape[1] % 32 == 0 and cpu_kernels.available():
+        return GEMV8, qweight, linear.scales, linear.bias, 0  # as int8_linear_cpu: tuili's at any row count here
     if gemv and qweight.dtype == torch.uint8 and dtype == torch.bfloat16 and linear.cpu_gemv():
         return GEMV4, *linear.cpu_gemv(), linear.bias, group
     if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
