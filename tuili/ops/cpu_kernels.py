@@ -71,7 +71,9 @@ def _build() -> None:
     lib = cache / f"cpu_kernels_{key}.so"
     if not lib.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        logger.info("building tuili's CPU kernels (once, ~15 s, -march=%s) into %s", _march(), lib)
+        # shown by default (a warning): the first run pauses here, and says why
+        logger.warning("building tuili's CPU kernels (once per machine and torch, ~15 s, -march=%s) into %s",
+                       _march(), lib)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
             result = subprocess.run(_command(out), capture_output=True, text=True)
