@@ -99,8 +99,8 @@ def _missing(name: str):
 
 
 def available() -> bool:
-    """Whether torch.ops.tuili.int4_gemv / int8_gemv run here (built on the first call; where they cannot be,
-    they exist as placeholders that raise)."""
+    """Whether torch.ops.tuili.{int4_gemv, int8_gemv, decode_step} run here (built on the first call; where they
+    cannot be, they exist as placeholders that raise)."""
     if "ok" not in _STATE:
         try:
             _build()
