@@ -134,9 +134,14 @@ def test_native_step_generates_what_the_scripted_step_does(tiny_models, quantiza
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = [[1, 2, 3, 4, 5], [7] * 40]
     run = lambda: [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]  # noqa: E731
-    native = run()  # one sequence at a time: its steps are the CPU step's
-    step.native = None  # the scripted function for every step
-    assert native == run()
+    together = lambda: [o.outputs[0].token_ids for o in llm.generate(prompts * 2, params, use_tqdm=False)]  # noqa
+    calls = []
+    native_run = step.run
+    step.run = lambda *a, **k: calls.append(a[2].query_lens_cpu) or native_run(*a, **k)
+    native, batched = run(), together()  # one sequence at a time (its steps the CPU step's), then 4 at once
+    assert [1, 1, 1, 1] in calls  # a decode step of four sequences went through it
+    step.native = None  # the scripted function for one sequence, the eager layers for several
+    assert native == run() and batched == together() and batched == native * 2
 
 
 @needs_kernels
@@ -150,13 +155,17 @@ def test_decode_step_refuses_inconsistent_arguments(tiny_models):
     norm, eps, heads, kv_heads, scale, _ = step.consts
     d = tensors[10].shape[3]
     x, cos2, sin2 = torch.zeros(1, 64, dtype=torch.bfloat16), *torch.ones(2, 1, 1, d, dtype=torch.bfloat16)
-    table = torch.zeros(4, dtype=torch.int32)
+    table = torch.zeros(1, 4, dtype=torch.int32)
 
-    def call(slot=0, kinds=kinds, tensors=tensors):
-        return torch.ops.tuili.decode_step(x, cos2, sin2, torch.tensor([slot]), table, 1, tensors, kinds, groups,
-                                           norm, eps, heads, kv_heads, scale)
+    def call(slot=0, kinds=kinds, tensors=tensors, lengths=(1,)):
+        return torch.ops.tuili.decode_step(x, cos2, sin2, torch.tensor([slot]), table, list(lengths), tensors, kinds,
+                                           groups, norm, eps, heads, kv_heads, scale)
 
     assert call().shape == (1, 64)
+    with pytest.raises(RuntimeError, match="one new token for each of the B sequences"):
+        call(lengths=(1, 1))
+    with pytest.raises(RuntimeError, match="within the block table"):
+        call(lengths=(4 * 16 + 1,))
     with pytest.raises(RuntimeError, match="4 kinds"):
         call(kinds=kinds[:-1])
     with pytest.raises(RuntimeError, match="slot range"):

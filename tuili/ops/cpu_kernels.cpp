@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -207,17 +208,21 @@ void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const
       if (!TUILI_AVX512BF16) xf[m * K + k] = v;
     }
   at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = 2 * begin, n1 = std::min(N, 2 * end);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // four rows of x at a time: 16 accumulators
-      const uint16_t* xm = xp + m0 * K;
-      const float* xfm = xf.data() + (TUILI_AVX512BF16 ? 0 : m0 * K);
-      const float* sxm = sx.data() + m0 * ldsx;
-      uint16_t* ym = yp + m0 * N;
-      switch (std::min<int64_t>(4, M - m0)) {
-        case 1: int4_block<1>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        case 2: int4_block<2>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        case 3: int4_block<3>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
-        default: int4_block<4>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, n0, n1, ym, N); break;
+    // 16 weight rows at a time, for every block of four x rows (16 accumulators): more than four rows of x
+    // read the weights from memory once, then from cache
+    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {
+      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const uint16_t* xm = xp + m0 * K;
+        const float* xfm = xf.data() + (TUILI_AVX512BF16 ? 0 : m0 * K);
+        const float* sxm = sx.data() + m0 * ldsx;
+        uint16_t* ym = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4_block<1>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
+          case 2: int4_block<2>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
+          case 3: int4_block<3>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
+          default: int4_block<4>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
+        }
       }
     }
   });
@@ -297,15 +302,17 @@ void int8_block(const float* x, int64_t K, const int8_t* w, const float* s, int6
 template <typename T>
 void int8_all(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, int64_t N, T* yp) {
   at::parallel_for(0, (N + 1) / 2, 64, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = 2 * begin, n1 = std::min(N, 2 * end);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const float* xm = xp + m0 * K;
-      T* ym = yp + m0 * N;
-      switch (std::min<int64_t>(4, M - m0)) {
-        case 1: int8_block<1>(xm, K, wp, sp, n0, n1, ym, N); break;
-        case 2: int8_block<2>(xm, K, wp, sp, n0, n1, ym, N); break;
-        case 3: int8_block<3>(xm, K, wp, sp, n0, n1, ym, N); break;
-        default: int8_block<4>(xm, K, wp, sp, n0, n1, ym, N); break;
+    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {  // as in int4_run
+      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xm = xp + m0 * K;
+        T* ym = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int8_block<1>(xm, K, wp, sp, c0, c1, ym, N); break;
+          case 2: int8_block<2>(xm, K, wp, sp, c0, c1, ym, N); break;
+          case 3: int8_block<3>(xm, K, wp, sp, c0, c1, ym, N); break;
+          default: int8_block<4>(xm, K, wp, sp, c0, c1, ym, N); break;
+        }
       }
     }
   });
@@ -345,9 +352,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 
-// --- One sequence's step through every layer (Llama: RMSNorm, RoPE, GQA attention over the paged cache, gated
-// SiLU MLP), for a few new tokens in bf16: the scripted step's computation (tuili/runner/cpu_step.py) op for op,
-// with its bf16 roundings, as one call instead of ~45 torch ops per layer.
+// --- A decode step through every layer (Llama: RMSNorm, RoPE, GQA attention over the paged cache, gated SiLU
+// MLP) in bf16 for B sequences, one new token each: the scripted step's computation (tuili/runner/cpu_step.py)
+// op for op, with its bf16 roundings, as one call instead of ~45 torch ops per layer.
 
 inline float bf(float v) { return bf16_to_float(float_to_bf16(v)); }  // a bf16 op's rounding
 
@@ -380,12 +387,14 @@ inline int64_t index_at(const at::Tensor& t, int64_t i) {
 }
 
 at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Tensor& sin2, const at::Tensor& slots,
-                       const at::Tensor& block_table, int64_t length, at::TensorList tensors, at::IntArrayRef kinds,
+                       const at::Tensor& block_tables, at::IntArrayRef lengths, at::TensorList tensors,
+                       at::IntArrayRef kinds,
                        at::IntArrayRef groups, const at::Tensor& final_norm, double eps, int64_t num_heads,
                        int64_t num_kv_heads, double scale) {
   constexpr int64_t kPerLayer = 12;  // in norm, qkv w, s, o w, s, post norm, gate_up w, s, down w, s, k, v cache
   const int64_t T = x.size(0), H = x.size(1), layers = int64_t(tensors.size()) / kPerLayer;
-  check(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && T >= 1 && T <= length, "x: bf16 [T, hidden]");
+  check(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && T >= 1 && int64_t(lengths.size()) == T,
+        "x: bf16 [B, hidden], one new token for each of the B sequences of lengths");
   check(int64_t(tensors.size()) == layers * kPerLayer && int64_t(kinds.size()) == 4 * layers &&
             int64_t(groups.size()) == 4 * layers && layers > 0,
         "12 tensors, 4 kinds and 4 groups per layer");
@@ -397,15 +406,25 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
         "cos2, sin2: bf16 [T, 1, head size]");
   check(slots.numel() == T && slots.is_contiguous() && (slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt),
         "slots: [T] int");
-  check(block_table.is_contiguous() && (block_table.scalar_type() == at::kLong || block_table.scalar_type() == at::kInt) &&
-            block_table.numel() * bs >= length,
-        "block table");
+  check(block_tables.is_contiguous() && block_tables.dim() == 2 && block_tables.size(0) == T &&
+            (block_tables.scalar_type() == at::kLong || block_tables.scalar_type() == at::kInt),
+        "block tables: [B, blocks] int");
+  const int64_t width = block_tables.size(1);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < T; ++b) {
+    check(lengths[b] >= 1 && lengths[b] <= width * bs, "lengths: at least 1, within the block table");
+    longest = std::max(longest, lengths[b]);
+  }
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_n = q_size + 2 * kv_size;
   const int64_t inter2 = tensors[6].size(0), inter = inter2 / 2;
   const int64_t slots_total = cache0.size(0) * bs;
   for (int64_t i = 0; i < T; ++i) check(index_at(slots, i) >= 0 && index_at(slots, i) < slots_total, "slot range");
-  for (int64_t i = 0; i < (length + bs - 1) / bs; ++i)
-    check(index_at(block_table, i) >= 0 && index_at(block_table, i) < cache0.size(0), "block table entries");
+  std::vector<int64_t> block_ids(T * width);  // the tables' entries in use, checked, as int64
+  for (int64_t b = 0; b < T; ++b)
+    for (int64_t i = 0; i < (lengths[b] + bs - 1) / bs; ++i) {
+      const int64_t block = block_ids[b * width + i] = index_at(block_tables, b * width + i);
+      check(block >= 0 && block < cache0.size(0), "block table entries");
+    }
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* t = &tensors[l * kPerLayer];
     for (int j : {0, 5})
@@ -461,25 +480,28 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
       std::memcpy(kc + slot * kv_size, qkv.data() + tok * qkv_n + q_size, kv_size * 2);
       std::memcpy(vc + slot * kv_size, qkv.data() + tok * qkv_n + q_size + kv_size, kv_size * 2);
     }
-    // attention in fp32: token tok (position length - T + tok) sees keys 0..its position
-    at::parallel_for(0, num_heads * T, length * D >= 8192 ? 1 : num_heads * T, [&](int64_t b, int64_t e) {
-      std::vector<float> scores(length), q(D), o(D);
+    // attention in fp32: sequence tok's new token (its last position) sees its keys 0..lengths[tok] - 1
+    at::parallel_for(0, num_heads * T, longest * D * T >= 8192 ? 1 : num_heads * T, [&](int64_t b, int64_t e) {
+      std::vector<float> scores(longest), q(D), o(D);
       for (int64_t job = b; job < e; ++job) {
         const int64_t tok = job / num_heads, head = job % num_heads, kvh = head / group_heads;
-        const int64_t seen = length - T + tok + 1;
+        const int64_t seen = lengths[tok], row = tok * width;
         for (int64_t i = 0; i < D; ++i) q[i] = bf16_to_float(qkv[tok * qkv_n + head * D + i]);
+        const int64_t* blocks = block_ids.data() + row;
         float mx = -INFINITY;
-        for (int64_t p = 0; p < seen; ++p) {
-          const uint16_t* kr = kc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
-          scores[p] = dot_bf16(q.data(), kr, D) * float(scale);
-          mx = std::max(mx, scores[p]);
+        for (int64_t blk = 0, p0 = 0; p0 < seen; ++blk, p0 += bs) {  // block by block: no division per key
+          const uint16_t* kb = kc + blocks[blk] * bs * kv_size + kvh * D;
+          for (int64_t i = 0; i < std::min(bs, seen - p0); ++i) {
+            scores[p0 + i] = dot_bf16(q.data(), kb + i * kv_size, D) * float(scale);
+            mx = std::max(mx, scores[p0 + i]);
+          }
         }
         float sum = 0.f;
         for (int64_t p = 0; p < seen; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
         for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        for (int64_t p = 0; p < seen; ++p) {
-          const uint16_t* vr = vc + (index_at(block_table, p / bs) * bs + p % bs) * kv_size + kvh * D;
-          axpy_bf16(scores[p], vr, o.data(), D);
+        for (int64_t blk = 0, p0 = 0; p0 < seen; ++blk, p0 += bs) {
+          const uint16_t* vb = vc + blocks[blk] * bs * kv_size + kvh * D;
+          for (int64_t i = 0; i < std::min(bs, seen - p0); ++i) axpy_bf16(scores[p0 + i], vb + i * kv_size, o.data(), D);
         }
         for (int64_t i = 0; i < D; ++i) att[tok * q_size + head * D + i] = float_to_bf16(o[i] / sum);
       }
@@ -509,7 +531,7 @@ TORCH_LIBRARY(tuili, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor");
   m.def("kernel_isa() -> str", &kernel_isa);  // which of the two instruction sets this build uses
-  m.def("decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_table, int length, "
+  m.def("decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
         "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
         "int num_kv_heads, float scale) -> Tensor");
 }

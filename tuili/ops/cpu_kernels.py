@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 GEMV_ROWS = 1
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
-           "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_table, int length, "
+           "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
            "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
            "int num_kv_heads, float scale) -> Tensor")  # as TORCH_LIBRARY in cpu_kernels.cpp defines them
 _STATE: dict = {}

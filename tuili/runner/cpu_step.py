@@ -9,9 +9,10 @@ functions, which TorchScript compiles along (the tests compare the two bit for b
 cover (batches of several sequences, longer chunks, a quantized KV cache, a layer format without a CPU kernel)
 runs eagerly as before.
 
-A decode step (one new token) of a quantized bf16 Llama-type model goes further where tuili's CPU kernels build
-(ops/cpu_kernels.py): the same computation as one C++ call, `decode_step`, with no interpreter and no torch op
-per norm, rotation or add at all (the tests compare it with the eager layers within bf16 roundings).
+A decode step (one new token for each of up to NATIVE_BATCH sequences) of a quantized bf16 Llama-type model goes
+further where tuili's CPU kernels build (ops/cpu_kernels.py): the same computation as one C++ call,
+`decode_step`, with no interpreter and no torch op per norm, rotation or add at all (the tests compare it with
+the eager layers within bf16 roundings, and its generations with theirs).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels, tuili's (cpu_kernels) for up to GEMV_ROWS
 FLOAT, INT4, INT8, GEMV4, GEMV8 = 0, 1, 2, 3, 4
+NATIVE_BATCH = 8  # decode steps of up to this many sequences go through the C++ step (16: no faster than eager)
 
 
 def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], group: int) -> Tensor:
@@ -128,15 +130,16 @@ def _linear_args(linear, dtype: torch.dtype, gemv: bool):
 
 
 class CpuStep:
-    """Runs one sequence's step through the scripted function (or, for a decode, the C++ one), where it covers
-    the model (`build`)."""
+    """Runs one sequence's step through the scripted function, or a decode step of up to NATIVE_BATCH sequences
+    through the C++ one, where it covers the model (`build`)."""
 
     def __init__(self, model, fn, args: dict) -> None:
         self.model, self.fn = model, fn
         self.args = args  # {True: the function's per-layer arguments for up to GEMV_ROWS rows, False: for more}
         attn = model.layers[0].self_attn
         tensors, biases, kinds, groups = args[True]
-        # up to GEMV_ROWS rows: the whole step as one C++ call (cpu_kernels.decode_step) where it covers the model
+        # decode steps (one new token per sequence): the whole step as one C++ call (cpu_kernels.decode_step) where
+        # it covers the model
         native = attn.q_norm is None and all(b is None for bs in biases for b in bs) and \
             all(k in (GEMV4, GEMV8) for ks in kinds for k in ks) and model.norm.weight.dtype == torch.bfloat16
         self.native = ([u for t in tensors for u in t[:12]], [k for ks in kinds for k in ks],
@@ -178,18 +181,22 @@ class CpuStep:
         return cls(model, fn, args)
 
     def handles(self, meta: AttentionMetadata) -> bool:
-        return len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_ONE_SEQUENCE_QUERY
+        return (len(meta.query_lens_cpu) == 1 and meta.max_query_len <= MAX_ONE_SEQUENCE_QUERY) or self._native(meta)
+
+    def _native(self, meta: AttentionMetadata) -> bool:
+        """A decode step of up to NATIVE_BATCH sequences (one new token each) where the C++ step covers the model."""
+        return self.native is not None and meta.is_pure_decode and len(meta.query_lens_cpu) <= NATIVE_BATCH
 
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, native: bool = True) -> Tensor:
-        """The step's hidden states after the final norm; native=False: through the scripted function only."""
+        """The step's hidden states after the final norm; native=False: through the scripted function only (one
+        sequence)."""
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.layers[0].self_attn.rotary
         cos2, sin2 = rope.rope_rows(rotary.cos, rotary.sin, positions, x.dtype)
         norm, eps, num_heads, num_kv_heads, scale, qk_norm = self.consts
-        if native and self.native is not None and x.shape[0] <= cpu_kernels.GEMV_ROWS:
-            return torch.ops.tuili.decode_step(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0],
-                                               meta.seq_lens_cpu[0], *self.native, norm, eps, num_heads,
-                                               num_kv_heads, scale)
+        if native and self._native(meta):
+            return torch.ops.tuili.decode_step(x, cos2, sin2, meta.slot_mapping, meta.block_tables, meta.seq_lens_cpu,
+                                               *self.native, norm, eps, num_heads, num_kv_heads, scale)
         return self.fn(x, cos2, sin2, meta.slot_mapping, meta.block_tables[0], meta.seq_lens_cpu[0],
                        *self.args[x.shape[0] <= cpu_kernels.GEMV_ROWS], norm, eps, num_heads, num_kv_heads, scale,
                        qk_norm)

@@ -137,7 +137,8 @@ class ModelRunner:
         return meta, views[4:]
 
     def build_cpu_step(self) -> None:
-        """The CPU's counterpart of CUDA graphs: one sequence's step as one TorchScript call (runner/cpu_step.py)."""
+        """The CPU's counterpart of CUDA graphs: one sequence's step as one TorchScript call, decode steps as one
+        C++ call (runner/cpu_step.py)."""
         assert self.device.type == "cpu" and self.num_blocks
         self.cpu_step = CpuStep.build(self.model, self.dtype)
 
