@@ -339,15 +339,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
         "scales must be contiguous [N] in x's dtype");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  std::vector<float> xf(M * K), sf(N);  // x and the scales in fp32
-  for (int64_t i = 0; i < M * K; ++i)
-    xf[i] = bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(x.data_ptr())[i]) : x.data_ptr<float>()[i];
-  for (int64_t i = 0; i < N; ++i)
-    sf[i] = bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(s.data_ptr())[i]) : s.data_ptr<float>()[i];
   if (bf16)
-    int8_all(xf.data(), M, K, w.data_ptr<int8_t>(), sf.data(), N, reinterpret_cast<c10::BFloat16*>(y.data_ptr()));
-  else
-    int8_all(xf.data(), M, K, w.data_ptr<int8_t>(), sf.data(), N, y.data_ptr<float>());
+    int8_run_bf16(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), bf16_ptr(s), N, bf16_ptr(y));
+  else  // fp32: x and the scales as they are
+    int8_all(x.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), s.data_ptr<float>(), N, y.data_ptr<float>());
   return y;
 }
 

@@ -150,29 +150,27 @@ class CpuStep:
     @classmethod
     def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
         """After the KV cache exists; None (and the reason logged) where some layer needs the eager path."""
-        args = {}
-        for gemv in (True, False):
-            tensors, biases, kinds, groups = [], [], [], []
-            for i, layer in enumerate(model.layers):
-                attn, mlp = layer.self_attn, layer.mlp
-                if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
-                    logger.info("CPU steps run eagerly: the KV cache is quantized")
-                    return None
+        args = {gemv: ([], [], [], []) for gemv in (True, False)}  # (tensors, biases, kinds, groups) per variant
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.attn.k_scale is not None or attn.attn.k_cache.dtype != dtype:
+                logger.info("CPU steps run eagerly: the KV cache is quantized")
+                return None
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
+                (layer.input_layernorm.weight,) * 2  # placeholders
+            for gemv, (tensors, biases, kinds, groups) in args.items():
                 linears = [_linear_args(m, dtype, gemv) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                                                   mlp.down_proj)]
                 if None in linears:
                     logger.info("CPU steps run eagerly: layer %d has a weight format without a CPU kernel at %s",
                                 i, dtype)
                     return None
-                qk_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else \
-                    (layer.input_layernorm.weight,) * 2  # placeholders
                 tensors.append([layer.input_layernorm.weight, *linears[0][1:3], *linears[1][1:3],
                                 layer.post_attention_layernorm.weight, *linears[2][1:3], *linears[3][1:3],
                                 attn.attn.k_cache, attn.attn.v_cache, *qk_norm])
                 biases.append([a[3] for a in linears])
                 kinds.append([a[0] for a in linears])
                 groups.append([a[4] for a in linears])
-            args[gemv] = (tensors, biases, kinds, groups)
         try:
             fn = _scripted()
         except Exception as e:  # noqa: BLE001 - a torch without (working) TorchScript: the eager path still works
