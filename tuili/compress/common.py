@@ -2,6 +2,7 @@
 passes over windows of token ids, calibration text, and writing a HF folder."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,28 +24,34 @@ def load_float_model(model: str | None, device: torch.device, dtype: torch.dtype
 
     source = load_model_source(model, load_format, tokenizer, gguf_dequantize=True)
     if source.quantization is not None:
-        raise ValueError(f"{source.name} is saved quantized ({source.quantization}); prune or distill a float model")
+        raise ValueError(f"{source.name} is saved quantized ({source.quantization}); this needs a float model")
     net = load_model(source, device, dtype)
     net.set_backends(False, False)
     return net, source
 
 
-def forward(model, windows: torch.Tensor) -> torch.Tensor:
-    """Hidden states [B, L, hidden] of a batch of equal-length windows of token ids [B, L] (causal within each)."""
-    b, length = windows.shape
-    device = windows.device
+@contextlib.contextmanager
+def attention_context(b: int, length: int, device: torch.device):
+    """Attention metadata for a batch of b equal-length windows (causal within each, no KV cache) while inside."""
     starts = torch.arange(0, (b + 1) * length, length, dtype=torch.int32, device=device)
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device),
                              block_tables=torch.empty(b, 0, dtype=torch.int32, device=device),
                              seq_lens=torch.full((b,), length, dtype=torch.int32, device=device),
                              query_start_loc=starts, seq_lens_cpu=[length] * b, query_lens_cpu=[length] * b,
                              max_query_len=length, max_seq_len=length)
-    positions = torch.arange(length, device=device).repeat(b)
     set_attention_metadata(meta)
     try:
-        return model(windows.flatten(), positions).view(b, length, -1)
+        yield
     finally:
         set_attention_metadata(None)
+
+
+def forward(model, windows: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, L, hidden] of a batch of equal-length windows of token ids [B, L] (causal within each)."""
+    b, length = windows.shape
+    positions = torch.arange(length, device=windows.device).repeat(b)
+    with attention_context(b, length, windows.device):
+        return model(windows.flatten(), positions).view(b, length, -1)
 
 
 def text_token_ids(tokenizer, path: str | None = None) -> list[int]:
@@ -52,7 +59,7 @@ def text_token_ids(tokenizer, path: str | None = None) -> list[int]:
     from tuili.bench.perplexity import DEFAULT_TEXT
 
     if tokenizer is None:
-        raise ValueError("the model has no tokenizer: pruning and distillation read text")
+        raise ValueError("the model has no tokenizer: calibration and training read text")
     with open(path or DEFAULT_TEXT, encoding="utf-8") as f:
         return tokenizer.encode(f.read(), add_special_tokens=False)
 

@@ -77,13 +77,15 @@ def _quantize_weight(weight: torch.Tensor, qc: QuantConfig) -> tuple:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, qc: QuantConfig) -> int:
-    """Quantize in place; returns the bytes saved (a tied head gains a packed copy: counted as a cost)."""
+def quantize_model(model: nn.Module, qc: QuantConfig, done: dict | None = None) -> int:
+    """Quantize in place; returns the bytes saved (a tied head gains a packed copy: counted as a cost). `done`:
+    packed weights made otherwise (GPTQ: {module: set_quantized's arguments}); the other modules round to nearest."""
     saved = 0
     tied = model.lm_head is None
+    done = done or {}
     for module in _quantized_linears(model):
         before = 0 if (tied and module is model.lm_head) else module.weight.numel() * module.weight.element_size()
-        module.set_quantized(*_quantize_weight(module.weight, qc.for_module(model, module)))
+        module.set_quantized(*(done.get(module) or _quantize_weight(module.weight, qc.for_module(model, module))))
         saved += before - sum(p.numel() * p.element_size() for p in (module.qweight, module.scales, module.offsets)
                               if p is not None)
     return saved
@@ -141,16 +143,17 @@ def _prepare(module: Linear, fmt: PackedFormat) -> None:
 
 
 @torch.no_grad()
-def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantConfig) -> None:
-    """Write a quantized model as a folder `--model DIR` loads: config.json (with quantization_config),
-    safetensors with HF tensor names (fused q/k/v and gate/up split back by rows; `.qweight`, `.scales`,
-    `.offsets`), the tokenizer."""
+def save_quantized(model: nn.Module, config, tokenizer, out_dir: str, qc: QuantConfig,
+                   rounding: str = "to nearest") -> None:
+    """Write a quantized model as a folder `--model DIR` loads: config.json (with quantization_config, which
+    also records how the weights were rounded), safetensors with HF tensor names (fused q/k/v and gate/up split
+    back by rows; `.qweight`, `.scales`, `.offsets`), the tokenizer."""
     from safetensors.torch import save_file
 
     tensors = {name: t.contiguous().cpu() for name, t in model.hf_state_dict().items()}
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    config.quantization_config = qc.to_checkpoint()
+    config.quantization_config = {**qc.to_checkpoint(), "rounding": rounding}
     config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
