@@ -12,42 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from tuili.quant.int4 import GROUP_SIZES
+from tuili.quant.int4 import GROUP_SIZES, group_params
 
 CALIBRATION_WINDOW = 512  # tokens per calibration window (`tuili quantize --gptq`)
 BLOCK = 128  # columns per lazy batch update
 SHRINK = tuple(1.0 - 0.05 * i for i in range(11))  # range factors tried for each group's first scale and offset
 REFITS = 3
 DAMP = 0.01  # of H's mean diagonal, added to H
-
-
-def _group_params(w: torch.Tensor, symmetric: bool, dtype: torch.dtype, shrink: tuple = (1.0,),
-                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, offset) [N] fp32 of a group's columns w [N, G], as quantize_groupwise makes them (rounded to the
-    dtype the model runs in, so that the codes are chosen against the values used at run time). shrink: factors
-    of the [min, max] range to try per row (the one with the least squared rounding error, weighted per column by
-    `importance`, wins)."""
-    best = best_err = None
-    for f in shrink:
-        if symmetric:
-            scale = (w.abs().amax(dim=1).clamp(min=1e-8) * f / 7.0).to(dtype).float()
-            offset = -8.0 * scale
-        else:
-            lo, hi = w.amin(dim=1), w.amax(dim=1)
-            offset = (lo + (hi - lo) * (1.0 - f) / 2).to(dtype).float()  # the range shrunk about its middle
-            scale = ((hi - lo) * f / 15.0).clamp(min=1e-8).to(dtype).float()
-        if len(shrink) == 1:
-            return scale, offset
-        deq = torch.round((w - offset[:, None]) / scale[:, None]).clamp(0, 15) * scale[:, None] + offset[:, None]
-        err = (w - deq).square()
-        err = (err if importance is None else err * importance[None, :]).sum(dim=1)
-        if best is None:
-            best, best_err = (scale, offset), err
-        else:
-            better = err < best_err
-            best = (torch.where(better, scale, best[0]), torch.where(better, offset, best[1]))
-            best_err = torch.minimum(err, best_err)
-    return best
 
 
 @torch.no_grad()
@@ -85,16 +56,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     offsets = torch.empty(n, groups, device=w.device)
     for g in range(groups):
         cols = slice(g * group_size, min((g + 1) * group_size, k))
-        scales[:, g], offsets[:, g] = _group_params(w[:, cols], symmetric, dtype, shrink, importance[cols])
+        scales[:, g], offsets[:, g] = group_params(w[:, cols], symmetric, dtype, shrink, importance[cols])
     perm = torch.argsort(importance, descending=True)
     # the upper Cholesky factor of H^-1 (columns in act-order): row i spreads column i's error onto the later ones
     hp = h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True).float()
-    unperm = torch.argsort(perm)
-    q = _round_columns(w[:, perm], hinv, scales[:, group_of[perm]], offsets[:, group_of[perm]])[:, unperm]
+    wp, group_of, unperm = w[:, perm], group_of[perm], torch.argsort(perm)
+    q = _round_columns(wp, hinv, scales[:, group_of], offsets[:, group_of])[:, unperm]
     for _ in range(refits):
         scales, offsets = _refit(w, h.float(), q, group_size, symmetric, dtype, (scales, offsets))
-        q = _round_columns(w[:, perm], hinv, scales[:, group_of[perm]], offsets[:, group_of[perm]])[:, unperm]
+        q = _round_columns(wp, hinv, scales[:, group_of], offsets[:, group_of])[:, unperm]
     q = q.to(torch.uint8)
     qweight = q[:, 0::2] | (q[:, 1::2] << 4)
     return qweight.contiguous(), scales.to(dtype), None if symmetric else offsets.to(dtype)

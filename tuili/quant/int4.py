@@ -25,14 +25,39 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int = 128, symmetric: b
     pad = groups * group_size - k  # a short last group: padded with copies of its first value (no new extremes)
     w = torch.cat((w, w[:, -1:].expand(n, pad)), dim=1) if pad else w
     w = w.view(n, groups, group_size)
-    if symmetric:
-        scales = w.abs().amax(dim=2).clamp(min=1e-8) / 7.0
-        offsets = -8.0 * scales
-    else:
-        offsets = w.amin(dim=2)
-        scales = ((w.amax(dim=2) - offsets) / 15.0).clamp(min=1e-8)
-    scales, offsets = scales.to(weight.dtype), offsets.to(weight.dtype)  # round from the values used at run time
-    q = torch.round((w - offsets.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    scales, offsets = group_params(w, symmetric, weight.dtype)
+    q = torch.round((w - offsets[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.view(n, groups * group_size)[:, :k]
     qweight = q[:, 0::2] | (q[:, 1::2] << 4)
-    return qweight.contiguous(), scales, None if symmetric else offsets
+    return qweight.contiguous(), scales.to(weight.dtype), None if symmetric else offsets.to(weight.dtype)
+
+
+def group_params(w: torch.Tensor, symmetric: bool, dtype: torch.dtype, shrink: tuple = (1.0,),
+                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) fp32 of groups of weights w [..., G] (reduced over the last dim), rounded to the dtype the
+    model runs in so that codes are chosen against the values used at run time. Offsets: the group's minimum
+    (Q4_1's form), scale (max - min) / 15; symmetric: scale max |w| / 7, offset -8 * scale. shrink: factors of the
+    range to try per group (GPTQ; the one with the least squared rounding error, weighted per weight by
+    `importance` [G], wins)."""
+    best = best_err = None
+    for f in shrink:
+        if symmetric:
+            scale = (w.abs().amax(dim=-1).clamp(min=1e-8) * f / 7.0).to(dtype).float()
+            offset = -8.0 * scale
+        else:
+            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+            offset = (lo + (hi - lo) * (1.0 - f) / 2).to(dtype).float()  # the range shrunk about its middle
+            scale = ((hi - lo) * f / 15.0).clamp(min=1e-8).to(dtype).float()
+        if len(shrink) == 1:
+            return scale, offset
+        s, o = scale[..., None], offset[..., None]
+        deq = torch.round((w - o) / s).clamp(0, 15) * s + o
+        err = (w - deq).square()
+        err = (err if importance is None else err * importance).sum(dim=-1)
+        if best is None:
+            best, best_err = (scale, offset), err
+        else:
+            better = err < best_err
+            best = (torch.where(better, scale, best[0]), torch.where(better, offset, best[1]))
+            best_err = torch.minimum(err, best_err)
+    return best
