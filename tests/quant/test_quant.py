@@ -332,6 +332,7 @@ def test_int4_g32_answers_like_the_unquantized_model(smollm, default_model_path)
     the positions of the unquantized model's answers to the fixed prompts (teacher-forced)."""
     llm = LLM(default_model_path, dtype="float32", quantization="int4", quant_group_size=32, kv_cache_memory=0.1)
     assert llm.engine.model.layers[0].mlp.down_proj.qweight.dtype == torch.uint8
+    assert llm.engine.quantization == "int4 (group 32, offsets)" and smollm.engine.quantization is None
     question = [{"role": "user", "content": PROMPTS[0]}]
     assert llm.chat(question, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0].outputs[0].text == \
         "The capital of France is Paris."

@@ -56,10 +56,10 @@ def run_ppl(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     ppl, count = perplexity(llm, ids, context)
     seconds = time.perf_counter() - start
     report = {"workload": "perplexity", "model": llm.engine.model_name, "text": os.path.basename(path),
-              "dtype": str(llm.engine.dtype).removeprefix("torch."), "quantization": engine_args.quantization,
+              "dtype": str(llm.engine.dtype).removeprefix("torch."), "quantization": llm.engine.quantization,
               "context": context, "tokens_scored": count, "perplexity": ppl, "seconds": seconds}
     print(f"perplexity {ppl:.3f} over {count} tokens of {report['text']} (context {context}, "
-          f"{report['dtype']}, quantization {engine_args.quantization or 'none'}; {seconds:.1f} s)")
+          f"{report['dtype']}, quantization {llm.engine.quantization or 'none'}; {seconds:.1f} s)")
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -122,6 +122,8 @@ class LLMEngine:
         torch.manual_seed(args.seed)
         self.model = model = load_model(source, self.device, self.dtype, args.quant_config(), args.seed,
                                         show_progress)
+        # what the weights are: a checkpoint saved quantized says so itself (reports name it)
+        self.quantization = str(source.quantization or args.quant_config() or "") or None
 
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -60,7 +60,7 @@ class QuantConfig:
         return cls("int4", int(qconfig["group_size"]), bool(qconfig["symmetric"]))
 
 
-def _quantized_linears(model: nn.Module) -> list[Linear]:
+def quantized_linears(model: nn.Module) -> list[Linear]:
     """The modules quantization covers: every Linear of the decoder layers, and the LM head (a tied one gets its
     own copy, so that the embedding lookup stays float: it reads one row per token)."""
     if model.lm_head is None:
@@ -70,7 +70,8 @@ def _quantized_linears(model: nn.Module) -> list[Linear]:
     return [m for m in (*model.layers.modules(), model.lm_head) if isinstance(m, Linear)]
 
 
-def _quantize_weight(weight: torch.Tensor, qc: QuantConfig) -> tuple:
+def quantize_weight(weight: torch.Tensor, qc: QuantConfig) -> tuple:
+    """One weight rounded to nearest: set_quantized's arguments (qweight, scales, offsets, group_size)."""
     if qc.method == "int8":
         return (*quantize_per_channel(weight), None, 0)
     return (*quantize_groupwise(weight, qc.group_size, qc.symmetric), qc.group_size)
@@ -81,11 +82,11 @@ def quantize_model(model: nn.Module, qc: QuantConfig, done: dict | None = None) 
     """Quantize in place; returns the bytes saved (a tied head gains a packed copy: counted as a cost). `done`:
     packed weights made otherwise (GPTQ: {module: set_quantized's arguments}); the other modules round to nearest."""
     saved = 0
-    tied = model.lm_head is None
+    tied = model.lm_head is None or model.lm_head.weight is model.embed_tokens.weight  # (a copy made by tuning)
     done = done or {}
-    for module in _quantized_linears(model):
+    for module in quantized_linears(model):
         before = 0 if (tied and module is model.lm_head) else module.weight.numel() * module.weight.element_size()
-        module.set_quantized(*(done.get(module) or _quantize_weight(module.weight, qc.for_module(model, module))))
+        module.set_quantized(*(done.get(module) or quantize_weight(module.weight, qc.for_module(model, module))))
         saved += before - sum(p.numel() * p.element_size() for p in (module.qweight, module.scales, module.offsets)
                               if p is not None)
     return saved
@@ -93,7 +94,7 @@ def quantize_model(model: nn.Module, qc: QuantConfig, done: dict | None = None) 
 
 def prepare_quantized(model: nn.Module, qc: QuantConfig) -> None:
     """Give the model empty packed parameters (with their shard loaders) for a saved checkpoint to load into."""
-    for module in _quantized_linears(model):
+    for module in quantized_linears(model):
         mqc = qc.for_module(model, module)
         int4 = mqc.method == "int4"
         _prepare(module, PackedFormat(4, mqc.group_size, not mqc.symmetric) if int4 else PackedFormat(8, 0, False))
