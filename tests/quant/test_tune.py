@@ -12,6 +12,8 @@ from tuili.compress.common import forward, load_float_model
 from tuili.quant import QuantConfig, quantize_model
 from tuili.quant.tune import teacher_logprobs, tune_model
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # on a GPU machine the CUDA path
+
 
 def _kl(model, windows: torch.Tensor, teacher: torch.Tensor) -> float:
     with torch.no_grad():
@@ -27,13 +29,13 @@ def test_tuning_lowers_the_kl_divergence_with_the_codes_unchanged(tiny_models, q
     default model, test_quantize_tune_steps_lowers_perplexity_on_unseen_text); the codes are round-to-nearest's,
     every scale moved, offsets stay where the format has them."""
     def load():
-        model, _ = load_float_model(tiny_models["llama"], torch.device("cpu"))
+        model, _ = load_float_model(tiny_models["llama"], DEVICE)
         with torch.no_grad():
             model.norm.weight.mul_(30.0)  # confident predictions, as a trained model makes (random ones are flat)
         return model
 
     model, nearest = load(), load()
-    calibration = torch.randint(0, 512, (64, 64), generator=torch.Generator().manual_seed(0))
+    calibration = torch.randint(0, 512, (64, 64), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     teacher = teacher_logprobs(model, calibration)
     assert teacher.shape == (64, 64, 512) and teacher.dtype == torch.float16
     quantize_model(nearest, qc)
