@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--gptq", action="store_true", help="int4: GPTQ rounding calibrated on text (the layers' output "
                     "error, not each weight's, made small; same format, same kernels) instead of round-to-nearest")
     qz.add_argument("--tune-steps", type=int, default=0, help="then tune the scales and offsets end to end for N steps "
-                    "(KL to the float model on the calibration text; same format, same kernels; ~10 s a step for "
+                    "(KL to the float model on the calibration text; same format, same kernels; ~8 s a step for "
                     "the default model on 2 CPU cores)")
     qz.add_argument("--tune-lr", type=float, default=None, help="--tune-steps: Adam's learning rate (cosine-decayed; "
                     "default 1e-3) on each scale's relative change and each offset in units of its scale")
@@ -288,11 +288,14 @@ def _quantize(ns: argparse.Namespace) -> int:
                              "on the default model)")
         if ns.tune_steps < 0:
             raise ValueError(f"--tune-steps must be >= 0, got {ns.tune_steps}")
+        if ns.tune_lr is not None and not ns.tune_lr > 0:
+            raise ValueError(f"--tune-lr must be > 0, got {ns.tune_lr}")
         if ns.calibration_tokens < CALIBRATION_WINDOW:
             raise ValueError(f"--calibration-tokens must be at least {CALIBRATION_WINDOW} (one window)")
-        model, source = load_float_model(ns.model, resolve_device(ns.device))
+        device = resolve_device(ns.device)
+        model, source = load_float_model(ns.model, device)
         ids = text_token_ids(source.tokenizer, ns.calibration_file)[-ns.calibration_tokens:]
-        windows = windows_of(ids, CALIBRATION_WINDOW, resolve_device(ns.device))
+        windows = windows_of(ids, CALIBRATION_WINDOW, device)
         teacher = teacher_logprobs(model, windows) if ns.tune_steps else None
         done = gptq_model(model, windows, qc.group_size, qc.symmetric, dtype) if ns.gptq else {}
         if ns.tune_steps:

@@ -71,11 +71,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     return qweight.contiguous(), scales.to(dtype), None if symmetric else offsets.to(dtype)
 
 
-def _round_columns(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def _round_columns(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   use_triton: bool | None = None) -> torch.Tensor:
     """GPTQ's loop: codes [N, K] (float 0..15) of w [N, K], column by column, each column's rounding error moved
     onto the columns after it through hinv (the upper Cholesky factor of H^-1); scale and offset [N, K] per
-    column. Lazy batches of BLOCK columns: the error reaches the later blocks in one matrix product. Works on
-    the transposes (a column is a contiguous row there)."""
+    column. Lazy batches of BLOCK columns: the error reaches the later blocks in one matrix product. In torch it
+    works on the transposes (a column is a contiguous row there); use_triton (default: on CUDA) rounds each
+    block in one kernel (tuili/ops/gptq_round.py) instead of ~10 small ones per column."""
+    if use_triton if use_triton is not None else w.is_cuda:
+        from tuili.ops.gptq_round import round_block_triton
+
+        w, q = w.clone(), torch.empty_like(w)
+        for b0 in range(0, w.shape[1], BLOCK):
+            b1 = min(b0 + BLOCK, w.shape[1])
+            q[:, b0:b1], err = round_block_triton(w[:, b0:b1], scale[:, b0:b1], offset[:, b0:b1], hinv[b0:b1, b0:b1])
+            w[:, b1:] -= err @ hinv[b0:b1, b1:]
+        return q
     wt, st, ot = w.t().contiguous(), scale.t().contiguous(), offset.t().contiguous()
     k = wt.shape[0]
     q = torch.empty_like(wt)

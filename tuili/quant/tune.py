@@ -73,25 +73,26 @@ def tune_model(model, qc, done: dict, windows: torch.Tensor, teacher: torch.Tens
 
 
 class _Tunable:
-    """One quantized linear while tuning: its codes as floats, its scales and offsets as s0 * (1 + a) and
-    o0 + s0 * b with a, b trained (zero at the start: the rounding's own parameters)."""
+    """One quantized linear while tuning: its codes (bytes), its scales and offsets as s0 * (1 + a) and
+    o0 + s0 * b with a, b trained (zero at the start: the rounding's own parameters). While tuning, the module's
+    forward is _DequantLinear's: its float weight is made in the forward and again in the backward, never kept,
+    so that memory holds one layer's float weight at a time, not the model's (an 8B model tunes on one GPU)."""
 
     def __init__(self, module, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                  group: int) -> None:
         from tuili.ops.quant_matmul import unpack_int4
 
         self.module, self.qweight, self.group = module, qweight, group
-        self.weight = module.weight
         n, k = module.weight.shape
         self.k = k
         int4 = qweight.dtype == torch.uint8
-        codes = (unpack_int4(qweight) if int4 else qweight).float()
+        codes = unpack_int4(qweight) if int4 else qweight
         groups = scales.shape[1] if scales.dim() == 2 else 1
         size = group or k
         self.codes = F.pad(codes, (0, groups * size - k)).view(n, groups, size)
         self.s0 = scales.float().view(n, groups)
         self.o0 = None if offsets is None else offsets.float().view(n, groups)
-        self.symmetric_int4 = int4 and offsets is None  # symmetric INT4: the offset is -8 * scale
+        self.code_offset = 8.0 if int4 and offsets is None else 0.0  # symmetric INT4: the offset is -8 * scale
         self.a = torch.zeros_like(self.s0, requires_grad=True)
         self.b = None if self.o0 is None else torch.zeros_like(self.s0, requires_grad=True)
         self.params = [self.a] + ([self.b] if self.b is not None else [])
@@ -101,18 +102,18 @@ class _Tunable:
         return s, None if self.o0 is None else self.o0 + self.s0 * self.b
 
     def materialize(self) -> None:
+        """Route the module's forward through this step's scales and offsets."""
         s, o = self.scales_offsets()
-        w = self.codes * s[..., None]
-        if o is not None:
-            w = w + o[..., None]
-        elif self.symmetric_int4:
-            w = w - 8.0 * s[..., None]
-        del self.module.weight
-        self.module.weight = w.flatten(1)[:, :self.k]
+        bias = self.module.bias
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = _DequantLinear.apply(x, self.codes, s, o, self.k, self.code_offset)
+            return y if bias is None else y + bias
+
+        self.module.forward = forward
 
     def restore(self) -> None:
-        del self.module.weight
-        self.module.weight = self.weight
+        self.module.__dict__.pop("forward", None)
 
     @torch.no_grad()
     def result(self, dtype: torch.dtype) -> tuple:
@@ -120,3 +121,34 @@ class _Tunable:
         shape = (-1,) if not self.group else s.shape
         return (self.qweight, s.to(dtype).reshape(shape), None if o is None else o.to(dtype).reshape(shape),
                 self.group)
+
+
+def _dequantize(codes: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, k: int,
+                code_offset: float) -> torch.Tensor:
+    """[N, groups, size] codes, [N, groups] scales and offsets (or None) -> the float weight [N, k]."""
+    w = (codes.float() - code_offset) * s[..., None]
+    if o is not None:
+        w = w + o[..., None]
+    return w.flatten(1)[:, :k]
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x W^T with W = (codes - code_offset) * s + o per group, differentiable in x, s and o; W is made again
+    in the backward instead of being saved."""
+
+    @staticmethod
+    def forward(ctx, x, codes, s, o, k, code_offset):
+        ctx.save_for_backward(x, codes, s, o)
+        ctx.k, ctx.code_offset = k, code_offset
+        return F.linear(x, _dequantize(codes, s, o, k, code_offset))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, codes, s, o = ctx.saved_tensors
+        n, groups, size = codes.shape
+        grad_x = grad @ _dequantize(codes, s, o, ctx.k, ctx.code_offset)
+        grad_w = grad.reshape(-1, n).t() @ x.reshape(-1, x.shape[-1])  # [N, k]
+        grad_w = F.pad(grad_w, (0, groups * size - ctx.k)).view(n, groups, size)
+        grad_s = (grad_w * (codes.float() - ctx.code_offset)).sum(-1)
+        grad_o = None if o is None else grad_w.sum(-1)
+        return grad_x, None, grad_s, grad_o, None, None
