@@ -14,7 +14,6 @@ import torch
 tl = None
 
 
-
 def _round_block_kernel(w_ptr, s_ptr, o_ptr, hinv_ptr, q_ptr, err_ptr, n, cols, stride_w, stride_h,
                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     # w, s, o, q, err: [n, cols] fp32 with row stride stride_w (the block's columns of the weight, each weight's
