@@ -120,10 +120,11 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.dtype = parse_dtype(args.dtype) or self._auto_dtype(source.checkpoint_dtype)
         torch.manual_seed(args.seed)
-        self.model = model = load_model(source, self.device, self.dtype, args.quant_config(), args.seed,
-                                        show_progress)
-        # what the weights are: a checkpoint saved quantized says so itself (reports name it)
-        self.quantization = str(source.quantization or args.quant_config() or "") or None
+        quantization = args.quant_config()
+        self.model = model = load_model(source, self.device, self.dtype, quantization, args.seed, show_progress)
+        # what the weights are (reports name it): a checkpoint saved quantized says so itself
+        quantization = source.quantization or quantization
+        self.quantization = str(quantization) if quantization is not None else None
 
         self.eos_token_ids = _as_set(getattr(config, "eos_token_id", None))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

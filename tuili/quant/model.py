@@ -82,7 +82,8 @@ def quantize_model(model: nn.Module, qc: QuantConfig, done: dict | None = None) 
     """Quantize in place; returns the bytes saved (a tied head gains a packed copy: counted as a cost). `done`:
     packed weights made otherwise (GPTQ: {module: set_quantized's arguments}); the other modules round to nearest."""
     saved = 0
-    tied = model.lm_head is None or model.lm_head.weight is model.embed_tokens.weight  # (a copy made by tuning)
+    # tied: no head, or the head quantized_linears made earlier (tuning) still holding the embedding itself
+    tied = model.lm_head is None or model.lm_head.weight is model.embed_tokens.weight
     done = done or {}
     for module in quantized_linears(model):
         before = 0 if (tied and module is model.lm_head) else module.weight.numel() * module.weight.element_size()
