@@ -240,6 +240,23 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                        FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
                        PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr,
                        PDL: tl.constexpr):
+    """Grid (M, cdiv(N, BLOCK_N), splits): one row of x, one column tile, one K split per program (_gemv_tile)."""
+    if PDL:  # launched early (ops/pdl.py): wait for the kernels before
+        tl.extra.cuda.gdc_wait()
+    _gemv_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1),
+               tl.num_programs(2), x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, ss_ptr, nw_ptr, hw_ptr,
+               N, K, stride_xm, stride_qn, stride_sn, stride_sg, stride_om, k_per_split, num_ss, eps, BITS, GROUP,
+               HAS_OFFSET, BLOCK_N, BLOCK_K, ATOMIC, WORDS, BLOCK_W, FIXUP, EVEN, STAGES, SILU_MUL, PAIRED, NORM, ADD,
+               BLOCK_SS, PDL)
+
+
+def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr,
+               ss_ptr, nw_ptr, hw_ptr, N, K, stride_xm, stride_qn, stride_sn, stride_sg, stride_om, k_per_split,
+               num_ss, eps, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr,
+               BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+               SILU_MUL: tl.constexpr, PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
+               BLOCK_SS: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
     Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
     where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
@@ -262,17 +279,13 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     next RMSNorm's weight) and the sums of squares of h per column tile in ss [M, column tiles]. NORM: x is such
     an hw and the sums (1 / rms from ss [M, num_ss], added in a fixed order) scale the result: rms_norm(h) W^T
     with the norm's roundings in another place, and no norm kernel, nor norm work per K tile, in between."""
-    row = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    k_start = tl.program_id(2) * k_per_split
+    k_start = split * k_per_split
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     acc2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
     x_acc = tl.zeros([BLOCK_W], dtype=tl.float32)  # INT8 per channel: the x sums of all tiles
     w_rows = qw_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_row = x_ptr + row * stride_xm
-    if PDL:  # launched early (ops/pdl.py): wait for the kernels before; let the next one launch after the K loop
-        tl.extra.cuda.gdc_wait()
     # the epilogue's inputs, loaded before the K loop (loaded after it, their latency added to every call)
     residual = rn  # placeholders where unused
     nw = rn
@@ -366,7 +379,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
         else:
             acc2 += terms
             x_acc += xs
-    if PDL:  # earlier, the next kernel's waiting programs slow this one's loop (-5% per step, H100)
+    if LAUNCH_NEXT:  # PDL: earlier, the next kernel's waiting programs slow this loop (-5% per step, H100)
         tl.extra.cuda.gdc_launch_dependents()
     acc = tl.sum(acc2, axis=1)
     if GROUP == 0:
@@ -376,21 +389,20 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
     if NORM:  # 1 / rms of the row, from the sums of squares of its column tiles (in a fixed order)
         acc *= tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if FIXUP:
-        rows, splits = tl.num_programs(0), tl.num_programs(2)
-        tl.store(part_ptr + (tl.program_id(2) * rows + row) * N + rn, acc, mask=n_mask)
+        tl.store(part_ptr + (split * rows + row) * N + rn, acc, mask=n_mask)
         tl.debug_barrier()  # every thread's partials stored before the count says so
-        count = count_ptr + row * tl.num_programs(1) + pid_n
+        count = count_ptr + row * tiles_n + pid_n
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == splits - 1:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for split in range(0, splits):  # from L2 (.cg): other SMs wrote them
                 acc += tl.load(part_ptr + (split * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
-            _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tl.num_programs(1) + pid_n,
+            _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tiles_n + pid_n,
                        rn, n_mask, acc, residual, nw, ADD)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
     elif ATOMIC:
         tl.atomic_add(out_ptr + row * stride_om + rn, acc, mask=n_mask)
     else:
-        _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tl.num_programs(1) + pid_n,
+        _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tiles_n + pid_n,
                    rn, n_mask, acc, residual, nw, ADD)
 
 
@@ -414,7 +426,7 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out  # kernels' globals
+    global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out, _gemv_tile  # kernels' globals
     import triton
     import triton.language as tl
 
@@ -423,6 +435,7 @@ def _kernels():
     _silu_mul = triton.jit(_silu_mul)
     _paired = triton.jit(_paired)
     _store_out = triton.jit(_store_out)
+    _gemv_tile = triton.jit(_gemv_tile)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
