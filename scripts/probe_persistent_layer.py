@@ -6,7 +6,8 @@ CUDA graph: us per layer for each grid size (programs per SM) and register cap, 
 bits, and the barriers alone (no phases) against an empty launch.
 
 usage: python scripts/probe_persistent_layer.py OUT.json '[{"cap": 2}, {"phases": 0, "sync": true}, ...]'
-(variant keys: cap = programs per SM at most, maxnreg, block_n, phases = bit mask of o / gate_up / down, sync)"""
+(variant keys: cap = programs per SM at most, maxnreg, block_n, phases = bit mask of o / gate_up / down, sync,
+poll_load)"""
 import json
 import os
 import sys
@@ -26,8 +27,10 @@ _gemv_tile = qm._gemv_tile
 
 
 @triton.jit
-def _grid_sync(bar_ptr, err_ptr, nprog):
-    """All programs of the grid meet here (every one resident). bar [count, generation]."""
+def _grid_sync(bar_ptr, err_ptr, nprog, POLL_LOAD: tl.constexpr):
+    """All programs of the grid meet here (every one resident). bar [count, generation]: the last to arrive resets
+    the count and bumps the generation, the others poll it (atomics, or volatile loads and one acquire after);
+    a program that polls for ~seconds gives up and counts itself in err (a hang would lose the device call)."""
     tl.debug_barrier()
     gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
     arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
@@ -38,8 +41,13 @@ def _grid_sync(bar_ptr, err_ptr, nprog):
         cur = gen
         spins = 0
         while (cur == gen) & (spins < 4000000):
-            cur = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+            if POLL_LOAD:
+                cur = tl.load(bar_ptr + 1, volatile=True)
+            else:
+                cur = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
             spins += 1
+        if POLL_LOAD:
+            tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
         if spins >= 4000000:
             tl.atomic_add(err_ptr, 1)
     tl.debug_barrier()
@@ -66,6 +74,7 @@ def layer_tail_kernel(bar_ptr, err_ptr, a_ptr, h_ptr, eps,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
                       BK_H: tl.constexpr, BK_F: tl.constexpr, STAGES: tl.constexpr, PAIRED: tl.constexpr,
                       FIXUP_D: tl.constexpr, BLOCK_SS: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
+                      POLL_LOAD: tl.constexpr,
                       PDL: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -79,13 +88,13 @@ def layer_tail_kernel(bar_ptr, err_ptr, a_ptr, h_ptr, eps,
                H, 1, eps, BITS, GROUP, HAS_OFFSET, BLOCK_N, BK_H, BK_H // PER, False, STAGES, False, PAIRED,
                False, True, 1)
     if SYNC:
-        _grid_sync(bar_ptr, err_ptr, nprog)
+        _grid_sync(bar_ptr, err_ptr, nprog, POLL_LOAD)
     if PHASES & 2:  # gate_up = rms_norm(h) @ Wgu^T
         _phase(pid, nprog, tiles_f, 1, hw1, gq, gs, go, gu_ptr, part, count, ss1, nw1, hw1, 2 * F, H, g_sqn, 1,
                g_ssg, H, tiles_h, eps, BITS, GROUP, HAS_OFFSET, BLOCK_N, BK_H, BK_H // PER, False, STAGES, False,
                PAIRED, True, False, BLOCK_SS)
     if SYNC:
-        _grid_sync(bar_ptr, err_ptr, nprog)
+        _grid_sync(bar_ptr, err_ptr, nprog, POLL_LOAD)
     if PHASES & 4:  # h += silu(gate) * up @ Wd^T; hw2, ss2
         _phase(pid, nprog, tiles_h, d_splits, gu_ptr, dq, ds, do, h_ptr, part, count, ss2, nw2, hw2, H, F, d_sqn,
                1, d_ssg, d_kps, 1, eps, BITS, GROUP, HAS_OFFSET, BLOCK_N, BK_F, BK_F // PER, FIXUP_D, STAGES, True,
@@ -115,11 +124,14 @@ def baseline_layer(L, a, h, phases=7):
 
 
 class Persistent:
-    def __init__(self, method, H, F, dev, occ_cap, maxnreg=None, phases=7, sync=True, block_n=None):
+    """The persistent layer-tail kernel's buffers, arguments and grid (programs per SM from its registers and
+    shared memory, at most occ_cap)."""
+
+    def __init__(self, method, H, F, dev, occ_cap, maxnreg=None, phases=7, sync=True, block_n=None, poll_load=False):
         self.method, self.H, self.F = method, H, F
         self.bits = 8 if method == "int8" else 4
         self.block_n = block_n or (16 if method == "int8" else 32)
-        self.maxnreg, self.phases, self.sync = maxnreg, phases, sync
+        self.maxnreg, self.phases, self.sync, self.poll_load = maxnreg, phases, sync, poll_load
         self.bk_h = min(512 if method == "int8" else 1024, H)
         self.bk_f = min(1024, F)
         self.splits = 1 if method == "int8" else 2
@@ -150,7 +162,7 @@ class Persistent:
         kw = dict(BITS=self.bits, GROUP=g, HAS_OFFSET=has_off, BLOCK_N=self.block_n, BK_H=self.bk_h, BK_F=self.bk_f,
                   STAGES=3, PAIRED=self.bits == 4, FIXUP_D=self.splits > 1,
                   BLOCK_SS=triton.next_power_of_2(self.tiles_h), PHASES=self.phases, SYNC=self.sync, PDL=True,
-                  num_warps=4)
+                  POLL_LOAD=self.poll_load, num_warps=4)
         if self.maxnreg:
             kw["maxnreg"] = self.maxnreg
         return args, kw
@@ -187,7 +199,7 @@ def main():
                 continue
             try:
                 P = Persistent(method, H, F, dev, v.get("cap", 2), v.get("maxnreg"), v.get("phases", 7),
-                               v.get("sync", True), v.get("block_n"))
+                               v.get("sync", True), v.get("block_n"), v.get("poll_load", False))
                 hp = h0.clone()
                 _, hwp, ssp = P(Ls[0], a, hp)
                 torch.cuda.synchronize()
