@@ -302,7 +302,8 @@ def _quantize(ns: argparse.Namespace) -> int:
             done = tune_model(model, qc, done, windows, teacher, ns.tune_steps, dtype, ns.tune_lr or LR)
         model.to(dtype)
         quantize_model(model, qc, done)
-        steps = ["GPTQ (act-order)" if ns.gptq else "to nearest"]
+        nearest = "to nearest (each group's range searched)" if qc.method == "int4" else "to nearest"
+        steps = ["GPTQ (act-order)" if ns.gptq else nearest]
         if ns.tune_steps:
             steps.append(f"scales and offsets tuned end to end for {ns.tune_steps} steps (KL to the float model)")
         rounding = (" + ".join(steps) + f", {windows.numel()} calibration tokens from the end of "
@@ -312,7 +313,7 @@ def _quantize(ns: argparse.Namespace) -> int:
         if source.quantization is not None:
             raise ValueError(f"{source.name} is quantized already ({source.quantization})")
         model = load_model(source, torch.device("cpu"), dtype, qc, show_progress=True)
-        rounding = "to nearest"
+        rounding = "to nearest (each group's range searched)" if qc.method == "int4" else "to nearest"
     save_quantized(model, source.config, source.tokenizer, ns.out, qc, rounding)
     print(f"wrote {ns.method} model to {ns.out}; run it with: tuili chat --model {ns.out}")
     return 0

@@ -44,8 +44,9 @@ def test_quantize_per_channel_error_is_half_a_step():
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_quantize_groupwise_error_is_half_a_step(group_size, symmetric):
+    """Each group's full range (ranges=(1.0,)): every weight within half a step of its level."""
     w = torch.randn(48, 200) * torch.rand(48, 1) * 3  # 200: the last group is short for every group size
-    q, scales, offsets = quantize_groupwise(w, group_size, symmetric)
+    q, scales, offsets = quantize_groupwise(w, group_size, symmetric, ranges=(1.0,))
     groups = -(-200 // group_size)
     assert q.dtype == torch.uint8 and q.shape == (48, 100) and scales.shape == (48, groups)
     assert (offsets is None) == symmetric
@@ -54,6 +55,23 @@ def test_quantize_groupwise_error_is_half_a_step(group_size, symmetric):
     if not symmetric:  # the group minimum is an exact level
         groups_min = torch.stack([w[:, g * group_size:(g + 1) * group_size].amin(dim=1) for g in range(groups)], 1)
         assert torch.allclose(offsets, groups_min)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_searched_ranges_lower_every_groups_error(group_size, symmetric):
+    """The default searches each group's range: no group's squared error above its full range's, and on Gaussian
+    weights clearly below it in total (measured 0.75-0.94x: the full range spends levels on the tails)."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(group_size))
+
+    def group_errors(q):
+        err = (dequantize_int4(q[0], q[1], q[2], group_size) - w).square()
+        return err.view(64, -1, group_size).sum(-1)
+
+    searched = group_errors(quantize_groupwise(w, group_size, symmetric))
+    full = group_errors(quantize_groupwise(w, group_size, symmetric, ranges=(1.0,)))
+    assert (searched <= full * (1 + 1e-5) + 1e-9).all()
+    assert searched.sum() < 0.95 * full.sum(), (searched.sum(), full.sum())
 
 
 def test_int4_g32_reproduces_q4_1_blocks_exactly():

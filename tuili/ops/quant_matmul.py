@@ -257,23 +257,24 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
                BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
                SILU_MUL: tl.constexpr, PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
                BLOCK_SS: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
-    """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16).
-    Grid (M, cdiv(N, BLOCK_N), splits): one row of x per program. The packed weights are read as int32 words
-    where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats without the int-to-float convert
-    (a quarter-rate unit): a value masked in place and read as a float is the denormal q * 2^(pos - 149), exact,
-    one AND per value (and one shift per word for the values above bit 20); x comes scaled by 2^(149 - pos - P)
-    so that every product is q x 2^-P. FFMA takes denormals at full rate (Triton does not flush them). INT8
-    words hold q + 128 (the 128 comes off through the x sums, as INT4's offsets do). The x tile is loaded as
-    [words, values] and split into one vector per value position in registers. Products accumulate element-wise
-    in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and offset per group
-    element-wise, and are reduced across threads once, at the end (a reduction per tile cost as much as the
-    products). STAGES > 1 keeps that many K tiles of weights, x and scales in flight (cp.async; a load it cannot
-    take, such as 2-byte scales one per thread, stays a plain load that stalls every K tile: PAIRED reads 16-bit
-    group-major scales as int32 column pairs instead, -10% time on the 8B's INT4 shapes). Split K (FIXUP): each split
-    stores its partial sums in part [splits, M, N] and counts itself in count [M, column tiles]; the last split
-    of a column tile adds the partials in split order, stores the result and sets the count back to 0. No zeroed
-    output, no cast afterwards: two small kernels fewer per matmul than atomics (ATOMIC), and the sum does not
-    depend on the order the splits finish in.
+    """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16): the
+    program (row, pid_n, split) of a grid (rows, tiles_n, splits) = (M, cdiv(N, BLOCK_N), splits), one row of x each
+    (the ids are arguments: a persistent kernel can run several tiles; LAUNCH_NEXT: PDL's trigger). The packed
+    weights are read as int32 words where K allows (WORDS: 4 int8 or 8 int4 values each) and turned into floats
+    without the int-to-float convert (a quarter-rate unit): a value masked in place and read as a float is the
+    denormal q * 2^(pos - 149), exact, one AND per value (and one shift per word for the values above bit 20); x
+    comes scaled by 2^(149 - pos - P) so that every product is q x 2^-P. FFMA takes denormals at full rate (Triton
+    does not flush them). INT8 words hold q + 128 (the 128 comes off through the x sums, as INT4's offsets do). The
+    x tile is loaded as [words, values] and split into one vector per value position in registers. Products
+    accumulate element-wise in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and
+    offset per group element-wise, and are reduced across threads once, at the end (a reduction per tile cost as
+    much as the products). STAGES > 1 keeps that many K tiles of weights, x and scales in flight (cp.async; a load
+    it cannot take, such as 2-byte scales one per thread, stays a plain load that stalls every K tile: PAIRED reads
+    16-bit group-major scales as int32 column pairs instead, -10% time on the 8B's INT4 shapes). Split K (FIXUP):
+    each split stores its partial sums in part [splits, M, N] and counts itself in count [M, column tiles]; the last
+    split of a column tile adds the partials in split order, stores the result and sets the count back to 0. No
+    zeroed output, no cast afterwards: two small kernels fewer per matmul than atomics (ATOMIC), and the sum does
+    not depend on the order the splits finish in.
     RMSNorm and the residual add of a decoder layer, fused (words only). ADD: out holds the residual stream h and
     out += x W^T in place (rounded as `residual + y` in out's dtype); the epilogue also stores hw = h * nw (nw: the
     next RMSNorm's weight) and the sums of squares of h per column tile in ss [M, column tiles]. NORM: x is such
@@ -394,8 +395,8 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
         count = count_ptr + row * tiles_n + pid_n
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == splits - 1:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for split in range(0, splits):  # from L2 (.cg): other SMs wrote them
-                acc += tl.load(part_ptr + (split * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+            for sp in range(0, splits):  # from L2 (.cg): other SMs wrote them
+                acc += tl.load(part_ptr + (sp * rows + row) * N + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
             _store_out(out_ptr + row * stride_om, hw_ptr + row * stride_om, ss_ptr + row * tiles_n + pid_n,
                        rn, n_mask, acc, residual, nw, ADD)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")

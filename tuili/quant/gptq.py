@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from tuili.quant.int4 import GROUP_SIZES, group_params
+from tuili.quant.int4 import GROUP_SIZES, RANGES, group_params
 
 CALIBRATION_WINDOW = 512  # tokens per calibration window (`tuili quantize --gptq`)
 BLOCK = 128  # columns per lazy batch update
-SHRINK = tuple(1.0 - 0.05 * i for i in range(11))  # range factors tried for each group's first scale and offset
 REFITS = 3
 DAMP = 0.01  # of H's mean diagonal, added to H
 
@@ -41,7 +40,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         raise ValueError(f"INT4 packs two weights per byte along the input dimension; {k} is odd")
     if hessian.shape != (k, k):
         raise ValueError(f"the Hessian must be [{k}, {k}] for a weight with {k} inputs, got {tuple(hessian.shape)}")
-    shrink = SHRINK if shrink is None else shrink
+    shrink = RANGES if shrink is None else shrink
     refits = REFITS if refits is None else refits
     w = weight.float()
     h = hessian.double().clone()

@@ -2,19 +2,26 @@
 
 Asymmetric (default, the form of GGUF's Q4_1): per group of G weights, scale = (max - min) / 15, offset = min,
 W ~ scale * q + offset with q in 0..15 (at G = 32 it reproduces a Q4_1 model's blocks exactly). Symmetric:
-scale = max |w| / 7 and the offset is -8 * scale (not stored). Layout: see tuili/ops/quant_matmul.py.
+scale = max |w| / 7 and the offset is -8 * scale (not stored). Each group's range is searched: shrunk about its
+middle by each factor of RANGES, the one with the least squared rounding error wins (a clipped outlier costs less
+than a coarse grid for the rest; the full range wins where it is exact, as on Q4_1 blocks). Layout: see
+tuili/ops/quant_matmul.py.
 """
 from __future__ import annotations
 
 import torch
 
 GROUP_SIZES = (32, 64, 128)
+# range factors tried per group (default model, INT4 g128, fp32, first 4,096 tokens of the prose: perplexity
+# 29.53 with the full range, 27.79 searched; reference 20.25)
+RANGES = tuple(1.0 - 0.05 * i for i in range(11))
 
 
-def quantize_groupwise(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_groupwise(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+                       ranges: tuple = RANGES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """[N, K] float -> (qweight [N, K/2] uint8, scales [N, ceil(K/G)], offsets [N, ceil(K/G)] or None), scales and
-    offsets in the weight's dtype; rounding in fp32."""
+    offsets in the weight's dtype; rounding in fp32; `ranges`: the factors searched per group ((1.0,): each
+    group's full range)."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"INT4 group size must be one of {GROUP_SIZES}, got {group_size}")
     n, k = weight.shape
@@ -25,7 +32,7 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int = 128, symmetric: b
     pad = groups * group_size - k  # a short last group: padded with copies of its first value (no new extremes)
     w = torch.cat((w, w[:, -1:].expand(n, pad)), dim=1) if pad else w
     w = w.view(n, groups, group_size)
-    scales, offsets = group_params(w, symmetric, weight.dtype)
+    scales, offsets = group_params(w, symmetric, weight.dtype, ranges)
     q = torch.round((w - offsets[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.view(n, groups * group_size)[:, :k]
     qweight = q[:, 0::2] | (q[:, 1::2] << 4)
@@ -37,8 +44,8 @@ def group_params(w: torch.Tensor, symmetric: bool, dtype: torch.dtype, shrink: t
     """(scale, offset) fp32 of groups of weights w [..., G] (reduced over the last dim), rounded to the dtype the
     model runs in so that codes are chosen against the values used at run time. Offsets: the group's minimum
     (Q4_1's form), scale (max - min) / 15; symmetric: scale max |w| / 7, offset -8 * scale. shrink: factors of the
-    range to try per group (GPTQ; the one with the least squared rounding error, weighted per weight by
-    `importance` [G], wins)."""
+    range to try per group (the one with the least squared rounding error, weighted per weight by `importance`
+    [G] (GPTQ: input energy), wins)."""
     best = best_err = None
     for f in shrink:
         if symmetric:
