@@ -276,6 +276,7 @@ def _quantize(ns: argparse.Namespace) -> int:
 
     qc = QuantConfig(ns.method, ns.group_size, ns.symmetric)
     dtype = parse_dtype(ns.dtype) or torch.bfloat16
+    nearest = "to nearest (each group's range searched)" if qc.method == "int4" else "to nearest"
     if ns.gptq or ns.tune_steps:
         from tuili.bench.perplexity import DEFAULT_TEXT
         from tuili.compress.common import load_float_model, resolve_device, text_token_ids, windows_of
@@ -302,7 +303,6 @@ def _quantize(ns: argparse.Namespace) -> int:
             done = tune_model(model, qc, done, windows, teacher, ns.tune_steps, dtype, ns.tune_lr or LR)
         model.to(dtype)
         quantize_model(model, qc, done)
-        nearest = "to nearest (each group's range searched)" if qc.method == "int4" else "to nearest"
         steps = ["GPTQ (act-order)" if ns.gptq else nearest]
         if ns.tune_steps:
             steps.append(f"scales and offsets tuned end to end for {ns.tune_steps} steps (KL to the float model)")
@@ -313,7 +313,7 @@ def _quantize(ns: argparse.Namespace) -> int:
         if source.quantization is not None:
             raise ValueError(f"{source.name} is quantized already ({source.quantization})")
         model = load_model(source, torch.device("cpu"), dtype, qc, show_progress=True)
-        rounding = "to nearest (each group's range searched)" if qc.method == "int4" else "to nearest"
+        rounding = nearest
     save_quantized(model, source.config, source.tokenizer, ns.out, qc, rounding)
     print(f"wrote {ns.method} model to {ns.out}; run it with: tuili chat --model {ns.out}")
     return 0
