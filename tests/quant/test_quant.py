@@ -204,7 +204,7 @@ def test_triton_gemv_fuses_rms_norm_and_residual(method, dtype):
             if args[3]:
                 args[1] = quant_matmul.group_major(args[1])
             layers.append(args)
-        assert quant_matmul.fuses_norms(rows, k, layers[0][3], layers[0][0])
+        assert quant_matmul.fuses_norms(rows, k, layers[0][3], layers[0][0], layers[0][1])
         x = torch.randn(rows, k, generator=gen).to(DEVICE).to(dtype)
         residual = (torch.randn(rows, n, generator=gen) * 2).to(DEVICE).to(dtype)
         norm_w = (torch.rand(n, generator=gen) + 0.5).to(DEVICE).to(dtype)

@@ -170,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
         if rows not in self._fused_rows:
             self._fused_rows[rows] = self.fuse_norms and all(
                 quant_matmul.fuses_norms(rows, p.qweight.shape[1] * (2 if p.qweight.dtype == torch.uint8 else 1),
-                                         p.group_size, p.qweight)
+                                         p.group_size, p.qweight, p.scales)
                 for layer in self.layers for p in self._projections(layer)) and all(
                 layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
         return self._fused_rows[rows]

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tuili.ops import cpu_kernels, pdl
+from tuili.ops import cpu_kernels, int4_mma, pdl
 from tuili.ops.activation import silu_and_mul_triton
 
 
@@ -456,6 +456,7 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets:
 
 
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
+MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
 # The GEMV's split-K counters, per device: zero between kernels (each kernel resets its own), allocated once and
 # never moved (CUDA graphs keep their address); a call that needs more of them falls back to atomics.
@@ -496,10 +497,19 @@ def _on_words(block_m: int, k: int, qweight: torch.Tensor) -> bool:
     return block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
 
 
-def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor) -> bool:
-    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words; the SM count passed
-    to `_tiles` only splits the tensor-core kernel's K)."""
-    return _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0], k, qweight)
+def _mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMV."""
+    n = qweight.shape[0]
+    return MMA_MIN_ROWS <= m <= int4_mma.MAX_ROWS and qweight.dtype == torch.uint8 and group_size == int4_mma.GROUP \
+        and scales.dtype == torch.bfloat16 and qweight.is_cuda and int4_mma.supports(n, k) \
+        and scales.stride() == (1, n) and int4_mma.available(qweight.device)
+
+
+def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words or int4_mma's; the SM
+    count passed to `_tiles` only splits the tensor-core kernel's K)."""
+    return _mma(m, k, group_size, qweight, scales) or _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0],
+                                                                   k, qweight)
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -523,6 +533,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     n = qweight.shape[0]
     if (bits == 8 and qweight.shape[1] != k) or (bits == 4 and 2 * qweight.shape[1] != k):
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
+    if tiles is None and x.dtype == scales.dtype and _mma(m, k, group_size, qweight, scales):
+        return _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = _on_words(block_m, k, qweight)
@@ -595,4 +607,19 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                            out.stride(0), k_per_split, BLOCK_M=block_m,
                            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out
+    return out if bias is None else out + bias
+
+
+def _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight):
+    """quant_linear_triton through int4_mma.int4_gemv (x: 3-16 rows, bf16)."""
+    m, n = x.shape[0], qweight.shape[0]
+    if (residual is None) != (norm_weight is None) or (residual is not None and (norm is not None or bias is not None)):
+        raise ValueError("residual comes with norm_weight, and not with norm or bias")
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1 or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} tensor (rows contiguous)")
+    if x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()
+    counts = _split_counts(x.device)
+    out = int4_mma.int4_gemv(x, qweight, scales, offsets, counts, silu_mul=silu_mul, norm=norm, residual=residual,
+                             norm_weight=norm_weight, splits=None if counts is not None else 1)
     return out if bias is None else out + bias

@@ -1,0 +1,108 @@
+"""The tensor-core INT4 GEMV (tuili/ops/int4_mma.py, CUDA C++ through NVRTC): against the torch reference on the
+GPU (plain and fused forms, 1-16 rows, forced K splits), its dispatch from quant_linear_triton, and its input
+checks (these run everywhere)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuili.ops import int4_mma, quant_matmul
+from tuili.ops.activation import silu_and_mul
+from tuili.quant import quantize_groupwise
+
+CUDA = torch.cuda.is_available() and int4_mma.available(torch.device("cuda"))
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU of compute capability 8.0+ and NVRTC")
+
+
+def layer(n: int, k: int, symmetric: bool = False, device: str = "cuda", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
+    q, s, z = quantize_groupwise(w, 128, symmetric=symmetric)
+    gm = quant_matmul.group_major
+    return q.to(device), gm(s).to(device), None if z is None else gm(z).to(device)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_input_checks():
+    q, s, z = layer(32, 512, device="cpu")
+    counts = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bf16"):
+        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.float16), q, s, z, counts)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        int4_mma.int4_gemv(torch.randn(17, 512, dtype=torch.bfloat16), q, s, z, counts)
+    q2, s2, z2 = layer(32, 384, device="cpu")  # K not a multiple of 256
+    with pytest.raises(ValueError, match="K % 256"):
+        int4_mma.int4_gemv(torch.randn(2, 384, dtype=torch.bfloat16), q2, s2, z2, counts)
+    with pytest.raises(ValueError, match="group-major"):
+        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+    assert not int4_mma.available(torch.device("cpu"))
+    assert not quant_matmul._mma(4, 512, 128, q, s)  # CPU tensors stay on the CPU paths
+
+
+def test_splits_are_powers_of_two_with_whole_batches():
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 512)):
+        for m in (1, 3, 5, 8, 16):
+            splits = int4_mma.splits_for(n, k, m, 132)
+            assert splits & (splits - 1) == 0 and k // 128 // splits >= int4_mma.UNROLL
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("n,k,splits", [(48, 512, 1), (272, 1024, 2), (64, 2304, 3), (4096, 4096, None)])
+def test_matches_reference(n, k, splits, symmetric):
+    q, s, z = layer(n, k, symmetric)
+    counts = quant_matmul._split_counts(torch.device("cuda"))
+    for m in (1, 3, 8, 9, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
+        for _ in range(2):  # the split counters reset themselves
+            y = int4_mma.int4_gemv(x, q, s, z, counts, splits=splits)
+            assert y.shape == (m, n) and y.dtype == torch.bfloat16
+            assert rel(y, ref) < 4e-3, (m, rel(y, ref))  # the output's bf16 rounding
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 4, 9, 16])
+def test_fused_forms_match_reference(m):
+    """down (silu(gate) * up in; the residual add, h * the next norm's weight and the sums of squares out), then
+    a gate_up reading that norm's input: against the separate torch ops."""
+    n, k = 256, 1024
+    q, s, z = layer(n, k, seed=1)
+    q2, s2, z2 = layer(512, n, seed=2)
+    counts = quant_matmul._split_counts(torch.device("cuda"))
+    gu = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    h_ref = quant_matmul.int4_linear(silu_and_mul(gu), q, s, z, 128) + h
+    stream = h.clone()
+    h_out, hw, ss = int4_mma.int4_gemv(gu, q, s, z, counts, silu_mul=True, residual=stream, norm_weight=nw, splits=2)
+    assert h_out.data_ptr() == stream.data_ptr() and rel(h_out, h_ref) < 4e-3
+    assert rel(hw, h_ref.float() * nw.float()) < 6e-3
+    assert ss.shape == (m, n // 16)
+    assert torch.allclose(ss.sum(dim=1), (h_out.float() ** 2).sum(dim=1), rtol=1e-4)
+    y = int4_mma.int4_gemv(hw, q2, s2, z2, counts, norm=(1e-5, ss))
+    want = quant_matmul.int4_linear(F.rms_norm(h_out, (n,), nw, 1e-5), q2, s2, z2, 128)
+    assert rel(y, want) < 8e-3
+
+
+@gpu
+def test_quant_linear_dispatch(monkeypatch):
+    """3-16 rows of bf16 x through quant_linear_triton take the tensor-core GEMV (with the fused forms); 1-2 rows,
+    fp16 x and other group sizes keep the Triton kernels."""
+    q, s, z = layer(256, 1024)
+    calls = []
+    real = int4_mma.int4_gemv
+    monkeypatch.setattr(int4_mma, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for m in (1, 2, 3, 5, 16):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
+        assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3
+        assert quant_matmul.fuses_norms(m, 1024, 128, q, s)
+    assert calls == [3, 5, 16]
+    x = torch.randn(5, 1024, device="cuda", dtype=torch.float16)
+    quant_matmul.quant_linear_triton(x, q, s.half(), z.half(), 128)
+    assert calls == [3, 5, 16] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())

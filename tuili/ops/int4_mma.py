@@ -1,0 +1,391 @@
+"""INT4 GEMV for batch-1 decode on the tensor cores (CUDA C++ compiled at first use by NVRTC, sm_80 and later).
+
+Why not Triton: the CUDA-core GEMV (quant_matmul._gemv_tile) needs ~3.5 instructions per INT4 weight (one AND
+per nibble, one FMA per product, x spread over the threads through shared memory) and is close to issue-bound
+on the H100, and Triton gives no control over which thread holds which word, which an mma operand needs.
+
+How: `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8 weight rows x 16 K
+values) and the rows of x in A (row m of A = row m of x, the others zero). A lane of a warp holds one int32
+word (8 nibbles of one weight row) per mma pair; one LOP3 per two nibbles turns them into bf16 pairs 128 + q
+(0x4300 | q: exact), without any conversion instruction, and the A fragment holds the x values of the same
+nibble positions (the x tile is permuted into that order once per CTA, in shared memory, with the sums of x
+per group). The mma gives P = sum (128 + q) x per group; the group's scale s and offset m make it
+s P + (m - 128 s) sum x. ~1.3 instructions per weight instead of 3.5, and no shuffle of x per weight.
+
+Each warp streams 16 weight rows (two 8-row strips) over its K range, U groups per batch, the next batch's
+words and scales loaded while the current one is multiplied (registers, no shared memory). Split K: each split
+stores its partials and counts itself; the last split of a 16-row tile adds them in split order (as the Triton
+GEMV does). Fused like the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNorm of the input
+(norm: x = h * w, the sums of squares of h per column tile) and the residual add with the next norm's inputs
+(residual, norm_weight). PDL (Hopper): waits for the previous kernel before reading x, lets the next launch
+after its main loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+GROUP = 128  # the group size the kernel takes (16 int32 words of a weight row per group)
+TILE_ROWS = 16  # weight rows per warp tile (two mma strips of 8)
+MAX_ROWS = 16  # rows of x (A rows 0..15)
+UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes)
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+#define U UNROLL
+
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 b, u32 c) {  // (a & b) | c
+  u32 d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+  u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(s)); return d;
+}
+__device__ __forceinline__ float bf(u32 v) { return __uint_as_float(v << 16); }  // low bf16 of v
+__device__ __forceinline__ float bf_hi(u32 v) { return __uint_as_float(v & 0xFFFF0000u); }
+__device__ __forceinline__ u32 to_bf(float f) {
+  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float round_bf(float f) { return bf(to_bf(f)); }
+// C (+)= A B for one m16n8k16 tile: A the lane's quad (rows g: a.x, a.z; rows g + 8: a.y, a.w), B two bf16 pairs
+__device__ __forceinline__ void mma(float* c, uint4 a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma0(float* c, uint4 a, u32 b0, u32 b1) {  // C = A B
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3]) : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1),
+        "f"(0.0f));
+}
+__device__ __forceinline__ float silu_mul(float g, float u) {  // rounded as silu_and_mul_triton rounds it
+  return round_bf(round_bf(g / (1.0f + __expf(-g))) * u);
+}
+
+struct Batch {  // one batch of a warp: U groups of two 8-row strips (words, scales, offsets) per lane
+  uint4 w[2][U];
+  u32 s[2][U], o[2][U];
+};
+
+__device__ __forceinline__ void load_batch(Batch& B, const uint4* __restrict__ qw, const u32* __restrict__ sc,
+                                           const u32* __restrict__ of, int tile, int group, int wpr, int hn,
+                                           int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint4* wp = qw + (size_t)(tile * 16 + g) * wpr + group * 4 + t;  // words 4t .. 4t + 3 of the group
+  const size_t so = (size_t)group * hn + tile * 8 + t;  // u32 pairs of rows tile * 16 + 2t, + 1 (strip 1: + 4)
+  _Pragma("unroll") for (int u = 0; u < U; ++u) {
+    B.w[0][u] = wp[u * 4];
+    B.w[1][u] = wp[(size_t)8 * wpr + u * 4];
+    B.s[0][u] = sc[so + (size_t)u * hn];
+    B.s[1][u] = sc[so + (size_t)u * hn + 4];
+    if (HAS_OFFSET) {
+      B.o[0][u] = of[so + (size_t)u * hn];
+      B.o[1][u] = of[so + (size_t)u * hn + 4];
+    }
+  }
+}
+
+// acc[r][2q + h]: x row g + 8q, weight row tile * 16 + r * 8 + 2t + h (x rows >= M: ignored)
+__device__ __forceinline__ void multiply(const Batch& B, float (&acc)[2][4], const uint4* xrow, const float* glo,
+                                         const float* ghi) {
+  _Pragma("unroll") for (int u = 0; u < U; ++u) {
+    uint4 xq[8];  // per word: the A quads of its two mmas
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+      xq[2 * i] = xrow[u * 32 + i * 8];
+      xq[2 * i + 1] = xrow[u * 32 + i * 8 + 1];
+    }
+    const float xlo = glo[u], xhi = HI ? ghi[u] : 0.0f;
+    _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+      float c[4];
+      const u32 w4[4] = {B.w[r][u].x, B.w[r][u].y, B.w[r][u].z, B.w[r][u].w};
+      _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+        const u32 w = w4[i];
+        const u32 b0 = lop3_and_or(w, 0x000F000Fu, 0x43004300u), b1 = lop3_and_or(w >> 4, 0x000F000Fu, 0x43004300u);
+        if (i == 0) mma0(c, xq[0], b0, b1); else mma(c, xq[2 * i], b0, b1);
+        mma(c, xq[2 * i + 1], lop3_and_or(w >> 8, 0x000F000Fu, 0x43004300u),
+            lop3_and_or(w >> 12, 0x000F000Fu, 0x43004300u));
+      }
+      const float s0 = bf(B.s[r][u]), s1 = bf_hi(B.s[r][u]);
+      const float m0 = (HAS_OFFSET ? bf(B.o[r][u]) : -8.0f * s0) - 128.0f * s0;
+      const float m1 = (HAS_OFFSET ? bf_hi(B.o[r][u]) : -8.0f * s1) - 128.0f * s1;
+      acc[r][0] += s0 * c[0] + m0 * xlo;
+      acc[r][1] += s1 * c[1] + m1 * xlo;
+      if (HI) {
+        acc[r][2] += s0 * c[2] + m0 * xhi;
+        acc[r][3] += s1 * c[3] + m1 * xhi;
+      }
+    }
+  }
+}
+
+__device__ __noinline__ void epilogue(float (&acc)[2][4], int tile, int lane, int M, int N, int so, int split,
+                                      int splits, u16* out, float* part, int* counts, float* ss,
+                                      const u32* __restrict__ nw, u16* hw, const float* rnorm) {
+  const int g = lane >> 2, t = lane & 3, n0 = tile * 16 + 2 * t;
+  if (splits > 1) {
+    _Pragma("unroll") for (int q = 0; q < (HI ? 2 : 1); ++q) {
+      if (g + 8 * q < M) {
+        _Pragma("unroll") for (int r = 0; r < 2; ++r)
+          *(float2*)(part + ((size_t)split * M + g + 8 * q) * N + n0 + r * 8) =
+              make_float2(acc[r][2 * q], acc[r][2 * q + 1]);
+      }
+    }
+    __syncwarp();
+    __threadfence();
+    int prev = 0;
+    if (lane == 0) prev = atomicAdd(counts + tile, 1);
+    prev = __shfl_sync(0xffffffffu, prev, 0);
+    if (prev != splits - 1) return;  // the last split to finish adds the partials, in split order
+    __threadfence();
+    _Pragma("unroll") for (int q = 0; q < (HI ? 2 : 1); ++q) {
+      if (g + 8 * q < M) {
+        _Pragma("unroll") for (int r = 0; r < 2; ++r) { acc[r][2 * q] = 0.f; acc[r][2 * q + 1] = 0.f; }
+        for (int sp = 0; sp < splits; ++sp) {
+          _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+            const float2 p = __ldcg((const float2*)(part + ((size_t)sp * M + g + 8 * q) * N + n0 + r * 8));
+            acc[r][2 * q] += p.x; acc[r][2 * q + 1] += p.y;
+          }
+        }
+      }
+    }
+    if (lane == 0) atomicExch(counts + tile, 0);
+  }
+  _Pragma("unroll") for (int q = 0; q < (HI ? 2 : 1); ++q) {
+    const int m = g + 8 * q;
+    float sq = 0.0f;
+    if (m < M) {
+      _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+        float y0 = acc[r][2 * q], y1 = acc[r][2 * q + 1];
+#if NORM
+        y0 *= rnorm[m]; y1 *= rnorm[m];
+#endif
+        u32* o = (u32*)(out + (size_t)m * so + n0 + r * 8);
+#if ADD
+        const u32 res = *o;
+        const float h0 = round_bf(round_bf(y0) + bf(res)), h1 = round_bf(round_bf(y1) + bf_hi(res));
+        *o = to_bf(h0) | (to_bf(h1) << 16);
+        const u32 w = nw[(n0 + r * 8) / 2];
+        *(u32*)(hw + (size_t)m * so + n0 + r * 8) = to_bf(h0 * bf(w)) | (to_bf(h1 * bf_hi(w)) << 16);
+        sq += h0 * h0 + h1 * h1;
+#else
+        *o = to_bf(y0) | (to_bf(y1) << 16);
+#endif
+      }
+    }
+#if ADD
+    sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+    sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+    if (m < M && t == 0) ss[m * (N / 16) + tile] = sq;
+#endif
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
+    const u16* __restrict__ x, const uint4* __restrict__ qw, const u32* __restrict__ sc, const u32* __restrict__ of,
+    u16* out, float* part, int* counts, float* ss, const u32* __restrict__ nw, u16* hw,
+    int N, int K, int M, int sx, int so, int gps, int num_ss, float eps) {
+  extern __shared__ uint4 smem[];
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int G = K / 128, split = blockIdx.y, splits = gridDim.y, g0 = split * gps;
+  const int gcount = min(gps, G - g0), cw = gcount * 16, n_tiles = N / 16, wpr = K / 32, hn = N / 2;
+  const int slots = min(M, 8);  // x rows m and m + 8 share a slot (A rows g and g + 8)
+  uint4* xs = smem;  // [slots, gps * 16 words, 2 quads] x permuted into the mma's A quads
+  float* gsum = (float*)(xs + slots * gps * 32);  // [M, gps] sums of x per group
+  float* rnorm = gsum + M * gps;  // [M] 1 / rms (NORM)
+
+  const int tile0 = blockIdx.x * 4 + warp, tstep = gridDim.x * 4;
+  const int nb = gcount / U;  // batches per tile (gps and the last split's groups are multiples of U)
+  const int steps = tile0 < n_tiles ? ((n_tiles - 1 - tile0) / tstep + 1) * nb : 0;
+  Batch A, B;
+  // weights and scales do not depend on earlier kernels: the first batch is loaded before PDL's wait
+  if (steps) load_batch(A, qw, sc, of, tile0, g0, wpr, hn, lane);
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  // x of this split's K range: with X0..X3 the pairs (x0, x4), (x1, x5), (x2, x6), (x3, x7) of word c of row m,
+  // the quads (X0, X0', X1, X1') and (X2, X2', X3, X3') (' : row m + 8), word c of a group at slot
+  // (c % 4) * 4 + c / 4 (the 4 lanes t of one word position read adjacent quads); sums of x per group
+  for (int base = 0; base < M * cw; base += 128) {
+    const int idx = base + threadIdx.x;
+    float sum = 0.0f;
+    if (idx < M * cw) {
+      const int m = idx / cw, c = idx - m * cw;
+      const u16* xp = x + (size_t)m * sx + 8 * (g0 * 16 + c);
+      uint4 v = *(const uint4*)xp;
+#if SILU_MUL
+      const uint4 up = *(const uint4*)(xp + K);
+      u32* vv = (u32*)&v; const u32* uu = (const u32*)&up;
+      _Pragma("unroll") for (int i = 0; i < 4; ++i)
+        vv[i] = to_bf(silu_mul(bf(vv[i]), bf(uu[i]))) | (to_bf(silu_mul(bf_hi(vv[i]), bf_hi(uu[i]))) << 16);
+#endif
+      sum = bf(v.x) + bf_hi(v.x) + bf(v.y) + bf_hi(v.y) + bf(v.z) + bf_hi(v.z) + bf(v.w) + bf_hi(v.w);
+      u32* q = (u32*)(xs + ((m & 7) * gps * 16 + (c & ~15) + (c & 3) * 4 + ((c & 15) >> 2)) * 2) + (m >> 3);
+      q[0] = prmt(v.x, v.z, 0x5410); q[2] = prmt(v.x, v.z, 0x7632);
+      q[4] = prmt(v.y, v.w, 0x5410); q[6] = prmt(v.y, v.w, 0x7632);
+    }
+    _Pragma("unroll") for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (idx < M * cw && (idx & 15) == 0) { const int m = idx / cw; gsum[m * gps + (idx - m * cw) / 16] = sum; }
+  }
+#if NORM
+  if (threadIdx.x < M) {
+    float s = 0.0f;
+    for (int i = 0; i < num_ss; ++i) s += ss[threadIdx.x * num_ss + i];
+    rnorm[threadIdx.x] = rsqrtf(s / K + eps);
+  }
+#endif
+  __syncthreads();
+  if (!steps) return;
+
+  const uint4* xrow = xs + (min(g, slots - 1) * gps * 16 + t) * 2;  // lanes of rows >= M store nothing
+  const float* glo = gsum + min(g, M - 1) * gps;
+  const float* ghi = gsum + min(g + 8, M - 1) * gps;
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  int tile = tile0, b = 0;
+  // two batches in registers, the next one loaded while the current one is multiplied (no copies between them)
+#define STEP(CUR, NXT, S)                                                                           \
+  {                                                                                                 \
+    const int b2 = b + 1 == nb ? 0 : b + 1, tile2 = b + 1 == nb ? tile + tstep : tile;              \
+    if ((S) + 1 < steps) load_batch(NXT, qw, sc, of, tile2, g0 + b2 * U, wpr, hn, lane);            \
+    multiply(CUR, acc, xrow + b * U * 32, glo + b * U, ghi + b * U);                                \
+    if (b + 1 == nb) {                                                                              \
+      if (PDL && (S) + 1 == steps) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  \
+      epilogue(acc, tile, lane, M, N, so, split, splits, out, part, counts, ss, nw, hw, rnorm);     \
+      _Pragma("unroll") for (int r = 0; r < 2; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f; \
+    }                                                                                               \
+    b = b2; tile = tile2;                                                                           \
+  }
+  for (int s = 0; s < steps; s += 2) {
+    STEP(A, B, s)
+    if (s + 1 == steps) break;
+    STEP(B, A, s + 1)
+  }
+}
+"""
+
+
+class _LaunchAttr(ctypes.Structure):  # CUlaunchAttribute: id, then a 64-byte union (8-byte aligned)
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int), ("rest", ctypes.c_ubyte * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run on `device` (CUDA, compute capability 8.0 or later, NVRTC loadable)."""
+    if device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    try:
+        _kernel(device.index if device.index is not None else torch.cuda.current_device(), UNROLL, False, False,
+                False, True, False)
+    except Exception:  # no NVRTC in this install: the Triton GEMV
+        return False
+    return True
+
+
+@functools.cache
+def _kernel(index: int, unroll: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool):
+    """(CUfunction, module, pdl) for one variant on device `index`."""
+    from torch.cuda import _utils
+    major, minor = torch.cuda.get_device_capability(index)
+    pdl = major >= 9
+    defines = dict(UNROLL=unroll, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
+                   PDL=int(pdl), HI=int(hi))
+    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    with torch.cuda.device(index):
+        binary, name = _utils._nvrtc_compile(source, "int4_gemv_mma", f"{major}{minor}")
+        kernel = _utils._cuda_load_module(binary, [name])[name]
+    return kernel, pdl
+
+
+def _launch(kernel, pdl: bool, grid: tuple, shared_mem: int, args: list) -> None:
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    if shared_mem >= 48 * 1024 and getattr(kernel, "_tuili_smem", 0) < shared_mem:
+        err = lib.cuFuncSetAttribute(kernel.func, _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
+        if err:
+            raise RuntimeError(f"{shared_mem} bytes of shared memory: CUDA error {err}")
+        kernel._tuili_smem = shared_mem
+    cargs = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            cargs.append(ctypes.c_void_p(a.data_ptr()))
+        elif isinstance(a, float):
+            cargs.append(ctypes.c_float(a))
+        else:
+            cargs.append(ctypes.c_int(a))
+    params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cargs])
+    attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)  # programmaticStreamSerializationAllowed
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(128, 1, 1),
+                           shared_mem=shared_mem, stream=torch.cuda.current_stream().cuda_stream,
+                           attrs=ctypes.pointer(attr) if pdl else None, num_attrs=1 if pdl else 0)
+    err = lib.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
+
+
+def splits_for(n: int, k: int, m: int, num_sms: int) -> int:
+    """K splits (a power of two, whole batches per split): about 3 CTAs per SM, and at most 160 / 72 / 36 KB
+    of weights per CTA for 1-3 / 4-7 / 8-16 rows of x (more rows: a longer x prologue per CTA, more splits
+    pay). From the 8B's decode shapes on the H100 (scripts/probe_int4_mma.py, int4_mma_h100.json)."""
+    ctas, groups = -(-n // (TILE_ROWS * 4)), k // GROUP
+    cap = (160 if m <= 3 else 72 if m < 8 else 36) << 10
+    splits = 1
+    while groups // (2 * splits) >= UNROLL and (4 * ctas * splits < 11 * num_sms or n * k // 2 > cap * ctas * splits):
+        splits *= 2
+    return splits
+
+
+def supports(n: int, k: int) -> bool:
+    """Whether a layer of this shape (INT4, group 128) fits the kernel."""
+    return k % (GROUP * UNROLL) == 0 and n % TILE_ROWS == 0
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+              counts: torch.Tensor, silu_mul: bool = False, norm: tuple | None = None,
+              residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+              splits: int | None = None):
+    """x [M, K] (bf16, M <= 16) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major
+    bf16 [N, K/128]); the fused forms as quant_matmul.quant_linear_triton's GEMV (silu_mul, norm, residual +
+    norm_weight -> (h, hw, ss)). counts: int32 zeros, at least N / 16 (self-resetting)."""
+    m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
+    n = qweight.shape[0]
+    if x.dtype != torch.bfloat16 or m > MAX_ROWS or not supports(n, k) or 2 * qweight.shape[1] != k:
+        raise ValueError(f"int4_gemv takes bf16 x of at most {MAX_ROWS} rows, K % {GROUP * UNROLL} == 0, "
+                         f"N % {TILE_ROWS} == 0")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or not qweight.is_contiguous() \
+            or scales.stride() != (1, n) or (offsets is not None and offsets.stride() != (1, n)):
+        raise ValueError("int4_gemv needs contiguous rows of x and qweight, group-major scales and offsets")
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits = splits or splits_for(n, k, m, num_sms)
+    groups = k // GROUP
+    while True:
+        gps = -(-groups // (splits * UNROLL)) * UNROLL  # whole batches in every split
+        shared = min(m, 8) * gps * 16 * 32 + m * gps * 4 + m * 4  # x's A quads, group sums, 1 / rms
+        if shared <= 96 << 10 or gps == UNROLL:
+            break
+        splits *= 2
+    splits = -(-groups // gps)
+    tiles = n // TILE_ROWS
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    kernel, pdl = _kernel(index, UNROLL, silu_mul, norm is not None, residual is not None, offsets is not None, m > 8)
+    if residual is not None:
+        out = residual
+        hw = torch.empty_like(out)
+        ss = torch.empty(m, tiles, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        hw = out
+        ss = norm[1] if norm is not None else out
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    grid = (-(-tiles // 4), splits, 1)
+    _launch(kernel, pdl, grid, shared,
+            [x, qweight, scales, offsets if offsets is not None else scales, out, part, counts, ss,
+             norm_weight if norm_weight is not None else out, hw, n, k, m, x.stride(0), out.stride(0), gps,
+             ss.shape[1] if norm is not None else 0, float(norm[0]) if norm is not None else 0.0])
+    return (out, hw, ss) if residual is not None else out
