@@ -39,6 +39,12 @@ def test_input_checks():
         int4_mma.int4_gemv(torch.randn(2, 384, dtype=torch.bfloat16), q2, s2, z2, counts)
     with pytest.raises(ValueError, match="group-major"):
         int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="residual must be"):
+        int4_mma.int4_gemv(x, q, s, z, counts, residual=torch.zeros(2, 16, dtype=torch.bfloat16),
+                           norm_weight=torch.ones(32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="norm needs"):
+        int4_mma.int4_gemv(x, q, s, z, counts, norm=(1e-5, torch.zeros(2, 2, dtype=torch.bfloat16)))
     assert not int4_mma.available(torch.device("cpu"))
     assert not quant_matmul._mma(4, 512, 128, q, s)  # CPU tensors stay on the CPU paths
 

@@ -1,24 +1,26 @@
-"""INT4 GEMV for batch-1 decode on the tensor cores (CUDA C++ compiled at first use by NVRTC, sm_80 and later).
+"""INT4 g128 matmul for decode batches of 3-16 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
+sm_80 and later; quant_matmul.quant_linear_triton calls it for 3-16 rows of bf16 x).
 
-Why not Triton: the CUDA-core GEMV (quant_matmul._gemv_tile) needs ~3.5 instructions per INT4 weight (one AND
-per nibble, one FMA per product, x spread over the threads through shared memory) and is close to issue-bound
-on the H100, and Triton gives no control over which thread holds which word, which an mma operand needs.
+Why: the Triton GEMV (quant_matmul._gemv_tile) runs one row of x per program, so 4 rows cost 2.6x one (8B
+gate_up on the H100: 67.7 vs 25.8 us), and the Triton tensor-core kernel that takes 5-16 rows pads them to 16 and
+runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of the mma's A operand: 16 rows cost
+3.4x one row's time, 5 rows 1.5x. For one or two rows the Triton GEMV stays faster (docs/benchmarks).
 
 How: `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8 weight rows x 16 K
-values) and the rows of x in A (row m of A = row m of x, the others zero). A lane of a warp holds one int32
-word (8 nibbles of one weight row) per mma pair; one LOP3 per two nibbles turns them into bf16 pairs 128 + q
-(0x4300 | q: exact), without any conversion instruction, and the A fragment holds the x values of the same
-nibble positions (the x tile is permuted into that order once per CTA, in shared memory, with the sums of x
-per group). The mma gives P = sum (128 + q) x per group; the group's scale s and offset m make it
-s P + (m - 128 s) sum x. ~1.3 instructions per weight instead of 3.5, and no shuffle of x per weight.
+values) and the rows of x in A (rows of A beyond M are never stored). A lane holds one int32 word (8 nibbles of
+one weight row) per mma pair; one LOP3 per two nibbles turns them into bf16 pairs 128 + q (0x4300 | q: exact),
+without a conversion instruction, and the A fragment holds the x values of the same nibble positions (each CTA
+permutes its K range of x into that order once, in shared memory, with the sums of x per group). The mma gives
+P = sum (128 + q) x per group; the group's scale s and offset m make it s P + (m - 128 s) sum x. ~2.2
+instructions per weight in the loop (SASS, sm_90) against 3.5 for the CUDA-core GEMV.
 
-Each warp streams 16 weight rows (two 8-row strips) over its K range, U groups per batch, the next batch's
-words and scales loaded while the current one is multiplied (registers, no shared memory). Split K: each split
-stores its partials and counts itself; the last split of a 16-row tile adds them in split order (as the Triton
-GEMV does). Fused like the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNorm of the input
-(norm: x = h * w, the sums of squares of h per column tile) and the residual add with the next norm's inputs
-(residual, norm_weight). PDL (Hopper): waits for the previous kernel before reading x, lets the next launch
-after its main loop.
+Each warp streams 16 weight rows (two 8-row strips) over its K range, UNROLL groups per batch, the next batch's
+words and scales loaded while the current one is multiplied (registers). Split K: each split stores its partials
+and counts itself; the last split of a 16-row tile adds them in split order (deterministic, as the Triton GEMV).
+Fused as in the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNorm of the input (norm: x = h * w
+and the sums of squares of h per column tile) and the residual add with the next norm's inputs (residual,
+norm_weight). PDL on Hopper: the first batch of weights is loaded before the wait for the previous kernel; the
+next kernel may launch after the main loop.
 """
 from __future__ import annotations
 
@@ -277,25 +279,26 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute
 
 
+@functools.cache
 def available(device: torch.device) -> bool:
     """Whether the kernel can run on `device` (CUDA, compute capability 8.0 or later, NVRTC loadable)."""
     if device.type != "cuda" or torch.version.hip or torch.cuda.get_device_capability(device)[0] < 8:
         return False
     try:
-        _kernel(device.index if device.index is not None else torch.cuda.current_device(), UNROLL, False, False,
-                False, True, False)
+        _kernel(device.index if device.index is not None else torch.cuda.current_device(), False, False, False, True,
+                False)
     except Exception:  # no NVRTC in this install: the Triton GEMV
         return False
     return True
 
 
 @functools.cache
-def _kernel(index: int, unroll: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool):
-    """(CUfunction, module, pdl) for one variant on device `index`."""
+def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool):
+    """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
     pdl = major >= 9
-    defines = dict(UNROLL=unroll, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
+    defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
                    PDL=int(pdl), HI=int(hi))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(index):
@@ -304,7 +307,11 @@ def _kernel(index: int, unroll: int, silu_mul: bool, norm: bool, add: bool, has_
     return kernel, pdl
 
 
-def _launch(kernel, pdl: bool, grid: tuple, shared_mem: int, args: list) -> None:
+def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list) -> None:
+    """cuLaunchKernelEx on device `index`'s current stream, with PDL's attribute where `pdl`."""
+    if index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return _launch(kernel, pdl, index, grid, shared_mem, args)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     if shared_mem >= 48 * 1024 and getattr(kernel, "_tuili_smem", 0) < shared_mem:
         err = lib.cuFuncSetAttribute(kernel.func, _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
@@ -355,12 +362,18 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     norm_weight -> (h, hw, ss)). counts: int32 zeros, at least N / 16 (self-resetting)."""
     m, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
     n = qweight.shape[0]
-    if x.dtype != torch.bfloat16 or m > MAX_ROWS or not supports(n, k) or 2 * qweight.shape[1] != k:
+    if x.dtype != torch.bfloat16 or not 1 <= m <= MAX_ROWS or not supports(n, k) or 2 * qweight.shape[1] != k:
         raise ValueError(f"int4_gemv takes bf16 x of at most {MAX_ROWS} rows, K % {GROUP * UNROLL} == 0, "
                          f"N % {TILE_ROWS} == 0")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or not qweight.is_contiguous() \
             or scales.stride() != (1, n) or (offsets is not None and offsets.stride() != (1, n)):
         raise ValueError("int4_gemv needs contiguous rows of x and qweight, group-major scales and offsets")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1
+                                 or residual.stride(0) % 2 or norm_weight is None or norm_weight.shape != (n,)
+                                 or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous()):
+        raise ValueError(f"residual must be a bf16 [{m}, {n}] tensor with an {n}-value norm_weight")
+    if norm is not None and (norm[1].dtype != torch.float32 or norm[1].shape[0] != m or not norm[1].is_contiguous()):
+        raise ValueError(f"norm needs fp32 sums of squares [{m}, tiles], contiguous")
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     splits = splits or splits_for(n, k, m, num_sms)
     groups = k // GROUP
@@ -372,8 +385,10 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         splits *= 2
     splits = -(-groups // gps)
     tiles = n // TILE_ROWS
+    if splits > 1 and counts.numel() < tiles:
+        raise ValueError(f"split K needs {tiles} counters")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel, pdl = _kernel(index, UNROLL, silu_mul, norm is not None, residual is not None, offsets is not None, m > 8)
+    kernel, pdl = _kernel(index, silu_mul, norm is not None, residual is not None, offsets is not None, m > 8)
     if residual is not None:
         out = residual
         hw = torch.empty_like(out)
@@ -384,7 +399,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         ss = norm[1] if norm is not None else out
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     grid = (-(-tiles // 4), splits, 1)
-    _launch(kernel, pdl, grid, shared,
+    _launch(kernel, pdl, index, grid, shared,
             [x, qweight, scales, offsets if offsets is not None else scales, out, part, counts, ss,
              norm_weight if norm_weight is not None else out, hw, n, k, m, x.stride(0), out.stride(0), gps,
              ss.shape[1] if norm is not None else 0, float(norm[0]) if norm is not None else 0.0])
