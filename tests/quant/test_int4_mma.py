@@ -109,6 +109,10 @@ def test_quant_linear_dispatch(monkeypatch):
         assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3
         assert quant_matmul.fuses_norms(m, 1024, 128, q, s)
     assert calls == [3, 5, 16]
+    x = torch.randn(5, 1025, device="cuda", dtype=torch.bfloat16)[:, 1:]  # rows neither 16-byte aligned nor padded
+    ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
+    assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3 and calls[-1] == 5
+    calls.clear()
     x = torch.randn(5, 1024, device="cuda", dtype=torch.float16)
     quant_matmul.quant_linear_triton(x, q, s.half(), z.half(), 128)
-    assert calls == [3, 5, 16] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())
+    assert calls == [] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())

@@ -112,7 +112,8 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: t
 # is loaded, converted to x's dtype (integers up to 255 are exact there), multiplied on the tensor cores, and
 # scaled per output column per group afterwards; and a CUDA-core GEMV for 1-4 rows (batch-1 decode). Both
 # can split K when the column tiles alone would not fill the GPU (the GEMV's last split adds the partials; the
-# tensor-core kernel adds fp32 atomics into a zeroed output).
+# tensor-core kernel adds fp32 atomics into a zeroed output). INT4 g128 decode batches of 3-16 bf16 rows on sm_80+
+# go to int4_mma's CUDA kernel instead (the rows of x in the mma's A operand: 16 rows cost ~3.4x one).
 tl = None
 
 
@@ -518,6 +519,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         silu_mul: bool = False, norm: tuple | None = None,
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
+    INT4 g128 with 3-16 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMV (the fused forms below included).
     INT4 with DEQUANT_MIN_ROWS rows or more: the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
@@ -612,13 +614,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 def _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight):
     """quant_linear_triton through int4_mma.int4_gemv (x: 3-16 rows, bf16)."""
-    m, n = x.shape[0], qweight.shape[0]
     if (residual is None) != (norm_weight is None) or (residual is not None and (norm is not None or bias is not None)):
         raise ValueError("residual comes with norm_weight, and not with norm or bias")
-    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1 or residual.dtype != x.dtype):
-        raise ValueError(f"residual must be a [{m}, {n}] {x.dtype} tensor (rows contiguous)")
-    if x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.contiguous()
+    if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
+        x = x.clone(memory_format=torch.contiguous_format)
     counts = _split_counts(x.device)
     out = int4_mma.int4_gemv(x, qweight, scales, offsets, counts, silu_mul=silu_mul, norm=norm, residual=residual,
                              norm_weight=norm_weight, splits=None if counts is not None else 1)
