@@ -535,15 +535,15 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     n = qweight.shape[0]
     if (bits == 8 and qweight.shape[1] != k) or (bits == 4 and 2 * qweight.shape[1] != k):
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
+    if (residual is None) != (norm_weight is None) or (residual is not None and (norm is not None or bias is not None)):
+        raise ValueError("residual comes with norm_weight, and not with norm or bias")
     if tiles is None and x.dtype == scales.dtype and _mma(m, k, group_size, qweight, scales):
         return _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = _on_words(block_m, k, qweight)
-    if (residual is None) != (norm_weight is None) or (residual is not None and norm is not None):
-        raise ValueError("residual comes with norm_weight, and not with norm")
-    if (norm is not None or residual is not None) and not (words and (residual is None or bias is None)):
-        raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms), without bias")
+    if (norm is not None or residual is not None) and not words:
+        raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
     if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
     if bits == 4 and tiles is None and m >= DEQUANT_MIN_ROWS:
@@ -614,8 +614,6 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 def _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight):
     """quant_linear_triton through int4_mma.int4_gemv (x: 3-16 rows, bf16)."""
-    if (residual is None) != (norm_weight is None) or (residual is not None and (norm is not None or bias is not None)):
-        raise ValueError("residual comes with norm_weight, and not with norm or bias")
     if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
         x = x.clone(memory_format=torch.contiguous_format)
     counts = _split_counts(x.device)
