@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 from types import SimpleNamespace
 
 import torch
@@ -126,7 +125,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
+                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
     over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
@@ -148,8 +147,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     split = tl.program_id(2)
     if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
         tl.extra.cuda.gdc_wait()
-        if EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     start = split * split_len
@@ -193,7 +190,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                                      valid, score_mask, m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
                                      stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE,
                                      NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
-    if PDL and not EARLY:  # not before the loop: the next kernel's waiting programs would slow it
+    if PDL:  # not before the loop: the next kernel's waiting programs would slow it
         tl.extra.cuda.gdc_launch_dependents()
     if ROPE:
         if own_new:  # the new token: rotated k and v from the projections, stored, and attended to here
@@ -418,9 +415,6 @@ def _decode_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 4, 3
 
 
-EARLY_LAUNCH = os.environ.get("TUILI_ATTN_EARLY") == "1"  # experiment: PDL trigger before the K/V loop
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int, block_n: int | None = None, k_scale: torch.Tensor | None = None,
@@ -476,7 +470,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
         MIN_SPLIT=-(-MIN_SPLIT_TOKENS // k_cache.shape[1]) * k_cache.shape[1], num_warps=num_warps,
-        num_stages=num_stages, EARLY=EARLY_LAUNCH, **pdl.launch_options(q.device))
+        num_stages=num_stages, **pdl.launch_options(q.device))
     if num_splits > 1:
         kernels.merge[(rows, num_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),

@@ -295,27 +295,23 @@ def available(device: torch.device) -> bool:
 @functools.cache
 def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool):
     """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x)."""
-    pdl = torch.cuda.get_device_capability(index)[0] >= 9
+    from torch.cuda import _utils
+    major, minor = torch.cuda.get_device_capability(index)
+    pdl = major >= 9
     defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
                    PDL=int(pdl), HI=int(hi))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
-    return _kernel_from_source(index, source, "int4_gemv_mma"), pdl
-
-
-def _kernel_from_source(index: int, source: str, name: str):
-    """The kernel `name` of CUDA C++ `source`, compiled by NVRTC for device `index` and loaded there."""
-    from torch.cuda import _utils
-    major, minor = torch.cuda.get_device_capability(index)
     with torch.cuda.device(index):
-        binary, mangled = _utils._nvrtc_compile(source, name, f"{major}{minor}")
-        return _utils._cuda_load_module(binary, [mangled])[mangled]
+        binary, name = _utils._nvrtc_compile(source, "int4_gemv_mma", f"{major}{minor}")
+        kernel = _utils._cuda_load_module(binary, [name])[name]
+    return kernel, pdl
 
 
-def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list, threads: int = 128) -> None:
+def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list) -> None:
     """cuLaunchKernelEx on device `index`'s current stream, with PDL's attribute where `pdl`."""
     if index != torch.cuda.current_device():
         with torch.cuda.device(index):
-            return _launch(kernel, pdl, index, grid, shared_mem, args, threads)
+            return _launch(kernel, pdl, index, grid, shared_mem, args)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     if shared_mem >= 48 * 1024 and getattr(kernel, "_tuili_smem", 0) < shared_mem:
         err = lib.cuFuncSetAttribute(kernel.func, _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
@@ -332,7 +328,7 @@ def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: l
             cargs.append(ctypes.c_int(a))
     params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cargs])
     attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)  # programmaticStreamSerializationAllowed
-    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(threads, 1, 1),
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(128, 1, 1),
                            shared_mem=shared_mem, stream=torch.cuda.current_stream().cuda_stream,
                            attrs=ctypes.pointer(attr) if pdl else None, num_attrs=1 if pdl else 0)
     err = lib.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tuili.ops import cpu_kernels, int4_mma, pdl, stream_gemv
+from tuili.ops import cpu_kernels, int4_mma, pdl
 from tuili.ops.activation import silu_and_mul_triton
 
 
@@ -506,23 +506,11 @@ def _mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.T
         and scales.stride() == (1, n) and int4_mma.available(qweight.device)
 
 
-STREAM = True  # one row of bf16 x on sm_90+ through stream_gemv where it fits (off: the Triton GEMV; A/B runs)
-
-
-def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether m rows of x (in scales' dtype) go through stream_gemv (one row, bf16, Hopper)."""
-    bits = 8 if qweight.dtype == torch.int8 else 4
-    return STREAM and m == 1 and scales.dtype == torch.bfloat16 and qweight.is_cuda \
-        and stream_gemv.supports(bits, qweight.shape[0], k, group_size) \
-        and (scales.stride() == (1, qweight.shape[0]) if bits == 4 else scales.dim() == 1) \
-        and stream_gemv.available(qweight.device)
-
-
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words, int4_mma's or
-    stream_gemv's; the SM count passed to `_tiles` only splits the tensor-core kernel's K)."""
-    return _mma(m, k, group_size, qweight, scales) or _stream(m, k, group_size, qweight, scales) \
-        or _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0], k, qweight)
+    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words or int4_mma's; the SM
+    count passed to `_tiles` only splits the tensor-core kernel's K)."""
+    return _mma(m, k, group_size, qweight, scales) or _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0],
+                                                                   k, qweight)
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -551,12 +539,6 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError("residual comes with norm_weight, and not with norm or bias")
     if tiles is None and x.dtype == scales.dtype and _mma(m, k, group_size, qweight, scales):
         return _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight)
-    if tiles is None and x.dtype == scales.dtype and _stream(m, k, group_size, qweight, scales):
-        if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads x in 16-byte pieces
-            x = x.clone(memory_format=torch.contiguous_format)
-        out = stream_gemv.stream_gemv(x, qweight, scales, offsets, silu_mul=silu_mul, norm=norm, residual=residual,
-                                      norm_weight=norm_weight)
-        return out if bias is None else out + bias
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
     words = _on_words(block_m, k, qweight)
