@@ -280,6 +280,41 @@ def test_triton_gemv_keeps_fp32_precision_over_a_wide_range_of_x(method):
         assert ((got.cpu().double()[0] - ref[row]).abs() <= bound).all()
 
 
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group, symmetric", [(32, False), (128, False), (128, True)])
+def test_triton_int4_gemv_integer_products(group, symmetric, dtype):
+    """INT4 on CUDA with several groups per K tile and 16-bit x (fp32 x keeps the float products, see
+    test_triton_gemv_keeps_fp32_precision_over_a_wide_range_of_x): the GEMV multiplies in integers (x as 16-bit
+    integers with an exponent per 8 values, dp2a): against an fp64 reference within the bits that costs (2^-14 of
+    each word's largest |x|) and the output's rounding, plain, split K, silu_mul, and the residual add."""
+    gen = torch.Generator().manual_seed(13)
+    n, k = 96, 2048
+    w = torch.randn(n, k, generator=gen)
+    q, scales, offsets = quantize_groupwise(w, group, symmetric)
+    w_float = dequantize_int4(q, scales.to(dtype), None if offsets is None else offsets.to(dtype), group).double()
+    args = (q.to(DEVICE), quant_matmul.group_major(scales.to(dtype)).to(DEVICE),
+            None if offsets is None else quant_matmul.group_major(offsets.to(dtype)).to(DEVICE), group)
+    ulp = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    x = (torch.randn(1, 2 * k, generator=gen) * 10.0 ** torch.randint(-1, 2, (1, 2 * k), generator=gen)).to(dtype)
+    for tiles in ((1, 32, 1024, 1, 4, 3), (1, 32, 512, 2, 4, 3)):
+        for silu_mul in (False, True):
+            xin = silu_and_mul_triton(x.to(DEVICE)).cpu().double() if silu_mul else x[:, :k].double()
+            ref = xin @ w_float.t()
+            got = quant_linear_triton(x.to(DEVICE) if silu_mul else x[:, :k].to(DEVICE), *args, tiles=tiles,
+                                      silu_mul=silu_mul).cpu().double()
+            bound = 2 ** -10 * (xin.abs() @ w_float.abs().t()) + ulp * ref.abs() + 1e-30
+            assert ((got - ref).abs() <= bound).all(), ((got - ref).abs() / bound).max()
+    h = torch.randn(1, n, generator=gen).to(dtype).to(DEVICE)
+    nw = (torch.rand(n, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    stream = h.clone()
+    out, hw, ss = quant_linear_triton(x[:, :k].to(DEVICE), *args, residual=stream, norm_weight=nw)
+    want = h.double().cpu() + x[:, :k].double() @ w_float.t()
+    bound = 2 ** -10 * (x[:, :k].double().abs() @ w_float.abs().t()) + 2 * ulp * want.abs()
+    assert ((out.cpu().double() - want).abs() <= bound).all()
+    torch.testing.assert_close(ss.sum(1), out.float().pow(2).sum(1), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", _triton_dtypes())
 @pytest.mark.parametrize("method", ["int4-g32", "int4-g64-sym", "int4-g128"])
 def test_triton_int4_prefill_dequantizes_then_matmuls(method, dtype):

@@ -178,6 +178,29 @@ def _columns(t, BLOCK_W: tl.constexpr, PER: tl.constexpr):
         return c0, c1, c2, c3
 
 
+def _dp2a_terms(words, xf, BLOCK_W: tl.constexpr):
+    """sum_j q_j x_j per INT4 word of a [BLOCK_N, BLOCK_W] tile (words whose 8 nibbles are k = 8w + j; x as
+    xf [BLOCK_W, 8] fp32) in integers: each word's 8 x values as 16-bit integers times 2^E, E from their largest
+    |x| (which lands in [2^13, 2^14); values under 2^-14 of it lose their low bits), the nibbles as the bytes of
+    w & 0x0F0F0F0F and (w >> 4) & 0x0F0F0F0F, four `dp2a` (two 16 x 8-bit products each) per word: 7
+    instructions for 8 products, where the floats take 16. Returns the sums (fp32)."""
+    big = tl.max(tl.abs(xf), axis=1)
+    ebits = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 16)  # biased exponent of the largest
+    xi = tl.extra.cuda.libdevice.rint(xf * ((267 - ebits) << 23).to(tl.float32, bitcast=True)[:, None])  # 2^(13-e)
+    c0, c1, c2, c3, c4, c5, c6, c7 = _columns(xi.to(tl.int32), BLOCK_W, 8)
+    p0 = (c0 & 0xFFFF) | (c2 << 16)  # the x pairs of nibbles (0, 2), (4, 6), (1, 3), (5, 7)
+    p1 = (c4 & 0xFFFF) | (c6 << 16)
+    p2 = (c1 & 0xFFFF) | (c3 << 16)
+    p3 = (c5 & 0xFFFF) | (c7 << 16)
+    sums = tl.inline_asm_elementwise(
+        "{ .reg .b32 lo, hi, z;\n mov.b32 z, 0;\n and.b32 lo, $1, 0x0F0F0F0F;\n shr.u32 hi, $1, 4;\n"
+        " and.b32 hi, hi, 0x0F0F0F0F;\n dp2a.lo.s32.u32 $0, $2, lo, z;\n dp2a.hi.s32.u32 $0, $3, lo, $0;\n"
+        " dp2a.lo.s32.u32 $0, $4, hi, $0;\n dp2a.hi.s32.u32 $0, $5, hi, $0;\n }",
+        "=r,r,r,r,r,r", [words, p0[None, :], p1[None, :], p2[None, :], p3[None, :]], dtype=tl.int32, is_pure=True,
+        pack=1)
+    return sums.to(tl.float32) * ((ebits - 13) << 23).to(tl.float32, bitcast=True)[None, :]  # |sums| < 2^21: exact
+
+
 def _quant_matmul_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn,
                          stride_sg, stride_om, k_per_split,
                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -240,7 +263,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                        BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr, BLOCK_W: tl.constexpr,
                        FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr, SILU_MUL: tl.constexpr,
                        PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_SS: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr, DP2A: tl.constexpr):
     """Grid (M, cdiv(N, BLOCK_N), splits): one row of x, one column tile, one K split per program (_gemv_tile)."""
     if PDL:  # launched early (ops/pdl.py): wait for the kernels before
         tl.extra.cuda.gdc_wait()
@@ -248,7 +271,7 @@ def _quant_gemv_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr
                tl.num_programs(2), x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr, ss_ptr, nw_ptr, hw_ptr,
                N, K, stride_xm, stride_qn, stride_sn, stride_sg, stride_om, k_per_split, num_ss, eps, BITS, GROUP,
                HAS_OFFSET, BLOCK_N, BLOCK_K, ATOMIC, WORDS, BLOCK_W, FIXUP, EVEN, STAGES, SILU_MUL, PAIRED, NORM, ADD,
-               BLOCK_SS, PDL)
+               BLOCK_SS, PDL, DP2A)
 
 
 def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, part_ptr, count_ptr,
@@ -257,7 +280,7 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr, WORDS: tl.constexpr,
                BLOCK_W: tl.constexpr, FIXUP: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
                SILU_MUL: tl.constexpr, PAIRED: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr,
-               BLOCK_SS: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
+               BLOCK_SS: tl.constexpr, LAUNCH_NEXT: tl.constexpr, DP2A: tl.constexpr = False):
     """The same product for a few rows of x, on the CUDA cores (no tensor-core tile to pad a single row to 16): the
     program (row, pid_n, split) of a grid (rows, tiles_n, splits) = (M, cdiv(N, BLOCK_N), splits), one row of x each
     (the ids are arguments: a persistent kernel can run several tiles; LAUNCH_NEXT: PDL's trigger). The packed
@@ -265,8 +288,11 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
     without the int-to-float convert (a quarter-rate unit): a value masked in place and read as a float is the
     denormal q * 2^(pos - 149), exact, one AND per value (and one shift per word for the values above bit 20); x
     comes scaled by 2^(149 - pos - P) so that every product is q x 2^-P. FFMA takes denormals at full rate (Triton
-    does not flush them). INT8 words hold q + 128 (the 128 comes off through the x sums, as INT4's offsets do). The
-    x tile is loaded as [words, values] and split into one vector per value position in registers. Products
+    does not flush them). INT8 words hold q + 128 (the 128 comes off through the x sums, as INT4's offsets do).
+    DP2A (INT4, 16-bit x, several groups per K tile, CUDA): the products in integers instead (_dp2a_terms: 7
+    instructions for a word's 8, where the floats take 16; x rounded to 2^-14 of the largest of its 8 values, below
+    the output's own rounding). The x tile is loaded as [words, values] and split into one vector per value position
+    in registers. Products
     accumulate element-wise in a [BLOCK_N, BLOCK_W] tile (BLOCK_W: words, or bytes, per row of a K tile), scaled and
     offset per group element-wise, and are reduced across threads once, at the end (a reduction per tile cost as
     much as the products). STAGES > 1 keeps that many K tiles of weights, x and scales in flight (cp.async; a load
@@ -320,23 +346,26 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
                 xt = tl.load(x_ptrs, mask=w_mask[:, None], other=0.0)
                 if SILU_MUL:
                     xt = _silu_mul(xt, tl.load(x_ptrs + K, mask=w_mask[:, None], other=0.0))
-            # value j read in place as the denormal q 2^(pos - 149) (pos: its lowest bit); x scaled by
-            # 2^(149 - pos - P), one multiply per element of the x tile before it is spread over the threads
-            col = tl.arange(0, PER)
-            pos = BITS * col - tl.where(col >= LOW, HIGH, 0)
             xf = xt.to(tl.float32)
             xs = tl.sum(xf, axis=1)  # the sum of the x values each word column saw
-            xj = _columns(xf * ((276 - P - pos) << 23).to(tl.float32, bitcast=True)[None, :], BLOCK_W, PER)
-            if BITS == 8:
-                words = words ^ -2139062144  # q + 128 in each byte: unsigned
-            high = (words.to(tl.uint32, bitcast=True) >> HIGH).to(tl.int32, bitcast=True)
-            terms = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            for j in tl.static_range(PER):
-                if j < LOW:  # INT4 nibbles 0-4, INT8 bytes 0-1: in place
-                    f_j = (words & ((2 ** BITS - 1) << (BITS * j))).to(tl.float32, bitcast=True)
-                else:
-                    f_j = (high & ((2 ** BITS - 1) << (BITS * j - HIGH))).to(tl.float32, bitcast=True)
-                terms += f_j * xj[j][None, :]  # q 2^(pos - 149) x 2^(149 - pos - P) = q x 2^-P
+            if DP2A:  # INT4: integer products, 8 per word in 7 instructions
+                terms = _dp2a_terms(words, xf, BLOCK_W)
+            else:
+                # value j read in place as the denormal q 2^(pos - 149) (pos: its lowest bit); x scaled by
+                # 2^(149 - pos - P), one multiply per element of the x tile before it is spread over the threads
+                col = tl.arange(0, PER)
+                pos = BITS * col - tl.where(col >= LOW, HIGH, 0)
+                xj = _columns(xf * ((276 - P - pos) << 23).to(tl.float32, bitcast=True)[None, :], BLOCK_W, PER)
+                if BITS == 8:
+                    words = words ^ -2139062144  # q + 128 in each byte: unsigned
+                high = (words.to(tl.uint32, bitcast=True) >> HIGH).to(tl.int32, bitcast=True)
+                terms = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+                for j in tl.static_range(PER):
+                    if j < LOW:  # INT4 nibbles 0-4, INT8 bytes 0-1: in place
+                        f_j = (words & ((2 ** BITS - 1) << (BITS * j))).to(tl.float32, bitcast=True)
+                    else:
+                        f_j = (high & ((2 ** BITS - 1) << (BITS * j - HIGH))).to(tl.float32, bitcast=True)
+                    terms += f_j * xj[j][None, :]  # q 2^(pos - 149) x 2^(149 - pos - P) = q x 2^-P
         elif BITS == 8:
             rk = k0 + tl.arange(0, BLOCK_W)
             k_mask = rk < K
@@ -369,9 +398,12 @@ def _gemv_tile(row, pid_n, split, rows, tiles_n, splits, x_ptr, qw_ptr, s_ptr, o
                 m = tl.zeros_like(s)
             else:
                 s, m = _group_scale_offset(s_ptr, o_ptr, offs, n_mask[:, None], HAS_OFFSET)
+            m = B * s + m
+            if not DP2A:  # terms are q x 2^-P
+                s = A * s
             s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, G, BLOCK_W // G]), [BLOCK_N, BLOCK_W])
             m = tl.reshape(tl.broadcast_to(m[:, :, None], [BLOCK_N, G, BLOCK_W // G]), [BLOCK_N, BLOCK_W])
-            acc2 += terms * (A * s) + (B * s + m) * xs[None, :]
+            acc2 += terms * s + m * xs[None, :]
         elif GROUP > 0 and BITS == 8:
             s = tl.load(s_ptr + rn * stride_sn + (k0 // GROUP) * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
             acc2 += terms * (A * s)[:, None] + (B * s)[:, None] * xs[None, :]
@@ -428,7 +460,7 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
 
 @functools.cache
 def _kernels():
-    global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out, _gemv_tile  # kernels' globals
+    global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out, _gemv_tile, _dp2a_terms
     import triton
     import triton.language as tl
 
@@ -438,6 +470,7 @@ def _kernels():
     _paired = triton.jit(_paired)
     _store_out = triton.jit(_store_out)
     _gemv_tile = triton.jit(_gemv_tile)
+    _dp2a_terms = triton.jit(_dp2a_terms)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
                            dequant_int4=triton.jit(_dequant_int4_kernel))
 
@@ -456,6 +489,8 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets:
     return out
 
 
+DP2A = True  # INT4 GEMV of 16-bit x on CUDA: integer products (_dp2a_terms; fp32 x, the interpreter and DP2A off:
+# the denormal floats, whose products are exact)
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
@@ -598,7 +633,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             hw, n, k, x.stride(0), qw.stride(0), *scale_strides, out.stride(0), k_per_split, ss.shape[1],
             0.0 if norm is None else norm[0], WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
             EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, PAIRED=paired,
-            NORM=norm is not None, ADD=residual is not None,
+            NORM=norm is not None, ADD=residual is not None, DP2A=DP2A and bits == 4 and words and x.is_cuda
+            and x.dtype != torch.float32 and group_size > 0 and block_k > group_size and n % block_n == 0
+            and k % block_k == 0,
             BLOCK_SS=1 << max(ss.shape[1] - 1, 0).bit_length() if norm is not None else 1,
             **pdl.launch_options(x.device), **common)
         if residual is not None:
