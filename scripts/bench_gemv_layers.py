@@ -3,8 +3,9 @@ different weights of one shape in a row (more bytes than L2 holds, no launch gap
 time per call and GB/s for each tile config, against cuBLAS bf16 on the same shape the same way. Steadier than
 timing one kernel alone (scripts/sweep_quant_matmul.py), whose numbers swing with clocks and the cache.
 
-usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto] [--shapes=qkv,o]   (--auto: only
-`_tiles`' choice; TILES: the configs to time, see `configs`)"""
+usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto] [--shapes=qkv,o] [--no-products]
+(--auto: only `_tiles`' choice; TILES: the configs to time, see `configs`; --no-products: INT4's integer products
+replaced by a bit cast of the words, wrong results: what the same loads, scales and x cost without them)"""
 import itertools
 import json
 import os
@@ -97,6 +98,17 @@ def main(out: str, methods: list[str], auto_only: bool, shapes: list[str]) -> No
 
 
 if __name__ == "__main__":
+    if "--no-products" in sys.argv:
+        import triton
+        import triton.language as tl
+
+        import tuili.ops.quant_matmul as qm
+
+        def _no_products(words, xf, BLOCK_W: tl.constexpr):
+            return words.to(tl.float32, bitcast=True)
+
+        qm._kernels()
+        qm._dp2a_terms = triton.jit(_no_products)  # looked up when _gemv_tile compiles
     args = [a for a in sys.argv[2:] if not a.startswith("--")]
     shapes = next((a.split("=")[1].split(",") for a in sys.argv if a.startswith("--shapes=")), list(SHAPES))
     main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv, shapes)

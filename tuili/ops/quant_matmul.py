@@ -512,13 +512,18 @@ def _tiles(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, 
     num_stages: how many K tiles are in flight). From runs of Llama-3.1-8B's decode shapes as the engine runs them
     (one CUDA graph over many layers' weights, scripts/bench_gemv_layers.py, H100). The GEMV wants long runs of
     each row per K tile (INT8 with 64-byte runs took 3x as long as with 512): INT4 through the GEMV with 32 x 1024
-    tiles and 3 in flight (split 2 ways for long K: unsplit with 4 in flight, faster alone, 16.3 -> 14.2 us, made
-    the whole step 2.5% slower); INT8 one row through the GEMV with 16 x 512
+    tiles and 3 in flight, 16 rows where 32-row tiles would be fewer than the SMs (the 8B's o and down: 6.43 ->
+    6.11 us), long K in 2048-value tiles, split 2 ways only where the tiles are still too few (down 15.18 -> 13.82
+    us unsplit in 16 x 2048 tiles; the step +1.1%, H100; unsplit in 32 x 1024 tiles with 4 in flight, 128
+    programs, had made it 2.5% slower); INT8 one row through the GEMV with 16 x 512
     tiles (16 x 1024 for long K; the LM head too); INT8 batches through the tensor-core kernel with 64 x 256
     tiles, split 4 ways for long K on few column tiles."""
-    if group and m <= GEMV_MAX_ROWS:  # 32 x 1024 tiles of several groups, 3 in flight; long K split 2 ways
-        block_k = next((b for b in (1024, 512, 256) if k % b == 0 and b % group == 0), group)
-        return 1, 32, block_k, 2 if k >= 8192 else 1, 4, 3
+    if group and m <= GEMV_MAX_ROWS:  # tiles of several groups, 3 in flight
+        block_n = 32 if n >= 32 * num_sms else 16
+        long_k = k >= 8192
+        block_k = next((b for b in (2048, 1024, 512, 256) if k % b == 0 and b % group == 0 and (long_k or b < 2048)),
+                       group)
+        return 1, block_n, block_k, 2 if long_k and n // block_n < num_sms else 1, 4, 3
     if not group and m == 1:  # INT8 per channel, one row: the GEMV on words
         return 1, 16, 1024 if k >= 8192 else 512, 1, 4, 3
     block_k = 256 if not group else min(group, 256)
