@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
+from tuili.ops.argmax import argmax_triton  # noqa: E402
 from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
 from tuili.ops.rope import (apply_rope, apply_rope_triton, rotate_rows, qk_norm_rope,  # noqa: E402
                              qk_norm_rope_triton, rope_rows, rope_store_kv_triton)
@@ -238,3 +239,18 @@ def test_rope_rows_match_the_reference_bit_for_bit(dtype):
     expected = apply_rope(q, k, cos[positions], sin[positions])
     got = rotate_rows(qkv[:, :8], *rope_rows(cos, sin, positions, dtype)).split([6, 2], dim=1)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("n, v", [(1, 128256), (3, 49152), (2, 151936), (1, 1000), (9, 65536), (2, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_triton_is_torch_argmax(n, v, dtype):
+    """Greedy decoding's argmax kernel gives torch's argmax, ties to the first index also across its tiles and
+    lanes, for rows that are all -inf and for strided rows."""
+    gen = torch.Generator().manual_seed(v + n)
+    x = torch.randint(0, 50, (n, v), generator=gen).to(dtype)  # many ties
+    x[0, v // 2] = x[0, v - 1] = 60.0  # equal maxima in different tiles
+    x[-1] = float("-inf")
+    x = x.to(DEVICE)
+    assert torch.equal(argmax_triton(x).cpu(), x.cpu().float().argmax(dim=-1))
+    y = torch.randn(n, 2 * v, generator=gen).to(dtype).to(DEVICE)[:, ::2]  # strided: copied first
+    assert torch.equal(argmax_triton(y).cpu(), y.cpu().float().argmax(dim=-1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuili.engine.sequence import Request
-from tuili.runner.sampler import Sampler, argmax_rows
+from tuili.runner.sampler import Sampler
 from tuili.sampling_params import SamplingParams
 
 V = 16          # synthetic vocabulary
@@ -45,18 +45,6 @@ def test_greedy_is_argmax():
     logits = torch.randn(6, V) * 3
     seqs = [make_seq(SamplingParams(temperature=0)) for _ in range(6)]
     assert sample(logits, seqs) == logits.argmax(-1).tolist()
-
-
-@pytest.mark.parametrize("n, v", [(1, 128256), (3, 49152), (2, 151936), (1, 1000), (9, 65536)])
-def test_argmax_rows_is_argmax(n, v):
-    """The two-pass argmax (CUDA's path for a few long rows) gives torch's argmax, ties to the first index, also
-    across the chunks it splits a row into."""
-    gen = torch.Generator().manual_seed(v + n)
-    x = torch.randint(0, 50, (n, v), generator=gen).float()  # many ties
-    x[0, v // 2] = x[0, v - 1] = 60.0  # equal maxima in different chunks
-    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-    y = torch.randn(n, v, generator=gen)
-    assert torch.equal(argmax_rows(y), y.argmax(dim=-1))
 
 
 def test_greedy_rows_stay_argmax_in_a_sampled_batch():

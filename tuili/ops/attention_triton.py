@@ -145,8 +145,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
-        tl.extra.cuda.gdc_wait()
+    # the step's lengths, positions and slots come from the host's buffers, written before the kernel this one
+    # follows: read while it still runs (PDL), so that only q and the new K/V wait for it
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     start = split * split_len
@@ -158,21 +158,33 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     heads = kv_head * GROUP + offs_g % GROUP
     head_mask = offs_g < GROUP * QLEN
     tokens = b.to(tl.int64) * QLEN + token
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0)
     if ROPE:
         half: tl.constexpr = HEAD_DIM // 2
         rot_d = (offs_d + half) % HEAD_DIM  # rotate_half: x2 beside x1, -x1 beside x2
         pos = tl.load(pos_ptr + b).to(tl.int64)
-        cos = tl.load(cos_ptr + pos * stride_cos + offs_d % half).to(q.dtype).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_sin + offs_d % half).to(q.dtype).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d % half)
+        sin = tl.load(sin_ptr + pos * stride_sin + offs_d % half)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        own_new = (start <= seq_len - 1) & (seq_len - 1 < end)  # this split holds the new token: the loop stops
+        if own_new:                                               # before it, which comes from registers
+            end = seq_len - 1
+    if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
+        tl.extra.cuda.gdc_wait()
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_mask[:, None], other=0.0)
+    if ROPE:
+        cos = cos.to(q.dtype).to(tl.float32)
+        sin = sin.to(q.dtype).to(tl.float32)
         sin = tl.where(offs_d < half, -sin, sin)
         q_rot = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + rot_d[None, :],
                         mask=head_mask[:, None], other=0.0)
         q = _rotate(q, q_rot, cos[None, :], sin[None, :])
-        own_new = (start <= seq_len - 1) & (seq_len - 1 < end)  # this split holds the new token: the loop stops
-        if own_new:                                               # before it, which comes from registers
-            end = seq_len - 1
+        # the new token's k and v, loaded with q (the split that holds it uses them after its loop; 768 bytes from
+        # L2 for the others)
+        k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kv_head * stride_knh
+        k_new = tl.load(k_row + offs_d)
+        k_new_rot = tl.load(k_row + rot_d)
+        v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
     visible_end = seq_len - QLEN + 1 + token              # one past the last key each row sees
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -194,10 +206,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         tl.extra.cuda.gdc_launch_dependents()
     if ROPE:
         if own_new:  # the new token: rotated k and v from the projections, stored, and attended to here
-            k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kv_head * stride_knh
-            k_new = _rotate(tl.load(k_row + offs_d), tl.load(k_row + rot_d), cos, sin)
-            v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
-            slot = tl.load(slot_ptr + b).to(tl.int64)
+            k_new = _rotate(k_new, k_new_rot, cos, sin)
             if slot >= 0:
                 tl.store(k_cache_ptr + (slot // PAGE_SIZE) * stride_kb + (slot % PAGE_SIZE) * stride_ks
                          + kv_head * stride_kh + offs_d, k_new)

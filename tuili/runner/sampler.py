@@ -90,16 +90,11 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) of [N, V] for a few long rows in two passes (the max of each of C chunks, then the best
-    chunk): torch's reduction runs one row on few blocks, 28 us for a 128K vocabulary on an H100. The same
-    answer, ties included (both passes take the first maximum)."""
-    n, v = x.shape
-    chunks = next((c for c in (256, 128, 64) if v % c == 0), 0)
-    if n > 8 or not chunks or v < 64 * chunks:
-        return x.argmax(dim=-1)
-    values, index = x.view(n, chunks, v // chunks).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)
-    return best[:, 0] * (v // chunks) + index.gather(1, best)[:, 0]
+    """x.argmax(dim=-1) of [N, V]: on CUDA one Triton kernel (ops/argmax.py), ties to the first index."""
+    if x.is_cuda:
+        from tuili.ops.argmax import argmax_triton
+        return argmax_triton(x)
+    return x.argmax(dim=-1)
 
 
 class Sampler:
@@ -109,15 +104,17 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        logits = logits.to(torch.float32, copy=True)                       # [N, V]; processed in place below
         n, device = len(seqs), logits.device
         params = [s.params for s in seqs]
         want_lp = [p.logprobs is not None for p in params]
+        if all(p.greedy for p in params) and not any(want_lp) and not any(_has_processors(s) for s in seqs):
+            return SamplerOutput(argmax_rows(logits), [], None, [])  # plain greedy: the raw logits' argmax
+        logits = logits.to(torch.float32, copy=True)                       # [N, V]; processed in place below
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         logits = self._apply_penalties(logits, seqs)
         logits = self._apply_min_tokens(logits, seqs)
 
-        tokens = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         if not all(p.greedy for p in params):
             greedy = to_device([p.greedy for p in params], torch.bool, device)
             probs = self.distribution(logits, params)
