@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from tuili.ops.activation import silu_and_mul, silu_and_mul_triton  # noqa: E402
 from tuili.ops.argmax import argmax_triton  # noqa: E402
+from tuili.ops.step_inputs import fill_step_inputs  # noqa: E402
 from tuili.ops.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_triton, rms_norm, rms_norm_triton  # noqa: E402
 from tuili.ops.rope import (apply_rope, apply_rope_triton, rotate_rows, qk_norm_rope,  # noqa: E402
                              qk_norm_rope_triton, rope_rows, rope_store_kv_triton)
@@ -254,3 +255,42 @@ def test_argmax_triton_is_torch_argmax(n, v, dtype):
     assert torch.equal(argmax_triton(x).cpu(), x.cpu().float().argmax(dim=-1))
     y = torch.randn(n, 2 * v, generator=gen).to(dtype).to(DEVICE)[:, ::2]  # strided: copied first
     assert torch.equal(argmax_triton(y).cpu(), y.cpu().float().argmax(dim=-1))
+    if v <= 1000:  # many chunks per row (the counts reset by each call's last program, reused by the next)
+        assert torch.equal(argmax_triton(y, chunk=64).cpu(), y.cpu().float().argmax(dim=-1))
+
+
+@pytest.mark.parametrize("query_len, bs, size, pending", [(1, 3, 4, True), (1, 1, 1, False), (3, 2, 4, True),
+                                                          (1, 5, 8, False)])
+def test_fill_step_inputs_matches_the_copies(query_len, bs, size, pending):
+    """The one-kernel fill of a decode graph's static inputs writes what DecodeGraphs.run's copies and fills
+    wrote: each row's token (the pending ones from the previous step's samples), position, slot, each sequence's
+    length and block table, and the padded sequences' scratch slots, length and table; nothing else changes."""
+    gen = torch.Generator().manual_seed(query_len * 100 + bs)
+    rows, max_blocks, scratch_block, width = 8 * query_len, 40, 99, 7
+    out = dict(input_ids=torch.randint(0, 1000, (rows,), generator=gen),
+               positions=torch.randint(0, 1000, (rows,), generator=gen),
+               slot_mapping=torch.randint(0, 1000, (rows,), generator=gen),
+               seq_lens=torch.randint(0, 1000, (8,), generator=gen, dtype=torch.int32),
+               block_tables=torch.randint(0, 1000, (8, max_blocks), generator=gen, dtype=torch.int32))
+    out = {k: v.to(DEVICE) for k, v in out.items()}
+    n = bs * query_len
+    ids, pos, slots = (torch.randint(0, 5000, (n,), generator=gen, dtype=torch.int32) for _ in range(3))
+    lens = torch.randint(1, 100, (bs,), generator=gen, dtype=torch.int32)
+    tables = torch.randint(0, 500, (bs, width), generator=gen, dtype=torch.int32)
+    tokens = torch.randint(0, 5000, (6,), generator=gen)
+    which = torch.full((n,), -1, dtype=torch.int32)
+    which[query_len - 1::query_len] = torch.arange(bs, dtype=torch.int32) % 6  # each sequence's last row
+    want = {k: v.clone() for k, v in out.items()}
+    want["input_ids"][:n] = torch.where(which.to(DEVICE) >= 0, tokens.to(DEVICE)[which.clamp(min=0).long().to(DEVICE)],
+                                        ids.to(DEVICE).long()) if pending else ids.to(DEVICE).long()
+    want["positions"][:n] = pos.to(DEVICE).long()
+    want["slot_mapping"][:n] = slots.to(DEVICE).long()
+    want["seq_lens"][:bs] = lens.to(DEVICE)
+    want["block_tables"][:bs, :width] = tables.to(DEVICE)
+    want["slot_mapping"][n:size * query_len] = 12345
+    want["seq_lens"][bs:size] = query_len
+    want["block_tables"][bs:size] = scratch_block
+    fill_step_inputs(out, ids.to(DEVICE), pos.to(DEVICE), slots.to(DEVICE), lens.to(DEVICE), tables.to(DEVICE), size,
+                     query_len, 12345, scratch_block, (which.to(DEVICE), tokens.to(DEVICE)) if pending else None)
+    for k in out:
+        assert torch.equal(out[k], want[k]), k

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tuili.ops.attention_metadata import AttentionMetadata, set_attention_metadata
+from tuili.ops.step_inputs import fill_step_inputs
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -50,6 +51,8 @@ class DecodeGraphs:
         self.block_tables = torch.full((b, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
         self.query_start_loc = {q: torch.arange(b + 1, dtype=torch.int32, device=device) * q for q in self.sizes}
+        self.buffers = dict(input_ids=self.input_ids, positions=self.positions, slot_mapping=self.slot_mapping,
+                            seq_lens=self.seq_lens, block_tables=self.block_tables)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.scratch_block = scratch_block
@@ -84,23 +87,18 @@ class DecodeGraphs:
             self.graphs[q, bs] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            pending: tuple | None = None) -> torch.Tensor | None:
+        """Replay the graph for this step (None: no graph fits). pending = (rows, tokens): row r's token id is
+        tokens[rows[r]] where rows[r] >= 0 (the previous step's samples, still on the device)."""
         q, lens = meta.max_query_len, meta.query_lens_cpu
         bs = len(lens)
         sizes = self.sizes.get(q)
         if not sizes or bs > sizes[-1] or not self.graphs or (q > 1 and any(n != q for n in lens)):
             return None
         size = sizes[bisect.bisect_left(sizes, bs)]
-        rows = bs * q
-        self.input_ids[:rows].copy_(input_ids)
-        self.positions[:rows].copy_(positions)
-        self.slot_mapping[:rows].copy_(meta.slot_mapping)
-        self.seq_lens[:bs].copy_(meta.seq_lens)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:bs, :width].copy_(meta.block_tables)
-        if size > bs:  # padded rows: length q, writing into the scratch block
-            self.slot_mapping[rows:size * q].fill_(self.scratch_slot)
-            self.seq_lens[bs:size].fill_(q)
-            self.block_tables[bs:size].fill_(self.scratch_block)
+        # one kernel writes the inputs; padded rows get length q and slots in the scratch block
+        fill_step_inputs(self.buffers, input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables,
+                         size, q, self.scratch_slot, self.scratch_block, pending)
         self.graphs[q, size].replay()
-        return self.outputs[q, size][:rows]
+        return self.outputs[q, size][:bs * q]

@@ -142,13 +142,19 @@ class ModelRunner:
         assert self.device.type == "cpu" and self.num_blocks
         self.cpu_step = CpuStep.build(self.model, self.dtype)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.cpu_step is not None and self.cpu_step.handles(meta):
-            return self.cpu_step.run(input_ids, positions, meta)
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 pending: tuple | None = None) -> torch.Tensor:
+        """pending = (rows, tokens): row r's token id is tokens[rows[r]] where rows[r] >= 0 (samples of the step
+        before, still on the device)."""
         if self.graphs is not None:
-            hidden = self.graphs.run(input_ids, positions, meta)
+            hidden = self.graphs.run(input_ids, positions, meta, pending)
             if hidden is not None:
                 return hidden
+        if pending is not None:
+            rows, tokens = pending
+            input_ids = torch.where(rows >= 0, tokens[rows.clamp(min=0).long()].to(input_ids.dtype), input_ids)
+        if self.cpu_step is not None and self.cpu_step.handles(meta):
+            return self.cpu_step.run(input_ids, positions, meta)
         set_attention_metadata(meta)
         try:
             return self.model(input_ids, positions)
@@ -172,18 +178,17 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []          # row of each sampling sequence's last token
         spec_rows: list[int] = []            # rows of speculating sequences: their token, then each proposal
-        from_prev: list[int] = []            # rows whose input token is in prev's sampled tensor ...
-        prev_index: list[int] = []           # ... at this index
+        pending: list[int] = []              # per row: index of its token in prev's sampled tensor, or -1
         prompt_rows: list[tuple[int, Sequence, int, int]] = []  # (first row, seq, first target, count)
         for item in batch:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             row0 = len(input_ids)
             drafts = item.draft_token_ids
             ids = seq.token_ids[start:start + n - len(drafts)]
+            pending += [-1] * n
             if len(ids) < n - len(drafts):  # the last token is still on the device
                 assert len(ids) == n - 1 and prev is not None and not drafts, "only the newest token can be pending"
-                from_prev.append(row0 + n - 1)
-                prev_index.append(prev.row_of[seq.seq_id])
+                pending[row0 + n - 1] = prev.row_of[seq.seq_id]
                 ids.append(0)
             input_ids += ids + drafts
             pos = range(start, start + n)
@@ -198,16 +203,16 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if first - 1 >= start and last >= first:
                     prompt_rows.append((row0 + first - 1 - start, seq, first, last - first + 1))
-        meta, (input_ids_t, positions_t, sample_rows_t, from_prev_t, prev_index_t, spec_rows_t) = self._metadata(
+        any_pending = prev is not None and any(p >= 0 for p in pending)
+        meta, (input_ids_t, positions_t, sample_rows_t, spec_rows_t, pending_t) = self._metadata(
             [i.num_new_tokens for i in batch], [i.seq.num_computed_tokens + i.num_new_tokens for i in batch],
-            [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, from_prev, prev_index,
-            spec_rows)
+            [i.seq.block_table for i in batch], slots, input_ids, positions, sample_rows, spec_rows,
+            pending if any_pending else [])
         # a verification of k + 1 tokens per sequence (the shape the attention kernels were warmed up for)
         meta.verification = len(spec_rows) == len(input_ids) and \
             all(i.num_new_tokens == self.verify_query_len for i in batch)
-        if from_prev:
-            input_ids_t[from_prev_t] = prev.sampled.token_ids[prev_index_t].to(input_ids_t.dtype)
-        hidden = self._forward(input_ids_t, positions_t, meta)
+        hidden = self._forward(input_ids_t, positions_t, meta,
+                               (pending_t, prev.sampled.token_ids) if any_pending else None)
 
         sampled_seqs = [item.seq for item in batch if item.samples and not item.draft_token_ids]
         spec = []
