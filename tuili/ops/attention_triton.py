@@ -151,12 +151,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    # a split past the context (a short one leaves most of them empty) writes nothing and exits at once: the
+    # merge reads only the splits that hold keys (split 0 always runs, so the kernel still waits as a whole)
+    active = (start < seq_len) | (split == 0)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     token = offs_g // GROUP                               # which of the sequence's new tokens a row is
     heads = kv_head * GROUP + offs_g % GROUP
-    head_mask = offs_g < GROUP * QLEN
+    head_mask = offs_g < tl.where(active, GROUP * QLEN, 0)
     tokens = b.to(tl.int64) * QLEN + token
     if ROPE:
         half: tl.constexpr = HEAD_DIM // 2
@@ -169,7 +172,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         if own_new:                                               # before it, which comes from registers
             end = seq_len - 1
     if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
-        tl.extra.cuda.gdc_wait()
+        if active:
+            tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=head_mask[:, None], other=0.0)
     if ROPE:
@@ -182,9 +186,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         # the new token's k and v, loaded with q (the split that holds it uses them after its loop; 768 bytes from
         # L2 for the others)
         k_row = k_new_ptr + b.to(tl.int64) * stride_knt + kv_head * stride_knh
-        k_new = tl.load(k_row + offs_d)
-        k_new_rot = tl.load(k_row + rot_d)
-        v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d)
+        d_mask = offs_d < tl.where(active, HEAD_DIM, 0)
+        k_new = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
+        k_new_rot = tl.load(k_row + rot_d, mask=d_mask, other=0.0)
+        v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnt + kv_head * stride_vnh + offs_d, mask=d_mask,
+                        other=0.0)
     visible_end = seq_len - QLEN + 1 + token              # one past the last key each row sees
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -220,7 +226,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
             l_i = l_i * alpha + p_new
             acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
-    # an empty split (seq_len <= start) writes out 0 and lse -inf, which the merge weighs 0
+    # a split with no keys (seq_len 0) writes out 0 and lse -inf, which the merge weighs 0; head_mask is all
+    # off in the inactive splits
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     out_ptrs = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
@@ -230,18 +237,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         tl.store(lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=head_mask)
 
 
-def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                         stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         PDL: tl.constexpr):
-    """Grid (batch, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2)."""
+def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt, stride_ph, stride_ps, stride_lt,
+                         stride_lh, stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         QLEN: tl.constexpr, PAGE_SIZE: tl.constexpr, MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """Grid (rows, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2), over
+    the splits the decode kernel wrote: those that hold keys of the row's sequence (its split_len), at least one."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b // QLEN)  # the host's buffer: read before the wait
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
+    written = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     if PDL:  # launched early (ops/pdl.py): wait for the splits to be written
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    b = tl.program_id(0)
-    h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    split_mask = offs_s < num_splits
+    split_mask = offs_s < written
     lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + offs_s, mask=split_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m > float("-inf"), m, 0.0)  # no split had keys (seq_len 0): every weight is 0, out is 0
@@ -460,6 +471,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     tile_n, num_warps, num_stages = _decode_tiles(head_dim, q.dtype)
     block_n = block_n or tile_n
     kernels = _kernels()
+    min_split = -(-MIN_SPLIT_TOKENS // k_cache.shape[1]) * k_cache.shape[1]
     out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_splits == 1:  # the one split is the answer: write it straight to out
         partial, lse = out, out
@@ -478,14 +490,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
-        MIN_SPLIT=-(-MIN_SPLIT_TOKENS // k_cache.shape[1]) * k_cache.shape[1], num_warps=num_warps,
+        MIN_SPLIT=min_split, num_warps=num_warps,
         num_stages=num_stages, **pdl.launch_options(q.device))
     if num_splits > 1:
         kernels.merge[(rows, num_heads)](
-            partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
+            partial, lse, out, seq_lens, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), num_splits,
-            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4,
-            **pdl.launch_options(q.device))
+            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, QLEN=query_len, PAGE_SIZE=k_cache.shape[1],
+            MIN_SPLIT=min_split, num_warps=4, **pdl.launch_options(q.device))
     return out
 
 
