@@ -238,13 +238,13 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
 
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt, stride_ph, stride_ps, stride_lt,
-                         stride_lh, stride_ot, stride_oh, num_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         QLEN: tl.constexpr, PAGE_SIZE: tl.constexpr, MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
+                         stride_lh, stride_ot, stride_oh, num_splits, qlen, BLOCK_S: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Grid (rows, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2), over
     the splits the decode kernel wrote: those that hold keys of the row's sequence (its split_len), at least one."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + b // QLEN)  # the host's buffer: read before the wait
+    seq_len = tl.load(seq_lens_ptr + b // qlen)  # the host's buffer: read before the wait
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     written = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     if PDL:  # launched early (ops/pdl.py): wait for the splits to be written
@@ -334,7 +334,8 @@ def _kernels() -> SimpleNamespace:
     # width, so they would make a server compile new variants (about a second each) in the middle of serving;
     # they are read once per tile, so nothing is lost by not specializing them.
     loose = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "pos_ptr", "slot_ptr", "stride_bt",
-             "stride_lt", "stride_lh"]  # lse strides: the split count (1 or 16, ...) must not make a variant
+             "stride_lt", "stride_lh", "qlen"]  # lse strides: the split count (1 or 16, ...) must not make a
+    # variant; nor the merge's tokens per sequence (1 or 5): decode's variants serve verification's
     jit_args = inspect.signature(triton.jit).parameters
 
     def jit(fn):
@@ -343,7 +344,7 @@ def _kernels() -> SimpleNamespace:
         return triton.jit(fn, do_not_specialize=names, **extra)
 
     return SimpleNamespace(store_kv=triton.jit(_store_kv_kernel), decode=jit(_decode_kernel),
-                           merge=triton.jit(_merge_splits_kernel), prefill=jit(_prefill_kernel))
+                           merge=jit(_merge_splits_kernel), prefill=jit(_prefill_kernel))
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------
@@ -495,8 +496,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         kernels.merge[(rows, num_heads)](
             partial, lse, out, seq_lens, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
-            lse.stride(1), out.stride(0), out.stride(1), num_splits,
-            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, QLEN=query_len, PAGE_SIZE=k_cache.shape[1],
+            lse.stride(1), out.stride(0), out.stride(1), num_splits, query_len,
+            BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
             MIN_SPLIT=min_split, num_warps=4, **pdl.launch_options(q.device))
     return out
 
