@@ -6,11 +6,15 @@ per SM.
 
 usage: python scripts/probe_stream_ceiling.py OUT.json"""
 import json
+import os
 import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gemv_layers import graph_us  # noqa: E402  (one CUDA graph of many calls, replayed)
 
 
 @triton.jit
@@ -65,29 +69,6 @@ def timed(fn, reps=10):
         e.synchronize()
         ts.append(s.elapsed_time(e) / 1e3)
     return sorted(ts)[len(ts) // 2]
-
-
-def graph_us(fn, calls, replays=20):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-    ts = []
-    for _ in range(5):
-        a.record()
-        for _ in range(replays):
-            g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / (replays * calls))
-    return sorted(ts)[2]
 
 
 def read_ceiling(sms: int) -> dict:
