@@ -5,12 +5,12 @@ once the one before has finished. Launched with PDL, a kernel's programs are pla
 program of the kernel before it has called `gdc_launch_dependents` (or exited), and wait in `gdc_wait` for that
 kernel to finish and its writes to be visible: the launch overlaps the previous kernel's tail. Each kernel
 launched so calls `gdc_wait` before it writes anything or reads what the kernel before it may write (the decode
-attention and its merge read the step's lengths, positions and slots first, written before the kernel before
-them; a decode split with no keys exits without waiting, split 0 always waits), so a kernel's
-completion still implies every earlier one's (kernels without PDL in between wait as usual). The long kernels (GEMVs, decode attention) let
-the next one launch only after their main loop: waiting programs beside a running loop slowed it (-5% per
-step on the 8B INT4 model, H100), and prefetching the next GEMV's first weight tiles into L2 before its wait
-cost more than it saved. CUDA graphs capture the launches as programmatic edges.
+attention and its merge read the step's lengths, positions and slots first, written before the kernel before them;
+a decode split with no keys exits without waiting, split 0 always waits), so a kernel's completion still implies
+every earlier one's (kernels without PDL in between wait as usual). The long kernels (GEMVs, decode attention) let
+the next one launch only after their main loop: waiting programs beside a running loop slowed it (-5% per step on
+the 8B INT4 model, H100), and prefetching the next GEMV's first weight tiles into L2 before its wait cost more
+than it saved. CUDA graphs capture the launches as programmatic edges.
 """
 from __future__ import annotations
 
