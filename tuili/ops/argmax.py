@@ -9,6 +9,7 @@ import functools
 import torch
 
 from tuili.ops import pdl
+from tuili.ops.quant_matmul import _split_counts
 
 tl = None  # triton.language, bound when the kernel is first built (see ops/rmsnorm.py)
 
@@ -50,9 +51,6 @@ def _kernel():
     return triton.jit(_argmax_kernel)
 
 
-_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device, zero between calls (each call resets its own)
-
-
 def argmax_triton(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """x.argmax(dim=-1) of [N, V] logits (any float dtype; last dim contiguous, else copied), as int64 [N]."""
     if x.dim() != 2:
@@ -67,9 +65,9 @@ def argmax_triton(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
         raise ValueError("argmax of an empty vocabulary")
     chunk = min(chunk, 1 << max(v - 1, 0).bit_length())
     chunks = -(-v // chunk)
-    counts = _COUNTS.get(x.device)
-    if counts is None or counts.numel() < n:
-        counts = _COUNTS[x.device] = torch.zeros(max(n, 256), dtype=torch.int32, device=x.device)
+    counts = _split_counts(x.device)  # the GEMV's self-resetting counters, zero between kernels
+    if counts is None or n > counts.numel():
+        return x.argmax(dim=-1)
     values = torch.empty(n, chunks, dtype=torch.float32, device=x.device)
     index = torch.empty(n, chunks, dtype=torch.int32, device=x.device)
     _kernel()[(n, chunks)](x, values, index, counts, out, v, x.stride(0), CHUNK=chunk,

@@ -494,8 +494,9 @@ DP2A = True  # INT4 GEMV of 16-bit x on CUDA: integer products (_dp2a_terms; fp3
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
-# The GEMV's split-K counters, per device: zero between kernels (each kernel resets its own), allocated once and
-# never moved (CUDA graphs keep their address); a call that needs more of them falls back to atomics.
+# The GEMV's split-K counters, per device (int4_mma's and the argmax's too): zero between kernels (each kernel
+# resets its own), allocated once and never moved (CUDA graphs keep their address); a call that needs more of them
+# falls back to atomics.
 COUNTS_SIZE = 1 << 16
 _COUNTS: dict[torch.device, torch.Tensor] = {}
 
@@ -621,6 +622,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         block_w = block_k // (32 // bits) if words else block_k * bits // 8
         part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if fixup else out
         tiles_n = -(-n // block_n)
+        even = n % block_n == 0 and k % block_k == 0  # whole tiles
         hw = out
         if residual is not None:  # written
             if norm_weight.shape != (n,):
@@ -637,10 +639,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             x, qw, scales, offsets, out, part, counts if fixup else out, ss, out if residual is None else norm_weight,
             hw, n, k, x.stride(0), qw.stride(0), *scale_strides, out.stride(0), k_per_split, ss.shape[1],
             0.0 if norm is None else norm[0], WORDS=words, BLOCK_W=block_w, FIXUP=fixup,
-            EVEN=n % block_n == 0 and k % block_k == 0, STAGES=num_stages, SILU_MUL=silu_mul, PAIRED=paired,
-            NORM=norm is not None, ADD=residual is not None, DP2A=DP2A and bits == 4 and words and x.is_cuda
-            and x.dtype != torch.float32 and group_size > 0 and block_k > group_size and n % block_n == 0
-            and k % block_k == 0,
+            EVEN=even, STAGES=num_stages, SILU_MUL=silu_mul, PAIRED=paired, NORM=norm is not None,
+            ADD=residual is not None, DP2A=DP2A and bits == 4 and words and x.is_cuda and x.dtype != torch.float32
+            and group_size > 0 and block_k > group_size and even,
             BLOCK_SS=1 << max(ss.shape[1] - 1, 0).bit_length() if norm is not None else 1,
             **pdl.launch_options(x.device), **common)
         if residual is not None:
