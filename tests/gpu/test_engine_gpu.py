@@ -70,6 +70,22 @@ def test_quantized_fast_path_equals_torch_path_fp32(tiny_models, quant):
     assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_batch_one_with_l2_prefetch_equals_torch_path(tiny_models, quant):
+    """One sequence at a time: its decode graphs also prefetch each layer's o and gate/up weights into the L2 on
+    a side stream while it attends (Hopper, ops/prefetch.py); same greedy tokens as the torch references."""
+    from tuili.ops import prefetch
+
+    path = tiny_models["llama"]
+    ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
+              enforce_eager=True, async_scheduling="off", **SMALL_CACHE, quantization=quant)
+    fast = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE, quantization=quant)
+    assert bool(fast.engine.model.layers[0].self_attn.l2_prefetch) == prefetch.supported(torch.cuda.current_device())
+    for p in prompts(3, 512):
+        assert token_ids(fast.generate([p], GREEDY, use_tqdm=False)) == token_ids(
+            ref.generate([p], GREEDY, use_tqdm=False))
+
+
 @pytest.mark.parametrize("family", ["llama", "llama3-scaled", "qwen3"])
 def test_fast_path_matches_hf_fp32(tiny_models, family):
     from transformers import AutoModelForCausalLM

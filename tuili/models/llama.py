@@ -15,7 +15,7 @@ from tuili.layers.attention import Attention
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rope_parameters
-from tuili.ops import quant_matmul, rope
+from tuili.ops import prefetch, quant_matmul, rope
 from tuili.ops import activation
 
 
@@ -38,6 +38,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # one for all layers (the torch path caches the step's table rows in it)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.fused_qk_norm_rope = None
+        self.l2_prefetch: tuple[tuple[int, int], ...] = ()  # weights asked of the L2 while it attends (ops/prefetch)
 
     def use_triton(self, enabled: bool) -> None:
         """Qwen3's q/k norms and RoPE in one kernel (the separate norm/rope modules switch themselves)."""
@@ -49,6 +50,8 @@ class LlamaAttention(nn.Module):
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """[T, (H + 2 KVH) D] projections -> [T, H, D] attention output (RoPE, q/k norms, the KV cache)."""
+        if self.l2_prefetch and qkv.shape[0] <= prefetch.MAX_ROWS:
+            prefetch.issue(self.l2_prefetch, qkv.device)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)                      # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)                   # [T, KVH, D]
@@ -158,6 +161,12 @@ class LlamaForCausalLM(nn.Module):
         self.fuse_norms = fused_ops and all(p.qweight is not None and p.qweight.is_cuda
                                             for layer in self.layers for p in self._projections(layer))
         self._fused_rows: dict[int, bool] = {}
+        # quantized GEMVs: each layer's o and gate/up weights are asked of the L2 while a batch-1 decode step
+        # attends (ops/prefetch.py; bf16 weights through cuBLAS were slower with it: 802 -> 768 tok/s, 1B, H100)
+        for layer in self.layers:
+            o, gate_up = layer.self_attn.o_proj, layer.mlp.gate_up_proj
+            layer.self_attn.l2_prefetch = prefetch.ranges(
+                [o.qweight, o.scales, o.offsets, gate_up.qweight]) if self.fuse_norms else ()
 
     @staticmethod
     def _projections(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
@@ -182,11 +191,13 @@ class LlamaForCausalLM(nn.Module):
             for i, layer in enumerate(self.layers):
                 nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
                 hw, ss = layer.forward_fused(positions, x, hw, ss, nxt)
-            return self.norm(x)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
+            x = self.norm(x)
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(positions, x, residual)
+            x, _ = self.norm(x, residual)
+        prefetch.join(x.device)  # the side stream of the L2 prefetches, if any, back into this one
         return x
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
