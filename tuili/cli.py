@@ -23,6 +23,8 @@ _ENGINE_HELP = {
     "kv_cache_dtype": "auto (the model's dtype) | fp8 (e4m3) | int8: K/V quantized per token and head; about "
                       "twice the blocks",
     "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
+    "no_l2_prefetch": "do not ask the L2 for each layer's next weights while a decode step of 1-2 sequences "
+                      "attends (quantized weights on Hopper)",
     "async_scheduling": "auto (on for CUDA) | on | off: the host prepares step N+1 while the device runs step N",
     "speculative_model": "draft model for speculative decoding (same tokenizer; its KV cache shares the target's "
                          "blocks)",

@@ -51,6 +51,7 @@ class EngineArgs:
     enforce_eager: bool = False         # no CUDA graphs (GPU), no TorchScript step (CPU)
     attention_backend: str = "auto"     # auto (triton on GPU, torch on CPU) | triton | torch
     no_fused_ops: bool = False          # torch references instead of the fused Triton norm/RoPE/SiLU kernels
+    no_l2_prefetch: bool = False        # no L2 prefetch of the next weights while a small decode step attends
     async_scheduling: str = "auto"      # auto (on for CUDA) | on | off: prepare step N+1 while step N runs
     speculative_model: str | None = None         # draft model (same tokenizer) for speculative decoding
     speculative_method: str | None = None        # draft (with --speculative-model) | ngram (prompt lookup)

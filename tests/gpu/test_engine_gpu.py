@@ -81,6 +81,8 @@ def test_batch_one_with_l2_prefetch_equals_torch_path(tiny_models, quant):
               enforce_eager=True, async_scheduling="off", **SMALL_CACHE, quantization=quant)
     fast = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE, quantization=quant)
     assert bool(fast.engine.model.layers[0].self_attn.l2_prefetch) == prefetch.supported(torch.cuda.current_device())
+    off = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE, quantization=quant, no_l2_prefetch=True)
+    assert not any(layer.self_attn.l2_prefetch for layer in off.engine.model.layers)
     for p in prompts(3, 512):
         assert token_ids(fast.generate([p], GREEDY, use_tqdm=False)) == token_ids(
             ref.generate([p], GREEDY, use_tqdm=False))

@@ -131,7 +131,7 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         fused_ops, triton_attention = args.use_triton(self.device)
         self.runner = ModelRunner(model, self.device, self.dtype, args.block_size, self.eos_token_ids,
-                                  fused_ops, triton_attention, args.kv_dtype())
+                                  fused_ops, triton_attention, args.kv_dtype(), not args.no_l2_prefetch)
         self.proposer, self.draft_runner = None, None
         if args.speculative_method == "ngram":
             self.proposer = NgramProposer(args.prompt_lookup_max, args.prompt_lookup_min)

@@ -149,10 +149,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 [vocab, hidden], scales)
         self.fuse_norms, self._fused_rows = False, {}
 
-    def set_backends(self, fused_ops: bool, triton_attention: bool) -> None:
+    def set_backends(self, fused_ops: bool, triton_attention: bool, l2_prefetch: bool = True) -> None:
         """Triton kernels (fused_ops: norms, RoPE, SiLU; triton_attention: paged attention) or torch references.
         fused_ops with quantized projections on CUDA: decode batches the GEMVs take also get the norms and
-        residual adds inside them (fuse_norms)."""
+        residual adds inside them (fuse_norms), and, with l2_prefetch on a GPU that has it, the L2 prefetch of
+        each layer's next weights during attention (ops/prefetch.py)."""
         for module in self.modules():
             if isinstance(module, Attention):
                 module.use_triton(triton_attention)
@@ -166,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             o, gate_up = layer.self_attn.o_proj, layer.mlp.gate_up_proj
             layer.self_attn.l2_prefetch = prefetch.ranges(
-                [o.qweight, o.scales, o.offsets, gate_up.qweight]) if self.fuse_norms else ()
+                [o.qweight, o.scales, o.offsets, gate_up.qweight]) if self.fuse_norms and l2_prefetch else ()
 
     @staticmethod
     def _projections(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:

@@ -26,7 +26,7 @@ class RunnerOutput:
 class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, block_size: int,
                  eos_token_ids: set[int], fused_ops: bool = False, triton_attention: bool = False,
-                 kv_cache_dtype: torch.dtype | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | None = None, l2_prefetch: bool = True) -> None:
         self.model = model
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.kv_cache_dtype = kv_cache_dtype or dtype
@@ -36,7 +36,7 @@ class ModelRunner:
             raise ValueError("kv_cache_dtype fp8 needs a GPU with fp8 support (compute capability 8.9+: Ada, "
                              "Hopper); use int8 here")
         self.triton_attention = triton_attention
-        model.set_backends(fused_ops, triton_attention)
+        model.set_backends(fused_ops, triton_attention, l2_prefetch)
         self.graphs: DecodeGraphs | None = None
         self.cpu_step: CpuStep | None = None
         self.verify_query_len = 0  # k + 1 when speculating with Triton attention (set by warm_up_kernels)
