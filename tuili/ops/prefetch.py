@@ -67,7 +67,8 @@ def supported(index: int) -> bool:
 
 def ranges(tensors: list[torch.Tensor | None], budget: int = BUDGET) -> tuple[tuple[int, int], ...]:
     """(address, bytes) of the first `budget` bytes of `tensors` in order, for `issue`: CUDA tensors on a GPU
-    that supports it, contiguous, 16-byte aligned, cut to multiples of 16 bytes; at most 4 ranges."""
+    that supports it, contiguous, 16-byte aligned, cut to multiples of 16 bytes; at most 4 ranges. Addresses:
+    the tensors must stay where they are while the ranges are used (a model's weights after loading)."""
     out = []
     for t in tensors:
         if t is None or not t.is_cuda or not supported(t.device.index) or not t.is_contiguous() \
