@@ -10,6 +10,7 @@ a kernel completes only once its prefetches have landed, so the next kernel wait
 usage: python scripts/probe_l2_prefetch.py OUT.json
 """
 import json
+import os
 import sys
 
 import torch
@@ -18,25 +19,10 @@ from tuili.ops import prefetch
 from tuili.ops.quant_matmul import group_major, quant_linear_triton
 from tuili.quant import quantize_groupwise
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gemv_layers import graph_us  # noqa: E402  (one CUDA graph of many calls, replayed)
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Microseconds per repetition of fn() (which queues one repetition) replayed in a CUDA graph, best of 5."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / reps)
-    return best
+REPS = 20  # repetitions per graph
 
 
 def main(out: str) -> None:
@@ -60,13 +46,14 @@ def main(out: str) -> None:
 
         for variant, before in {"none": lambda: None, "prefetch_all": fetch(1), "prefetch_half": fetch(2),
                                 "gemv_before": gemv}.items():
-            def rep(with_gemv):
-                flush.add_(1)
-                before()
-                torch.cuda._sleep(30000)
-                if with_gemv:
-                    gemv()
-            with_, without = graph_us(lambda: rep(True)), graph_us(lambda: rep(False))
+            def reps(with_gemv):
+                for _ in range(REPS):
+                    flush.add_(1)
+                    before()
+                    torch.cuda._sleep(30000)
+                    if with_gemv:
+                        gemv()
+            with_, without = graph_us(lambda: reps(True), REPS), graph_us(lambda: reps(False), REPS)
             results[f"{name}_{variant}"] = {"gemv_us": with_ - without, "step_us": with_, "without_gemv_us": without}
             print(f"{name:8s} {variant:14s} GEMV {with_ - without:6.2f} us  (step {with_:.1f}, without the GEMV "
                   f"{without:.1f})", flush=True)
