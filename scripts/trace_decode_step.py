@@ -2,7 +2,7 @@
 torch.profiler; prints wall vs traced time and writes one step's kernels in order (duration, gap to the previous
 one's end: negative where PDL overlaps them) and their totals.
 
-usage: python scripts/trace_decode_step.py int4|int8|none OUT.txt [shape]"""
+usage: python scripts/trace_decode_step.py int4|int8|none OUT.txt [shape] [--no-l2-prefetch]"""
 import json
 import sys
 import time
@@ -12,10 +12,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from tuili import LLM, SamplingParams
 
-quant, out = sys.argv[1], sys.argv[2]
-shape = sys.argv[3] if len(sys.argv) > 3 else "llama-3.1-8b"
+args = [a for a in sys.argv[1:] if a != "--no-l2-prefetch"]
+quant, out = args[0], args[1]
+shape = args[2] if len(args) > 2 else "llama-3.1-8b"
 llm = LLM(shape, load_format="dummy", gpu_memory_utilization=0.5, max_num_seqs=8,
-          quantization=None if quant == "none" else quant)
+          quantization=None if quant == "none" else quant, no_l2_prefetch="--no-l2-prefetch" in sys.argv)
 engine = llm.engine
 engine.add_request("r0", [7] * 128, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
 for _ in range(30):

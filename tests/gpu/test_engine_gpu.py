@@ -80,7 +80,12 @@ def test_batch_one_with_l2_prefetch_equals_torch_path(tiny_models, quant):
     ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
               enforce_eager=True, async_scheduling="off", **SMALL_CACHE, quantization=quant)
     fast = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE, quantization=quant)
-    assert bool(fast.engine.model.layers[0].self_attn.l2_prefetch) == prefetch.supported(torch.cuda.current_device())
+    attn = fast.engine.model.layers[0].self_attn
+    assert bool(attn.l2_prefetch) == prefetch.supported(torch.cuda.current_device())
+    if attn.l2_prefetch:  # all of o's packed weights first, then (here) all of gate/up's: tiny ones fit AHEAD
+        o, gate_up = attn.o_proj.qweight, fast.engine.model.layers[0].mlp.gate_up_proj.qweight
+        assert attn.l2_prefetch[0] == (o.data_ptr(), o.numel() * o.element_size())
+        assert attn.l2_prefetch[-1] == (gate_up.data_ptr(), gate_up.numel() * gate_up.element_size())
     off = LLM(path, device="cuda", dtype="float32", **SMALL_CACHE, quantization=quant, no_l2_prefetch=True)
     assert not any(layer.self_attn.l2_prefetch for layer in off.engine.model.layers)
     for p in prompts(3, 512):

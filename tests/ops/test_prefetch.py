@@ -15,7 +15,7 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a CUDA GPU of comput
 
 def test_nothing_to_prefetch_off_hopper():
     """CPU tensors give no ranges, and issue / join without ranges queue nothing."""
-    assert prefetch.ranges([torch.zeros(1024), None]) == ()
+    assert prefetch.ranges([torch.zeros(1024), None], 1 << 20) == ()
     prefetch.issue((), torch.device("cpu"))
     prefetch.join(torch.device("cpu"))
     assert not prefetch._pending
@@ -38,7 +38,7 @@ def test_prefetch_in_a_cuda_graph_changes_nothing():
     prefetch as a parallel branch (an unjoined stream would fail the capture); replays compute what eager does."""
     weight = torch.randn(4096, 4096, device="cuda")
     x = torch.randn(64, 4096, device="cuda")
-    ranges = prefetch.ranges([weight])
+    ranges = prefetch.ranges([weight], 24 << 20)
 
     def step():
         h = x * 2

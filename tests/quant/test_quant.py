@@ -141,13 +141,15 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     variants = [(q.to(DEVICE), layout(scales.to(DEVICE).to(dtype)),
                  None if offsets is None else layout(offsets.to(DEVICE).to(dtype)), group) for layout in layouts]
     block_k = min(group or 128, 128) if CUDA else min(group or 32, 32)
-    gemv_rows = ((1, 32, 4 * (group or 32), 2, 4, 1), (1, 16, block_k, 1, 4, 3)) if m <= 4 else ()
-    runs = ((None, variants[0]), ((1, 32, block_k, 2, 4, 2), variants[0]),
-            *((t, v) for t in gemv_rows for v in variants), ((16, 32, block_k, 2, 4, 2), variants[-1]),
+    # the GEMV (one row per program) only for the rows it runs (quant_matmul.GEMV_MAX_ROWS: 34 rows of it took
+    # 24 s of the interpreter's time in CI): split K; 4 groups per K tile (whole tiles) and one split with 3 K
+    # tiles in flight, each with both scale layouts
+    gemv_rows = (((1, 32, block_k, 2, 4, 2), variants[0]), *(
+        (t, v) for t in ((1, 32, 4 * (group or 32), 2, 4, 1), (1, 16, block_k, 1, 4, 3)) for v in variants)) \
+        if m <= quant_matmul.GEMV_MAX_ROWS else ()
+    runs = ((None, variants[0]), *gemv_rows, ((16, 32, block_k, 2, 4, 2), variants[-1]),
             ((32, 64, min(group or 32, 32), 1, 4, 2), variants[0]))
     for tiles, args in runs:
-        # GEMVs: split K; for the rows decode uses it for, 4 groups per K tile (whole tiles) and one split with
-        # 3 K tiles in flight, each with both scale layouts
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
         got = quant_linear_triton(x.to(dtype), *args, tiles=tiles)

@@ -166,8 +166,10 @@ class LlamaForCausalLM(nn.Module):
         # attends (ops/prefetch.py; bf16 weights through cuBLAS were slower with it: 802 -> 768 tok/s, 1B, H100)
         for layer in self.layers:
             o, gate_up = layer.self_attn.o_proj, layer.mlp.gate_up_proj
-            layer.self_attn.l2_prefetch = prefetch.ranges(
-                [o.qweight, o.scales, o.offsets, gate_up.qweight]) if self.fuse_norms and l2_prefetch else ()
+            o_parts = [o.qweight, o.scales, o.offsets]  # all of o's bytes, then prefetch.AHEAD of gate/up's
+            budget = sum(t.numel() * t.element_size() for t in o_parts if t is not None) + prefetch.AHEAD
+            layer.self_attn.l2_prefetch = prefetch.ranges([*o_parts, gate_up.qweight], budget) \
+                if self.fuse_norms and l2_prefetch else ()
 
     @staticmethod
     def _projections(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
