@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,18 +32,110 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def open_reader(path: str):
-    import gguf
+class GGUFTensor(NamedTuple):
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF's order: innermost dimension first
+    data: np.ndarray  # read-only view of the file, shaped as the gguf package's reader shapes it
 
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFFile:
+    """A .gguf file's metadata (`fields`: key -> value, arrays as lists) and tensors (views of the memory-mapped
+    file), read with struct. The gguf package's GGUFReader makes a numpy view of every element of every array
+    (~4 s for the default model's 98k vocabulary and merge strings: most of a load), for values tuili does not
+    use; tests/loader/test_loaders.py checks this against it. The package still names the types and their
+    block sizes and dequantizes."""
+
+    def __init__(self, path: str) -> None:
+        import mmap
+
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
+
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = self._map
+        magic, version = struct.unpack_from("<II", buf, 0)
+        if magic != 0x46554747:  # b"GGUF"
+            raise ValueError("no GGUF magic number at the start")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (tuili reads 2 and 3)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+
+        def string(off: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", buf, off)
+            if off + 8 + n > len(buf):
+                raise ValueError("a string runs past the end of the file")
+            return str(buf[off + 8:off + 8 + n], "utf-8"), off + 8 + n
+
+        def value(kind: int, off: int) -> tuple[object, int]:
+            if kind in _SCALARS:
+                return struct.unpack_from(_SCALARS[kind], buf, off)[0], off + struct.calcsize(_SCALARS[kind])
+            if kind == _STRING:
+                return string(off)
+            if kind != _ARRAY:
+                raise ValueError(f"unknown metadata value type {kind}")
+            item, count = struct.unpack_from("<IQ", buf, off)
+            off += 12
+            if item in _SCALARS:
+                size = struct.calcsize(_SCALARS[item])
+                if off + count * size > len(buf):
+                    raise ValueError("an array runs past the end of the file")
+                items = np.frombuffer(buf, np.dtype(_SCALARS[item]), count, off).tolist()
+                return items, off + count * size
+            items = []
+            for _ in range(count):
+                v, off = value(item, off)
+                items.append(v)
+            return items, off
+
+        self.fields: dict[str, object] = {}
+        off = 24
+        for _ in range(n_kv):
+            key, off = string(off)
+            (kind,) = struct.unpack_from("<I", buf, off)
+            self.fields[key], off = value(kind, off + 4)
+        infos = []
+        for _ in range(n_tensors):
+            name, off = string(off)
+            (n_dims,) = struct.unpack_from("<I", buf, off)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, off + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+            infos.append((name, dims, GGMLQuantizationType(kind), offset))
+            off += 4 + 8 * n_dims + 12
+        alignment = self.fields.get("general.alignment", 32)
+        start = -(-off // alignment) * alignment
+        typed = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
+                 GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+                 GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+                 GGMLQuantizationType.I64: np.int64}
+        self.tensors: list[GGUFTensor] = []
+        for name, dims, kind, offset in infos:
+            n = int(np.prod(dims))
+            block, type_size = GGML_QUANT_SIZES[kind]
+            nbytes, shape = n * type_size // block, tuple(reversed(dims))
+            if start + offset + nbytes > len(buf):
+                raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+            if kind in typed:
+                data = np.frombuffer(buf, typed[kind], n, start + offset)
+            else:
+                data = np.frombuffer(buf, np.uint8, nbytes, start + offset)
+                shape = quant_shape_to_byte_shape(shape, kind)
+            self.tensors.append(GGUFTensor(name, kind, tuple(int(d) for d in dims), data.reshape(shape)))
+
+
+def open_reader(path: str) -> GGUFFile:
     try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors on bad files
+        return GGUFFile(path)
+    except Exception as e:  # struct.error, ValueError, an empty file's mmap error, an unknown type
         raise ValueError(f"{path!r} is not a readable GGUF file (wrong format, truncated or corrupt): {e}") from e
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -78,7 +172,7 @@ def config_from_metadata(reader, path: str):
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if tokens is not None:
-            vocab = len(tokens.data)
+            vocab = len(tokens)
         elif embd is not None:
             vocab = int(embd.shape[-1])  # GGUF dims run innermost first: (hidden, vocab)
         else:
