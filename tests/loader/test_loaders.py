@@ -246,11 +246,13 @@ def test_gguf_file_reads_what_gguf_reader_reads(tmp_path, tiny_llama_state, defa
             [(t.name, t.tensor_type, tuple(int(d) for d in t.shape)) for t in ref.tensors]
         for a, b in zip(ours.tensors, ref.tensors):
             assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
-    for name, data in (("empty", b""), ("magic", b"GGML" + bytes(64)), ("header", b"GGUF\x03\x00\x00\x00"),
-                       ("tensors", pathlib.Path(paths[1]).read_bytes()[:-64])):
+    for name, data, why in (("empty", b"", "empty file"), ("magic", b"GGML" + bytes(64), "magic"),
+                            ("header", b"GGUF\x03\x00\x00\x00", "buffer of at least"),
+                            ("big-endian", b"GGUF\x00\x00\x00\x03" + bytes(64), "big-endian"),
+                            ("tensors", pathlib.Path(paths[1]).read_bytes()[:-64], "past the end of the file")):
         bad = tmp_path / f"{name}.gguf"
         bad.write_bytes(data)
-        with pytest.raises(ValueError, match="not a readable GGUF file"):
+        with pytest.raises(ValueError, match=f"not a readable GGUF file .*{why}"):
             gguf_file.open_reader(str(bad))
 
 
