@@ -336,6 +336,14 @@ def test_smollm_tokenizer_cached_equals_fresh(default_model_path, smollm_first_l
     assert calls == [None], "the second load reads the cache, without converting"
     assert os.listdir(cache_root) == entries
 
+    (cache_root / entries[0] / "tokenizer.json").write_text("{")  # a damaged entry is converted and written again
+    calls.clear()
+    assert gguf_file.load_tokenizer(default_model_path).encode(TEXTS[0]) == fresh.encode(TEXTS[0])
+    assert calls == [None, name] and os.listdir(cache_root) == entries  # (written aside, then renamed)
+    calls.clear()
+    gguf_file.load_tokenizer(default_model_path)
+    assert calls == [None]
+
     for tok in (first, second):
         for text in TEXTS:
             ids = fresh.encode(text)

@@ -117,7 +117,8 @@ def test_quantize_gptq_and_tuning_write_checkpoints_with_lower_perplexity(defaul
     """`tuili quantize --gptq` and `--tune-steps` (from round to nearest) on the default model, calibrated on the
     prose's last tokens, against round to nearest, INT4 g128: perplexity on the prose's first tokens, which
     calibration did not see; each config says how its weights were made. CI's time: GPTQ with one refit instead
-    of three and three range factors instead of eleven, 4 tuning steps on one window."""
+    of three and three range factors instead of eleven, 512 calibration tokens (perplexity 21.5 where 1024 gave 21.2,
+    8 s less), 4 tuning steps on one window."""
     from tuili import LLM
     from tuili.bench.perplexity import DEFAULT_TEXT, perplexity
     from tuili.cli import main
@@ -127,7 +128,7 @@ def test_quantize_gptq_and_tuning_write_checkpoints_with_lower_perplexity(defaul
 
     args = ["quantize", "--model", default_model_path, "--method", "int4", "--dtype", "float32"]
     assert main([*args, "--out", str(tmp_path / "nearest")]) == 0
-    assert main([*args, "--gptq", "--calibration-tokens", "1024", "--out", str(tmp_path / "gptq")]) == 0
+    assert main([*args, "--gptq", "--calibration-tokens", "512", "--out", str(tmp_path / "gptq")]) == 0
     assert main([*args, "--tune-steps", "4", "--tune-lr", "1e-3", "--calibration-tokens", "512",
                  "--out", str(tmp_path / "tuned")]) == 0
     rounding = {}
@@ -137,7 +138,7 @@ def test_quantize_gptq_and_tuning_write_checkpoints_with_lower_perplexity(defaul
         assert qconfig["quant_method"] == "tuili-int4" and qconfig["group_size"] == 128
         assert os.path.basename(DEFAULT_TEXT) in qconfig["rounding"]
         rounding[name] = qconfig["rounding"]
-    assert rounding["gptq"].startswith("GPTQ (act-order), 1024 calibration tokens"), rounding
+    assert rounding["gptq"].startswith("GPTQ (act-order), 512 calibration tokens"), rounding
     assert rounding["tuned"].startswith("to nearest (each group's range searched) + scales and offsets tuned end to "
                                          "end for 4 steps"), rounding
     ppl = {}
@@ -149,7 +150,7 @@ def test_quantize_gptq_and_tuning_write_checkpoints_with_lower_perplexity(defaul
         ppl[name] = perplexity(llm, ids, 512)[0]
         del llm
     assert ppl["gptq"] < 0.9 * ppl["nearest"], ppl
-    assert ppl["tuned"] < 0.92 * ppl["nearest"], ppl  # 25.8 -> 22.9 here (ranges searched; GPTQ 21.4)
+    assert ppl["tuned"] < 0.92 * ppl["nearest"], ppl  # 25.8 -> 22.9 here (ranges searched; GPTQ 21.5)
 
 
 def test_quantize_gptq_needs_int4_a_tokenizer_and_enough_tokens(tiny_models, tmp_path, capsys):

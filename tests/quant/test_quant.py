@@ -359,18 +359,24 @@ def test_int8_answers_like_the_unquantized_model(smollm, smollm_int8):
     assert smollm_int8.engine.model.layers[0].mlp.down_proj.qweight.dtype == torch.int8
 
 
+_REFERENCE: dict[int, list] = {}  # id(smollm) -> (ids, answer length, prompt log-probs) per prompt
+
+
 def teacher_forced_agreement(smollm, llm) -> tuple[float, float]:
     """Teacher-forced on the unquantized model's greedy answers to the fixed prompts: the fraction of answer
-    positions where `llm` picks the same next token, and the mean |log-prob difference| of those tokens."""
-    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
-    answers = smollm.chat(convs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    positions where `llm` picks the same next token, and the mean |log-prob difference| of those tokens. The
+    unquantized side is computed once per session (four tests compare against it)."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    if id(smollm) not in _REFERENCE:
+        convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+        answers = smollm.chat(convs, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+        _REFERENCE[id(smollm)] = [
+            (ids, len(answer.outputs[0].token_ids), smollm.generate(ids, params, use_tqdm=False)[0].prompt_logprobs)
+            for conv, answer in zip(convs, answers) for ids in [smollm.encode_chat(conv) + answer.outputs[0].token_ids]]
     agree, diffs = [], []
-    for conv, answer in zip(convs, answers):
-        ids = smollm.encode_chat(conv) + answer.outputs[0].token_ids
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
-        ref = smollm.generate(ids, params, use_tqdm=False)[0].prompt_logprobs
+    for ids, answer_len, ref in _REFERENCE[id(smollm)]:
         got = llm.generate(ids, params, use_tqdm=False)[0].prompt_logprobs
-        for pos in range(len(ids) - len(answer.outputs[0].token_ids), len(ids)):
+        for pos in range(len(ids) - answer_len, len(ids)):
             agree.append(got[pos][ids[pos]].rank == 1)
             diffs.append(abs(got[pos][ids[pos]].logprob - ref[pos][ids[pos]].logprob))
     return sum(agree) / len(agree), sum(diffs) / len(diffs)

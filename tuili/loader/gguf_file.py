@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import struct
 from typing import NamedTuple
 
@@ -216,10 +217,13 @@ def load_tokenizer(path: str):
                                                   gguf_file=os.path.basename(path), local_files_only=True)
     except Exception as e:
         raise ValueError(f"cannot build a tokenizer from the metadata of {path!r}: {e}") from e
+    tmp = f"{cached}.{os.getpid()}.tmp"  # written aside, then renamed: another process never reads half of it
     try:
-        tokenizer.save_pretrained(cached)
-    except OSError:
-        pass
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(cached, ignore_errors=True)  # a damaged entry (or one another process just wrote)
+        os.rename(tmp, cached)
+    except OSError:  # not writable, or another process's rename came in between
+        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
 
 
