@@ -94,7 +94,8 @@ def test_64_streams_with_disconnects(server, smollm):
     """A third of 64 concurrent streams hang up midway: the rest finish right, and nothing leaks."""
     engine, metrics = server["engine"], server["metrics"]
     prompts = ["Tell me about the sea.", "Name some fruits.", "What is Python?", "Write a poem about snow."]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    new = 12  # tokens per finished stream (24 took 43 s of CI)
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     expected = {p: smollm.generate(p, params, use_tqdm=False)[0].outputs[0].text for p in prompts}
     def counts() -> tuple[float, float, float]:
         status = metrics.requests.labels
@@ -106,7 +107,7 @@ def test_64_streams_with_disconnects(server, smollm):
     async def one(i: int, http: httpx.AsyncClient):
         prompt = prompts[i % len(prompts)]
         hang_up = i % 3 == 0  # these ask for far more tokens than they wait for: only an abort ends them early
-        body = {"model": NAME, "prompt": prompt, "max_tokens": 2000 if hang_up else 24, "temperature": 0,
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 2000 if hang_up else new, "temperature": 0,
                 "ignore_eos": True, "stream": True}
         text, chunks = "", 0
         async with http.stream("POST", server["url"] + "/v1/completions", json=body) as resp:
@@ -132,7 +133,7 @@ def test_64_streams_with_disconnects(server, smollm):
     wait_idle(engine)
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
     tokens, finished, aborted = (a - b for a, b in zip(counts(), before))
-    assert (finished, aborted, tokens) == (len(done), 64 - len(done), 24 * len(done))
+    assert (finished, aborted, tokens) == (len(done), 64 - len(done), new * len(done))
     text = httpx.get(server["url"] + "/metrics").text
     assert float(re.search(r'tuili_requests_total\{status="aborted"\} (\S+)', text).group(1)) >= aborted
     assert "tuili_kv_cache_usage_ratio 0.0" in text
