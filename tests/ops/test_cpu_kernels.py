@@ -32,17 +32,24 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
-def test_int4_gemv_matches_the_reference(group, symmetric, rows):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_gemv_matches_the_reference(group, symmetric, rows, dtype):
     gen = torch.Generator().manual_seed(rows * group)
     for n, k in ((33, 128), (100, 640), (7, 1536)):  # odd column counts: the last row pair is a single row
         qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-        scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).bfloat16()
-        offsets = None if symmetric else (torch.randn(n, k // group, generator=gen) * 0.05).bfloat16()
-        x = torch.randn(rows, k, generator=gen).bfloat16()
-        ref = quant_matmul.int4_linear(x.float(), qweight, scales.float(),
-                                       None if offsets is None else offsets.float(), group)
+        scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).to(dtype)
+        offsets = None if symmetric else (torch.randn(n, k // group, generator=gen) * 0.05).to(dtype)
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ref = quant_matmul.int4_linear(x.double(), qweight, scales.double(),
+                                       None if offsets is None else offsets.double(), group)
         packed = cpu_kernels.pack_int4(qweight, scales, offsets, group)
-        _close(cpu_kernels.int4_gemv(x, packed, group), ref)
+        assert packed[1].dtype == dtype  # fp32 layers keep fp32 scales and offsets
+        out = cpu_kernels.int4_gemv(x, packed, group)
+        assert out.dtype == dtype
+        if dtype == torch.float32:  # exact products, fp32 sums: fp32 rounding only
+            assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (out.double() - ref).abs().max()
+        else:
+            _close(out, ref.float())
 
 
 def test_int4_pack_refuses_shapes_the_kernel_does_not_take():
@@ -69,9 +76,11 @@ def test_int8_gemv_matches_the_reference(dtype, rows):
 
 @needs_kernels
 def test_bad_inputs_get_clear_errors():
-    packed = cpu_kernels.pack_int4(torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None, 32)
-    with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
-        torch.ops.tuili.int4_gemv(torch.zeros(1, 64), *packed, 32)
+    packed = cpu_kernels.pack_int4(torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None, 32)  # fp32
+    with pytest.raises(RuntimeError, match="x must be contiguous bf16 or fp32"):
+        torch.ops.tuili.int4_gemv(torch.zeros(1, 64, dtype=torch.float16), *packed, 32)
+    with pytest.raises(RuntimeError, match="scales and offsets must be contiguous .* in x's dtype"):
+        torch.ops.tuili.int4_gemv(torch.zeros(1, 64, dtype=torch.bfloat16), *packed, 32)  # packed from fp32
     with pytest.raises(RuntimeError, match="w must be contiguous uint8"):
         torch.ops.tuili.int4_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), *packed, 32)
     with pytest.raises(RuntimeError, match="scales must be contiguous"):
@@ -90,8 +99,9 @@ def test_the_avx2_build_on_an_avx512_machine(tiny_models, tmp_path):
         "assert cpu_kernels.isa() == 'avx2', (cpu_kernels.isa(), cpu_kernels.why_not())\n"
         "for group in (32, 128):\n"
         "    for rows in (1, 3, 5):\n"
-        "        t.test_int4_gemv_matches_the_reference(group, False, rows)\n"
-        "t.test_int4_gemv_matches_the_reference(64, True, 2)\n"
+        "        for dtype in (t.torch.bfloat16, t.torch.float32):\n"
+        "            t.test_int4_gemv_matches_the_reference(group, False, rows, dtype)\n"
+        "t.test_int4_gemv_matches_the_reference(64, True, 2, t.torch.bfloat16)\n"
         "for rows in (1, 4, 6):\n"
         "    t.test_int8_gemv_matches_the_reference(t.torch.bfloat16, rows)\n"
         "t.test_native_step_generates_what_the_scripted_step_does({'llama': %r}, 'int4')\n"

@@ -13,6 +13,8 @@
 // A nibble q becomes the bf16 number 128 + q by OR-ing it into 0x4300 (bf16 128, whose last mantissa bit is 1),
 // so a 32-input sub-block gives dot = sum (128 + q) x, and
 //   y = sum_g s_g * dot_g + (o_g - 128 s_g) * sum_{k in g} x_k.
+// With x, scales and offsets in fp32 (an fp32 model) and y fp32, the nibbles become fp32 and are multiplied by FMA
+// (AVX2, in both builds): y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k, every product exact.
 // int8_gemv: x [M, K] bf16 or fp32; w [N, K] int8; s [N]: y = s[n] * sum_k w[n, k] x[k] (weights to fp32, FMA).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -49,6 +51,19 @@ inline float bf16_to_float(uint16_t v) {
 }
 
 inline uint16_t float_to_bf16(float f) { return c10::BFloat16(f).x; }
+
+inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_hadd_ps(a, a);
+  return _mm_cvtss_f32(_mm_hadd_ps(a, a));
+}
+
+// four groups of 8 nibbles (bytes j..j+7 of a 64-input chunk: inputs j.. low, 32 + j.. high) as fp32
+inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
 
 #if TUILI_AVX512BF16
 constexpr const char* kIsa = "avx512_bf16";
@@ -119,17 +134,10 @@ inline __m256 load8_bf16(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-inline float hsum8(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_hadd_ps(a, a);
-  return _mm_cvtss_f32(_mm_hadd_ps(a, a));
-}
-
 // as above with x in fp32 (xf) and the nibbles converted to fp32: y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k
 template <int M, int R>
 void int4_rows(const uint16_t*, const float* xf, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
                int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n, uint16_t* y, int64_t ldy) {
-  const __m256i low4 = _mm256_set1_epi32(15);
   float scale[R][kMaxGroups], bias[M][R] = {};
   for (int r = 0; r < R; ++r)
     for (int64_t g = 0; g < groups; ++g) {
@@ -146,9 +154,8 @@ void int4_rows(const uint16_t*, const float* xf, int64_t K, const uint8_t* w, co
       __m256 d[M][2];
       for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
       for (int j = 0; j < 32; j += 8) {
-        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wc + j)));
-        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
-        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        __m256 lo, hi;
+        nibbles8(wc + j, lo, hi);
         for (int m = 0; m < M; ++m) {
           const float* xm = xf + m * K + 64 * c + j;
           d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
@@ -181,23 +188,119 @@ inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {
 }
 #endif
 
-template <int M>
-void int4_block(const uint16_t* x, const float* xf, int64_t K, const uint8_t* w, const uint16_t* s,
-                const uint16_t* o, int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n0, int64_t n1,
-                uint16_t* y, int64_t ldy) {
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int4_rows<M, 2>(x, xf, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
-  if (n < n1) int4_rows<M, 1>(x, xf, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
+// the fp32 product (see the top): x, scales, offsets and y fp32, every nibble times x exact (FMA)
+template <int M, int R>
+void int4_rows_f32(const float* x, int64_t K, const uint8_t* w, const float* s, const float* o, int64_t groups,
+                   int shift, const float* sx, int64_t ldsx, int64_t n, float* y, int64_t ldy) {
+  float bias[M][R] = {};
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int m = 0; m < M; ++m) bias[m][r] += o[(n + r) * groups + g] * sx[m * ldsx + g];
+  __m256 acc[M][R][2];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wc = w + (n + r) * (K / 2) + 32 * c;
+      __m256 d[M][2];
+      for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
+      for (int j = 0; j < 32; j += 8) {
+        __m256 lo, hi;
+        nibbles8(wc + j, lo, hi);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = x + m * K + 64 * c + j;
+          d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
+          d[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 32), d[m][1]);
+        }
+      }
+      const __m256 s0 = _mm256_set1_ps(s[(n + r) * groups + ((2 * c) >> shift)]);
+      const __m256 s1 = _mm256_set1_ps(s[(n + r) * groups + ((2 * c + 1) >> shift)]);
+      for (int m = 0; m < M; ++m) {
+        acc[m][r][0] = _mm256_fmadd_ps(d[m][0], s0, acc[m][r][0]);
+        acc[m][r][1] = _mm256_fmadd_ps(d[m][1], s1, acc[m][r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * ldy + n + r] = hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r];
 }
 
+// Rows(m0, n) for blocks of up to four rows of x (template argument) and pairs of weight rows, in parallel: 16
+// weight rows at a time, for every block of four x rows (16 accumulators): more than four rows of x read the
+// weights from memory once, then from cache
+template <template <int, int> class Rows, typename... A>
+void int4_parallel(int64_t M, int64_t N, A... args) {
+  at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {
+      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        auto block = [&]<int B>() {
+          int64_t n = c0;
+          for (; n + 2 <= c1; n += 2) Rows<B, 2>::run(m0, n, args...);
+          if (n < c1) Rows<B, 1>::run(m0, n, args...);
+        };
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: block.template operator()<1>(); break;
+          case 2: block.template operator()<2>(); break;
+          case 3: block.template operator()<3>(); break;
+          default: block.template operator()<4>(); break;
+        }
+      }
+    }
+  });
+}
+
+struct Int4Args {
+  const uint16_t* x;
+  const float* xf;  // x in fp32 (the AVX2 path)
+  int64_t K;
+  const uint8_t* w;
+  const uint16_t *s, *o;
+  int64_t groups;
+  int shift;
+  const float* sx;
+  int64_t ldsx;
+  uint16_t* y;
+  int64_t N;
+};
+
+template <int M, int R>
+struct Bf16Rows {
+  static void run(int64_t m0, int64_t n, const Int4Args& a) {
+    int4_rows<M, R>(a.x + m0 * a.K, a.xf + (TUILI_AVX512BF16 ? 0 : m0 * a.K), a.K, a.w, a.s, a.o, a.groups, a.shift,
+                    a.sx + m0 * a.ldsx, a.ldsx, n, a.y + m0 * a.N, a.N);
+  }
+};
+
+struct Int4ArgsF32 {
+  const float* x;
+  int64_t K;
+  const uint8_t* w;
+  const float *s, *o;
+  int64_t groups;
+  int shift;
+  const float* sx;
+  int64_t ldsx;
+  float* y;
+  int64_t N;
+};
+
+template <int M, int R>
+struct F32Rows {
+  static void run(int64_t m0, int64_t n, const Int4ArgsF32& a) {
+    int4_rows_f32<M, R>(a.x + m0 * a.K, a.K, a.w, a.s, a.o, a.groups, a.shift, a.sx + m0 * a.ldsx, a.ldsx, n,
+                        a.y + m0 * a.N, a.N);
+  }
+};
+
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "tuili CPU kernel: ", what); }
+
+inline int group_shift(int64_t group) { return group == 32 ? 0 : group == 64 ? 1 : 2; }  // sub-block of 32 -> group
 
 // y [M, N] bf16 = x [M, K] bf16 times an INT4 weight (w [N, K/2] paired, so [2, N, K/group] bf16)
 void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const uint16_t* sp, int64_t N,
               int64_t group, uint16_t* yp) {
   const int64_t groups = K / group;
-  const uint16_t* op = sp + N * groups;
-  const int shift = group == 32 ? 0 : group == 64 ? 1 : 2;  // sub-block of 32 -> group
   const int64_t ldsx = (groups + 15) / 16 * 16;
   std::vector<float> sx(M * ldsx, 0.f);  // sum of x over each group (zero-padded to 16)
   std::vector<float> xf(TUILI_AVX512BF16 ? 0 : M * K);  // the AVX2 path multiplies in fp32
@@ -207,48 +310,48 @@ void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const
       sx[m * ldsx + k / group] += v;
       if (!TUILI_AVX512BF16) xf[m * K + k] = v;
     }
-  at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
-    // 16 weight rows at a time, for every block of four x rows (16 accumulators): more than four rows of x
-    // read the weights from memory once, then from cache
-    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {
-      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const uint16_t* xm = xp + m0 * K;
-        const float* xfm = xf.data() + (TUILI_AVX512BF16 ? 0 : m0 * K);
-        const float* sxm = sx.data() + m0 * ldsx;
-        uint16_t* ym = yp + m0 * N;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int4_block<1>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
-          case 2: int4_block<2>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
-          case 3: int4_block<3>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
-          default: int4_block<4>(xm, xfm, K, wp, sp, op, groups, shift, sxm, ldsx, c0, c1, ym, N); break;
-        }
-      }
-    }
-  });
+  int4_parallel<Bf16Rows>(M, N, Int4Args{xp, xf.data(), K, wp, sp, sp + N * groups, groups, group_shift(group),
+                                         sx.data(), ldsx, yp, N});
 }
 
-void check_int4(const at::Tensor& w, const at::Tensor& so, int64_t K, int64_t group) {
+// the same in fp32 (so [2, N, K/group] fp32)
+void int4_run_f32(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const float* sp, int64_t N,
+                  int64_t group, float* yp) {
+  const int64_t groups = K / group;
+  std::vector<float> sx(M * groups, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) sx[m * groups + k / group] += xp[m * K + k];
+  int4_parallel<F32Rows>(M, N, Int4ArgsF32{xp, K, wp, sp, sp + N * groups, groups, group_shift(group), sx.data(),
+                                           groups, yp, N});
+}
+
+void check_int4(const at::Tensor& w, const at::Tensor& so, int64_t K, int64_t group, at::ScalarType dtype) {
   check(K % 64 == 0 && (group == 32 || group == 64 || group == 128) && K % group == 0,
         "K must be a multiple of 64 and of the group (32, 64 or 128)");
   check(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) == K / 2,
         "w must be contiguous uint8 [N, K/2]");
   const int64_t groups = K / group;
   check(groups <= kMaxGroups, "too many groups");
-  check(so.scalar_type() == at::kBFloat16 && so.is_contiguous() && so.dim() == 3 && so.size(0) == 2 &&
+  check(so.scalar_type() == dtype && so.is_contiguous() && so.dim() == 3 && so.size(0) == 2 &&
             so.size(1) == w.size(0) && so.size(2) == groups,
-        "scales and offsets must be contiguous bf16 [2, N, K/group]");
+        "scales and offsets must be contiguous [2, N, K/group] in x's dtype");
 }
 
 inline const uint16_t* bf16_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 inline uint16_t* bf16_ptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& so, int64_t group) {
-  check(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  const bool f32 = x.scalar_type() == at::kFloat;
+  check(x.dim() == 2 && (f32 || x.scalar_type() == at::kBFloat16) && x.is_contiguous(),
+        "x must be contiguous bf16 or fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check_int4(w, so, K, group);
+  check_int4(w, so, K, group, x.scalar_type());
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0 && N > 0) int4_run(bf16_ptr(x), M, K, w.data_ptr<uint8_t>(), bf16_ptr(so), N, group, bf16_ptr(y));
+  if (M == 0 || N == 0) return y;
+  if (f32)
+    int4_run_f32(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), so.data_ptr<float>(), N, group, y.data_ptr<float>());
+  else
+    int4_run(bf16_ptr(x), M, K, w.data_ptr<uint8_t>(), bf16_ptr(so), N, group, bf16_ptr(y));
   return y;
 }
 
@@ -436,7 +539,7 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
       check(w.dim() == 2 && w.size(0) == out[j] && w.size(1) * (kind == 3 ? 2 : 1) == in[j],
             "linear shapes: [qkv, hidden], [hidden, heads x head size], [2 x inter, hidden], [hidden, inter]");
       if (kind == 3) {
-        check_int4(w, sc, in[j], groups[4 * l + j]);
+        check_int4(w, sc, in[j], groups[4 * l + j], at::kBFloat16);
       } else {
         check(w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % 32 == 0 &&
                   sc.scalar_type() == at::kBFloat16 && sc.numel() == w.size(0) && sc.is_contiguous(),

@@ -28,6 +28,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # layer against torch's 54 / 66 / 97 (its per-row work, a bf16 dot and a scale FMA per 32 weights, is most of
 # the loop), and a k = 3 verification (4 rows) took 19.8 ms as one call against 16.6 ms through TorchScript.
 GEMV_ROWS = 1
+# fp32 x (an fp32 model; the fp32 product runs in both builds): torch's int4 kernel is ~13x slower in fp32 than in
+# bf16 (1.02 ms against 77 us for a 1536 x 576 layer, one row), and fp32 batches dequantized the weight per call
+# (~10 ms there at any row count); this kernel takes 0.08 / 0.56 / 4.5 ms for 1 / 16 / 128 rows. So it runs fp32
+# batches up to 128 rows (the fp32 default model on 2 cores: batch 1 5.3 -> 25.2 tok/s, batch 8 8.3 -> 75.9).
+GEMV_ROWS_F32 = 128
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
            "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
@@ -124,8 +129,8 @@ def isa() -> str:
 def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
               group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Our INT4 layer (quant_matmul's format) in int4_gemv's: (paired nibbles [N, K/2], scales and offsets
-    [2, N, K/G] bf16 row-major; symmetric layers get offsets -8 * scale); None where the kernel does not take the
-    shape (K a multiple of 64 and of the group, whole groups only)."""
+    [2, N, K/G] row-major, fp32 for an fp32 layer and bf16 otherwise; symmetric layers get offsets -8 * scale); None
+    where the kernel does not take the shape (K a multiple of 64 and of the group, whole groups only)."""
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     if k % 64 or group_size not in (32, 64, 128) or k % group_size or scales.shape[1] != k // group_size:
         return None
@@ -133,11 +138,12 @@ def pack_int4(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
     q = unpack_int4(qweight).view(n, k // 64, 2, 32)
     paired = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     offsets = -8.0 * scales.float() if offsets is None else offsets
-    return paired, torch.stack((scales, offsets)).to(torch.bfloat16).contiguous()
+    dtype = torch.float32 if scales.dtype == torch.float32 else torch.bfloat16
+    return paired, torch.stack((scales.to(dtype), offsets.to(dtype))).contiguous()
 
 
 def int4_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
-    """x [M, K] bf16 -> [M, N] bf16."""
+    """x [M, K] bf16 -> [M, N] bf16, or fp32 -> fp32 (a layer packed from fp32 scales)."""
     return torch.ops.tuili.int4_gemv(x, *packed, group_size)
 
 
