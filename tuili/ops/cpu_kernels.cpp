@@ -65,6 +65,54 @@ inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return bf16_to_float(v); }
+inline void store(float* y, float v) { *y = v; }
+inline void store(uint16_t* y, float v) { *y = float_to_bf16(v); }
+
+// y[m, n + r] for the x rows m < M and R weight rows from n, x in fp32, the nibbles converted to fp32 and
+// multiplied by FMA (exact products): y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k. S: the scales' and offsets'
+// storage (fp32, or bf16 bits); Y: y's. sx: [M, groups padded to ldsx], the sums of x per group.
+template <int M, int R, typename S, typename Y>
+void int4_rows_fma(const float* xf, int64_t K, const uint8_t* w, const S* s, const S* o, int64_t groups, int shift,
+                   const float* sx, int64_t ldsx, int64_t n, Y* y, int64_t ldy) {
+  float scale[R][kMaxGroups], bias[M][R] = {};
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      scale[r][g] = as_float(s[(n + r) * groups + g]);
+      const float off = as_float(o[(n + r) * groups + g]);
+      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
+    }
+  __m256 acc[M][R][2];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / 64; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wc = w + (n + r) * (K / 2) + 32 * c;
+      __m256 d[M][2];
+      for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
+      for (int j = 0; j < 32; j += 8) {
+        __m256 lo, hi;
+        nibbles8(wc + j, lo, hi);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xf + m * K + 64 * c + j;
+          d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
+          d[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 32), d[m][1]);
+        }
+      }
+      const __m256 s0 = _mm256_set1_ps(scale[r][(2 * c) >> shift]);
+      const __m256 s1 = _mm256_set1_ps(scale[r][(2 * c + 1) >> shift]);
+      for (int m = 0; m < M; ++m) {
+        acc[m][r][0] = _mm256_fmadd_ps(d[m][0], s0, acc[m][r][0]);
+        acc[m][r][1] = _mm256_fmadd_ps(d[m][1], s1, acc[m][r][1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      store(y + m * ldy + n + r, hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r]);
+}
+
 #if TUILI_AVX512BF16
 constexpr const char* kIsa = "avx512_bf16";
 
@@ -134,45 +182,11 @@ inline __m256 load8_bf16(const uint16_t* p) {
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-// as above with x in fp32 (xf) and the nibbles converted to fp32: y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k
+// as above with x in fp32 (xf) and the nibbles converted to fp32 (int4_rows_fma)
 template <int M, int R>
 void int4_rows(const uint16_t*, const float* xf, int64_t K, const uint8_t* w, const uint16_t* s, const uint16_t* o,
                int64_t groups, int shift, const float* sx, int64_t ldsx, int64_t n, uint16_t* y, int64_t ldy) {
-  float scale[R][kMaxGroups], bias[M][R] = {};
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      scale[r][g] = bf16_to_float(s[(n + r) * groups + g]);
-      const float off = bf16_to_float(o[(n + r) * groups + g]);
-      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
-    }
-  __m256 acc[M][R][2];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < K / 64; ++c) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wc = w + (n + r) * (K / 2) + 32 * c;
-      __m256 d[M][2];
-      for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
-      for (int j = 0; j < 32; j += 8) {
-        __m256 lo, hi;
-        nibbles8(wc + j, lo, hi);
-        for (int m = 0; m < M; ++m) {
-          const float* xm = xf + m * K + 64 * c + j;
-          d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
-          d[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 32), d[m][1]);
-        }
-      }
-      const __m256 s0 = _mm256_set1_ps(scale[r][(2 * c) >> shift]);
-      const __m256 s1 = _mm256_set1_ps(scale[r][(2 * c + 1) >> shift]);
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(d[m][0], s0, acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(d[m][1], s1, acc[m][r][1]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      y[m * ldy + n + r] = float_to_bf16(hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r]);
+  int4_rows_fma<M, R>(xf, K, w, s, o, groups, shift, sx, ldsx, n, y, ldy);
 }
 
 inline float dot_bf16(const float* q, const uint16_t* k, int64_t D) {
@@ -188,56 +202,19 @@ inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {
 }
 #endif
 
-// the fp32 product (see the top): x, scales, offsets and y fp32, every nibble times x exact (FMA)
-template <int M, int R>
-void int4_rows_f32(const float* x, int64_t K, const uint8_t* w, const float* s, const float* o, int64_t groups,
-                   int shift, const float* sx, int64_t ldsx, int64_t n, float* y, int64_t ldy) {
-  float bias[M][R] = {};
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      for (int m = 0; m < M; ++m) bias[m][r] += o[(n + r) * groups + g] * sx[m * ldsx + g];
-  __m256 acc[M][R][2];
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < K / 64; ++c) {
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* wc = w + (n + r) * (K / 2) + 32 * c;
-      __m256 d[M][2];
-      for (int m = 0; m < M; ++m) d[m][0] = d[m][1] = _mm256_setzero_ps();
-      for (int j = 0; j < 32; j += 8) {
-        __m256 lo, hi;
-        nibbles8(wc + j, lo, hi);
-        for (int m = 0; m < M; ++m) {
-          const float* xm = x + m * K + 64 * c + j;
-          d[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), d[m][0]);
-          d[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 32), d[m][1]);
-        }
-      }
-      const __m256 s0 = _mm256_set1_ps(s[(n + r) * groups + ((2 * c) >> shift)]);
-      const __m256 s1 = _mm256_set1_ps(s[(n + r) * groups + ((2 * c + 1) >> shift)]);
-      for (int m = 0; m < M; ++m) {
-        acc[m][r][0] = _mm256_fmadd_ps(d[m][0], s0, acc[m][r][0]);
-        acc[m][r][1] = _mm256_fmadd_ps(d[m][1], s1, acc[m][r][1]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) y[m * ldy + n + r] = hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r];
-}
-
-// Rows(m0, n) for blocks of up to four rows of x (template argument) and pairs of weight rows, in parallel: 16
-// weight rows at a time, for every block of four x rows (16 accumulators): more than four rows of x read the
-// weights from memory once, then from cache
-template <template <int, int> class Rows, typename... A>
-void int4_parallel(int64_t M, int64_t N, A... args) {
+// rows.template operator()<B, R>(m0, n) (y for the B <= 4 rows of x from m0 and the R <= 2 weight rows from n) over
+// all of y, in parallel: 16 weight rows at a time, for every block of four x rows (16 accumulators): more than four
+// rows of x read the weights from memory once, then from cache
+template <typename Rows>
+void int4_parallel(int64_t M, int64_t N, const Rows& rows) {
   at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {
       const int64_t c1 = std::min({N, 2 * end, c0 + 16});
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         auto block = [&]<int B>() {
           int64_t n = c0;
-          for (; n + 2 <= c1; n += 2) Rows<B, 2>::run(m0, n, args...);
-          if (n < c1) Rows<B, 1>::run(m0, n, args...);
+          for (; n + 2 <= c1; n += 2) rows.template operator()<B, 2>(m0, n);
+          if (n < c1) rows.template operator()<B, 1>(m0, n);
         };
         switch (std::min<int64_t>(4, M - m0)) {
           case 1: block.template operator()<1>(); break;
@@ -249,49 +226,6 @@ void int4_parallel(int64_t M, int64_t N, A... args) {
     }
   });
 }
-
-struct Int4Args {
-  const uint16_t* x;
-  const float* xf;  // x in fp32 (the AVX2 path)
-  int64_t K;
-  const uint8_t* w;
-  const uint16_t *s, *o;
-  int64_t groups;
-  int shift;
-  const float* sx;
-  int64_t ldsx;
-  uint16_t* y;
-  int64_t N;
-};
-
-template <int M, int R>
-struct Bf16Rows {
-  static void run(int64_t m0, int64_t n, const Int4Args& a) {
-    int4_rows<M, R>(a.x + m0 * a.K, a.xf + (TUILI_AVX512BF16 ? 0 : m0 * a.K), a.K, a.w, a.s, a.o, a.groups, a.shift,
-                    a.sx + m0 * a.ldsx, a.ldsx, n, a.y + m0 * a.N, a.N);
-  }
-};
-
-struct Int4ArgsF32 {
-  const float* x;
-  int64_t K;
-  const uint8_t* w;
-  const float *s, *o;
-  int64_t groups;
-  int shift;
-  const float* sx;
-  int64_t ldsx;
-  float* y;
-  int64_t N;
-};
-
-template <int M, int R>
-struct F32Rows {
-  static void run(int64_t m0, int64_t n, const Int4ArgsF32& a) {
-    int4_rows_f32<M, R>(a.x + m0 * a.K, a.K, a.w, a.s, a.o, a.groups, a.shift, a.sx + m0 * a.ldsx, a.ldsx, n,
-                        a.y + m0 * a.N, a.N);
-  }
-};
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "tuili CPU kernel: ", what); }
 
@@ -310,8 +244,12 @@ void int4_run(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* wp, const
       sx[m * ldsx + k / group] += v;
       if (!TUILI_AVX512BF16) xf[m * K + k] = v;
     }
-  int4_parallel<Bf16Rows>(M, N, Int4Args{xp, xf.data(), K, wp, sp, sp + N * groups, groups, group_shift(group),
-                                         sx.data(), ldsx, yp, N});
+  const uint16_t* op = sp + N * groups;
+  const int shift = group_shift(group);
+  int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {
+    int4_rows<B, R>(xp + m0 * K, xf.data() + (TUILI_AVX512BF16 ? 0 : m0 * K), K, wp, sp, op, groups, shift,
+                    sx.data() + m0 * ldsx, ldsx, n, yp + m0 * N, N);
+  });
 }
 
 // the same in fp32 (so [2, N, K/group] fp32)
@@ -321,8 +259,11 @@ void int4_run_f32(const float* xp, int64_t M, int64_t K, const uint8_t* wp, cons
   std::vector<float> sx(M * groups, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) sx[m * groups + k / group] += xp[m * K + k];
-  int4_parallel<F32Rows>(M, N, Int4ArgsF32{xp, K, wp, sp, sp + N * groups, groups, group_shift(group), sx.data(),
-                                           groups, yp, N});
+  const float* op = sp + N * groups;
+  const int shift = group_shift(group);
+  int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {
+    int4_rows_fma<B, R>(xp + m0 * K, K, wp, sp, op, groups, shift, sx.data() + m0 * groups, groups, n, yp + m0 * N, N);
+  });
 }
 
 void check_int4(const at::Tensor& w, const at::Tensor& so, int64_t K, int64_t group, at::ScalarType dtype) {
