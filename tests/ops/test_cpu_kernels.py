@@ -184,3 +184,26 @@ def test_decode_step_refuses_inconsistent_arguments(tiny_models):
     swapped[1], swapped[3] = swapped[3], swapped[1]  # the o projection where the qkv one belongs
     with pytest.raises(RuntimeError, match="linear shapes"):
         call(tensors=swapped)
+
+
+@needs_kernels
+def test_fp32_int4_layers_run_on_the_kernel_up_to_its_row_count(monkeypatch):
+    """An fp32 INT4 layer (fp32 scales) takes tuili's kernel in fp32 for 1..GEMV_ROWS_F32 rows (torch's int4 kernel
+    is ~13x slower in fp32, the reference dequantizes per call) and the reference beyond; both within fp32 rounding
+    of the float64 product."""
+    from tuili.layers.linear import Linear
+
+    gen = torch.Generator().manual_seed(0)
+    layer = Linear(256, 48)
+    qweight = torch.randint(0, 256, (48, 128), dtype=torch.uint8, generator=gen)
+    scales, offsets = torch.rand(48, 8, generator=gen) * 0.02, torch.randn(48, 8, generator=gen) * 0.05
+    layer.set_quantized(qweight, scales, offsets, 32)
+    calls = []
+    kernel = cpu_kernels.int4_gemv
+    monkeypatch.setattr(cpu_kernels, "int4_gemv", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
+    for rows in (1, 5, cpu_kernels.GEMV_ROWS_F32, cpu_kernels.GEMV_ROWS_F32 + 1):
+        x = torch.randn(rows, 256, generator=gen)
+        out = layer(x)
+        ref = quant_matmul.int4_linear(x.double(), qweight, scales.double(), offsets.double(), 32)
+        assert out.dtype == torch.float32 and (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == [1, 5, cpu_kernels.GEMV_ROWS_F32]

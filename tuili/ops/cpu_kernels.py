@@ -30,8 +30,9 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 GEMV_ROWS = 1
 # fp32 x (an fp32 model; the fp32 product runs in both builds): torch's int4 kernel is ~13x slower in fp32 than in
 # bf16 (1.02 ms against 77 us for a 1536 x 576 layer, one row), and fp32 batches dequantized the weight per call
-# (~10 ms there at any row count); this kernel takes 0.08 / 0.56 / 4.5 ms for 1 / 16 / 128 rows. So it runs fp32
-# batches up to 128 rows (the fp32 default model on 2 cores: batch 1 5.3 -> 25.2 tok/s, batch 8 8.3 -> 75.9).
+# (the reference, then the fp32 GEMM: 1.9 / 7.7 ms for 16 / 128 rows there, 7.5 / 8.9 ms for 576 x 1536); this
+# kernel takes 0.53 / 4.4 and 0.45 / 3.7 ms, and still wins at 256 rows. So it runs fp32 batches up to 128 rows
+# (the fp32 default model on 2 cores: batch 1 5.3 -> 25.2 tok/s, batch 8 8.3 -> 75.9).
 GEMV_ROWS_F32 = 128
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
