@@ -56,3 +56,23 @@ def test_llama_cpp_peer_errors_are_clear_and_early(monkeypatch, capsys):
     llama_cpp_spec(object())
     assert main(["bench", "latency", "--llama-cpp", "--load-format", "dummy", "--kv-cache-memory", "0.05"]) == 2
     assert "GGUF model file" in capsys.readouterr().err
+
+
+def test_cpu_matmul_ceiling_is_the_faster_of_the_dtype_and_fp32(monkeypatch):
+    """On the CPU the prefill's MFU is against the faster dense GEMM of the dtype and fp32: torch's bf16 GEMM on a CPU
+    without AVX-512 BF16 runs at ~1 GFLOP/s (0.0009 TFLOP/s here against fp32's 0.12), which read as 5000% MFU and
+    took ~23 s to time at 1024^3; the dtype is timed small."""
+    import torch
+
+    from tuili.bench import roofline
+
+    real = roofline.measure_matmul_rate
+    rates, calls = {torch.float32: 1e11, torch.bfloat16: 1e9}, []
+    monkeypatch.setattr(roofline, "measure_matmul_rate",
+                        lambda device, dtype, repeats=10, n=None: calls.append((dtype, n)) or rates[dtype])
+    cpu = torch.device("cpu")
+    assert real(cpu, torch.bfloat16) == 1e11
+    assert calls == [(torch.float32, None), (torch.bfloat16, 512)]
+    rates[torch.bfloat16] = 1e12  # a CPU with a fast bf16 GEMM keeps its own
+    assert real(cpu, torch.bfloat16) == 1e12
+    assert real(cpu, torch.float32, 1, 64) > 0 and len(calls) == 4  # fp32 itself: timed directly

@@ -29,9 +29,15 @@ def measure_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 
     return 2 * nbytes * repeats / (time.perf_counter() - start)
 
 
-def measure_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Dense matmul FLOP/s (8192^3 on GPU, 1024^3 on CPU): the ceiling for compute-bound prefill."""
-    n = 8192 if device.type == "cuda" else 1024
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 10, n: int | None = None) -> float:
+    """Dense matmul FLOP/s (8192^3 on GPU, 1024^3 on CPU): the ceiling for compute-bound prefill. On the CPU the
+    faster of `dtype` and fp32: a CPU without AVX-512 BF16 runs torch's bf16 GEMM at ~1 GFLOP/s (2-core AVX2 VM:
+    0.0009 TFLOP/s against fp32's 0.12), far below what the CPU can do and what the packed kernels reach, which
+    made bf16 prefill read as 5000% MFU (`dtype` is timed first at 512^3, twice: ~0.5 s where it is that slow)."""
+    if device.type == "cpu" and dtype != torch.float32 and n is None:
+        fp32 = measure_matmul_rate(device, torch.float32, repeats)
+        return max(fp32, measure_matmul_rate(device, dtype, 2, 512))
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
