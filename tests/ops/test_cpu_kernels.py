@@ -207,3 +207,6 @@ def test_fp32_int4_layers_run_on_the_kernel_up_to_its_row_count(monkeypatch):
         ref = quant_matmul.int4_linear(x.double(), qweight, scales.double(), offsets.double(), 32)
         assert out.dtype == torch.float32 and (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert calls == [1, 5, cpu_kernels.GEMV_ROWS_F32]
+    # bf16 x on this layer packed in fp32: not the kernel (whose scales must be x's dtype), the reference path
+    out = layer(torch.randn(1, 256, generator=gen).bfloat16())
+    assert out.dtype == torch.bfloat16 and len(calls) == 3

@@ -78,10 +78,10 @@ class Linear(nn.Module):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
             if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
                 return F.linear(x, self.cpu_dense(x.dtype), self.bias)
-            # bf16, or fp32 x with fp32 scales (then packed in fp32): tuili's kernel
+            # tuili's kernel where x has the dtype the layer packs to (fp32 scales: fp32, else bf16)
+            packed = torch.float32 if self.scales.dtype == torch.float32 else torch.bfloat16
             rows = cpu_kernels.GEMV_ROWS if x.dtype == torch.bfloat16 else cpu_kernels.GEMV_ROWS_F32
-            if (x.dtype == torch.bfloat16 or x.dtype == self.scales.dtype == torch.float32) \
-                    and x.shape[0] <= rows and self.cpu_gemv():
+            if x.dtype == packed and x.shape[0] <= rows and self.cpu_gemv():
                 out = cpu_kernels.int4_gemv(x.contiguous(), self._cpu_gemv, self.group_size)
                 return out if self.bias is None else out + self.bias
             # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
