@@ -109,9 +109,10 @@ class Linear(nn.Module):
             norm_weight=None if next_norm is None else next_norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_gemv and x.dtype == torch.bfloat16 and self.bias is None and x.shape[0] <= cpu_kernels.GEMV_ROWS \
-                and x.is_contiguous():  # as directly as it goes, as below
-            return torch.ops.tuili.int4_gemv(x, *self._cpu_gemv, self.group_size)
+        gemv = self._cpu_gemv
+        if gemv and x.dtype == torch.bfloat16 == gemv[1].dtype and self.bias is None \
+                and x.shape[0] <= cpu_kernels.GEMV_ROWS and x.is_contiguous():  # as directly as it goes, as below
+            return torch.ops.tuili.int4_gemv(x, *gemv, self.group_size)
         fast = self._cpu_int4
         if fast and x.dtype == fast[1].dtype and x.dtype == torch.bfloat16 and self.bias is None \
                 and fast[1].shape[0] * self.group_size == x.shape[1] and x.is_contiguous():
