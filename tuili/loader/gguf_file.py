@@ -137,10 +137,6 @@ def open_reader(path: str) -> GGUFFile:
         raise ValueError(f"{path!r} is not a readable GGUF file (wrong format, truncated or corrupt): {e}") from e
 
 
-def _field(reader: GGUFFile, key: str, default=None):
-    return reader.fields.get(key, default)
-
-
 def hf_name(gguf_name: str) -> str:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
@@ -160,14 +156,14 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
 def config_from_metadata(reader, path: str):
     from transformers import AutoConfig
 
-    arch = _field(reader, "general.architecture")
+    arch = reader.fields.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ValueError("this GGUF stores Llama 3.1 RoPE factors as a tensor (rope_freqs), which tuili does not "
                          "read yet; load the HF folder of the model instead")
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    get = lambda key, default=None: reader.fields.get(f"{arch}.{key}", default)  # noqa: E731
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     vocab = get("vocab_size")
@@ -188,8 +184,8 @@ def config_from_metadata(reader, path: str):
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6), rope_theta=get("rope.freq_base", 10000.0),
         max_position_embeddings=get("context_length", 4096), vocab_size=vocab,
         tie_word_embeddings="output.weight" not in names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        bos_token_id=reader.fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=reader.fields.get("tokenizer.ggml.eos_token_id"),
     )
     if arch == "llama":
         config.attention_bias = "blk.0.attn_q.bias" in names
@@ -237,7 +233,7 @@ def load(path: str, dequantize: bool = False) -> ModelSource:
         raise ValueError(f"GGUF tensor types {bad} are not supported; supported: {', '.join(SUPPORTED_TYPES)}")
     # a file without tokenizer metadata still runs, on token-id prompts (or with --tokenizer)
     tokenizer = load_tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
-    permute = _field(reader, "general.architecture") == "llama"
+    permute = reader.fields.get("general.architecture") == "llama"
     packed = {} if dequantize else {
         hf_name(t.name): NATIVE[t.tensor_type.name] for t in reader.tensors
         if t.tensor_type.name in NATIVE and len(t.shape) == 2 and t.name != "token_embd.weight"}
