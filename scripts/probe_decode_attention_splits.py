@@ -1,9 +1,8 @@
 """Decode attention as the engine runs it in a batch-1 step (RoPE and the K/V store inside, then the split merge)
 over 32 layers' paged caches in one CUDA graph, Llama-3.1-8B's heads: us per layer for each MIN_SPLIT_TOKENS
-(0: one split, no merge kernel), context length and how the splits are merged (SELF_MERGE: by the decode kernel's
-last split, or by the merge kernel after it). Device only.
+(0: one split, no merge kernel) and context length. Device only.
 
-usage: python scripts/probe_decode_attention_splits.py OUT.json '[0, 64, 128]' '[128, 384, 4096]' ['[true, false]']"""
+usage: python scripts/probe_decode_attention_splits.py OUT.json '[0, 64, 128]' '[128, 384, 4096]'"""
 import json
 import os
 import sys
@@ -36,15 +35,14 @@ def main():
         k = torch.randn(1, KVH, D, device=dev, dtype=torch.bfloat16)
         v = torch.randn(1, KVH, D, device=dev, dtype=torch.bfloat16)
         for ms in json.loads(sys.argv[2]):
-            for self_merge in json.loads(sys.argv[4]) if len(sys.argv) > 4 else [at.SELF_MERGE]:
-                at.MIN_SPLIT_TOKENS, at.SELF_MERGE = max(ms, 16), self_merge
-                n = splits if ms else 1
-                fn = lambda: [at.paged_decode_attention(q, kc, vc, table, seq_lens, 0.088, n,  # noqa: E731
-                                                        rope=(k, v, cos, sin, pos, slot)) for kc, vc in caches]
-                us = graph_us(fn, layers)
-                rec = dict(context=L, min_split=ms, self_merge=self_merge, us_per_layer=round(us, 2))
-                print(json.dumps(rec), flush=True)
-                res["runs"].append(rec)
+            at.MIN_SPLIT_TOKENS = max(ms, 16)
+            n = splits if ms else 1
+            fn = lambda: [at.paged_decode_attention(q, kc, vc, table, seq_lens, 0.088, n,  # noqa: E731
+                                                    rope=(k, v, cos, sin, pos, slot)) for kc, vc in caches]
+            us = graph_us(fn, layers)
+            rec = dict(context=L, min_split=ms, us_per_layer=round(us, 2))
+            print(json.dumps(rec), flush=True)
+            res["runs"].append(rec)
     with open(sys.argv[1], "w") as f:
         json.dump(res, f, indent=1)
 

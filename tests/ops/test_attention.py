@@ -220,27 +220,6 @@ def test_decode_several_tokens_per_sequence(query_len, seq_lens, group, num_spli
     check(out, reference(q, k_cache, v_cache, meta, 0.125), dtype)
 
 
-@pytest.mark.parametrize("dtype", cpu_and_cuda())
-@pytest.mark.parametrize("query_len, seq_lens, num_splits", [(1, [1, 15, 17, 100, 333], 8), (5, [5, 16, 333], 3),
-                                                             (1, [64, 65, 200], 32)])
-def test_last_split_merges_as_the_merge_kernel_does(query_len, seq_lens, num_splits, dtype, monkeypatch):
-    """The decode kernel's last split to finish merges the splits itself (SELF_MERGE): the same bits as the merge
-    kernel (the same code on the same partials), and its counters are back at zero for the next kernel."""
-    import tuili.ops.attention_triton as attention_triton
-    from tuili.ops.quant_matmul import _split_counts
-
-    meta, k_cache, v_cache = make_batch([query_len] * len(seq_lens), seq_lens, 16, 2, 64, dtype)
-    q = random_q(meta, 6, 64, dtype)
-    outs = []
-    for self_merge in (False, True):
-        monkeypatch.setattr(attention_triton, "SELF_MERGE", self_merge)
-        outs.append(paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, num_splits,
-                                           block_n=DECODE_BLOCK_N, query_len=query_len))
-    assert torch.equal(outs[0], outs[1])
-    check(outs[1], reference(q, k_cache, v_cache, meta, 0.125), dtype)
-    assert not _split_counts(q.device).any()
-
-
 def test_verification_dispatches_to_decode_kernel(monkeypatch):
     """A verification step (the runner's flag: k + 1 new tokens per sequence) -> the decode kernel, unless its
     rows per kv head exceed MULTI_QUERY_ROWS; the same shape as a plain prefill -> the prefill kernel (no kernel

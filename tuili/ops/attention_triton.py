@@ -22,7 +22,6 @@ import torch
 from tuili.ops import pdl
 from tuili.ops.attention import QMAX
 from tuili.ops.attention_metadata import AttentionMetadata
-from tuili.ops.quant_matmul import COUNTS_SIZE, _split_counts
 
 tl = None  # triton.language, bound by _kernels()
 
@@ -119,15 +118,14 @@ def _rotate(x, x_rot, cos, signed_sin):
 
 
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-                   out_ptr, lse_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, final_ptr,
-                   count_ptr, scale, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                   stride_vh, stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_knt,
-                   stride_knh, stride_vnt, stride_vnh, stride_cos, stride_sin, stride_ft, stride_fh,
+                   out_ptr, lse_ptr, k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, scale,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                   stride_bt, stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_knt, stride_knh,
+                   stride_vnt, stride_vnh, stride_cos, stride_sin,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, SELF_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-                   PDL: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
     over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
@@ -138,9 +136,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     all of them.
     q: [B * QLEN, H, D]; out: [B * QLEN, H, splits, D] (fp32, normalised per split) with lse: [B * QLEN, H,
     splits] (log2 domain) when WRITE_LSE, else out: [B * QLEN, H, D] in q's dtype (one split: final).
-    SELF_MERGE (with WRITE_LSE): the last split of (b, g) to finish, found by a counter it resets (count_ptr[b *
-    NUM_KV_HEADS + g], zero between kernels), merges the splits as _merge_splits_kernel does into final [B * QLEN,
-    H, D]: no merge kernel after this one (a launch and a dependent round trip fewer per layer).
     ROPE (QLEN 1; a 16/32-bit cache in q's dtype): q, k_new, v_new are this step's projections before RoPE
     (views of the fused qkv: [B, H, D], [B, KVH, D]) and the kernel does rope_store_kv_triton's work too: each
     program rotates its q rows (cos/sin rows at pos[b], rounded as that kernel rounds), and the split holding
@@ -240,36 +235,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     if WRITE_LSE:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + tokens * stride_lt + heads * stride_lh + split, lse, mask=head_mask)
-        if SELF_MERGE:
-            if active:
-                written = tl.maximum(tl.cdiv(seq_len, split_len), 1)  # the active splits: each counts once
-                tl.debug_barrier()  # every thread's partials stored before the count says so
-                count = count_ptr + b * NUM_KV_HEADS + kv_head
-                if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == written - 1:
-                    for r in tl.static_range(GROUP * QLEN):
-                        row = b.to(tl.int64) * QLEN + r // GROUP
-                        head = kv_head * GROUP + r % GROUP
-                        _merge_row(out_ptr + row * stride_ot + head * stride_oh, lse_ptr + row * stride_lt
-                                   + head * stride_lh, final_ptr + row * stride_ft + head * stride_fh, stride_os,
-                                   written, BLOCK_S, HEAD_DIM, ".cg")  # from L2: other SMs wrote them
-                    tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
-
-
-def _merge_row(partial_ptr, lse_ptr, out_ptr, stride_ps, written, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
-               CACHE: tl.constexpr):
-    """out = sum_s w_s * partial[s] with w = softmax over s of lse (log2), over the first `written` splits."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    split_mask = offs_s < written
-    lse = tl.load(lse_ptr + offs_s, mask=split_mask, other=float("-inf"), cache_modifier=CACHE)
-    m = tl.max(lse, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)  # no split had keys (seq_len 0): every weight is 0, out is 0
-    w = tl.exp2(lse - m)
-    partial = tl.load(partial_ptr + offs_s[:, None] * stride_ps + offs_d[None, :], mask=split_mask[:, None],
-                      other=0.0, cache_modifier=CACHE)
-    total = tl.sum(w, 0)
-    out = tl.sum(partial * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt, stride_ph, stride_ps, stride_lt,
@@ -285,8 +250,18 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt,
     if PDL:  # launched early (ops/pdl.py): wait for the splits to be written
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    _merge_row(partial_ptr + b.to(tl.int64) * stride_pt + h * stride_ph, lse_ptr + b * stride_lt + h * stride_lh,
-               out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh, stride_ps, written, BLOCK_S, HEAD_DIM, "")
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_mask = offs_s < written
+    lse = tl.load(lse_ptr + b * stride_lt + h * stride_lh + offs_s, mask=split_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # no split had keys (seq_len 0): every weight is 0, out is 0
+    w = tl.exp2(lse - m)
+    partial = tl.load(partial_ptr + b.to(tl.int64) * stride_pt + h * stride_ph + offs_s[:, None] * stride_ps
+                      + offs_d[None, :], mask=split_mask[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(partial * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
@@ -347,11 +322,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """Import triton and jit-compile the kernels above, once, on first use."""
-    global tl, _attend_tile, _store_quantized, _rotate, _merge_row  # the kernels look these up as module globals
+    global tl, _attend_tile, _store_quantized, _rotate  # the kernels look these up as module globals when compiled
     import triton
     import triton.language as tl
 
-    _merge_row = triton.jit(_merge_row)
     _attend_tile = triton.jit(_attend_tile)
     _store_quantized = triton.jit(_store_quantized)
     _rotate = triton.jit(_rotate)
@@ -439,7 +413,6 @@ def store_kv_cache_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tenso
         QMAX=QMAX[k_cache.dtype] if quantized else 0.0)
 
 
-SELF_MERGE = True  # the decode kernel's last split merges the splits (False: the merge kernel after it)
 MIN_SPLIT_TOKENS = 64  # the decode kernel's splits are at least this long (whole pages); H100, 8B shape, batch 1:
 # 128-1024 cached tokens in 32 splits of 16-32 took 6.5-8.5 us per layer, in splits of 64 5.3-7.4
 
@@ -501,7 +474,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     kernels = _kernels()
     min_split = -(-MIN_SPLIT_TOKENS // k_cache.shape[1]) * k_cache.shape[1]
     out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    counts = None
     if num_splits == 1:  # the one split is the answer: write it straight to out
         partial, lse = out, out
         partial_strides = (out.stride(0), out.stride(1), 0)
@@ -509,21 +481,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial = torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
         partial_strides = partial.stride()[:3]
-        if SELF_MERGE and batch * k_cache.shape[2] <= COUNTS_SIZE:
-            counts = _split_counts(q.device)  # None while capturing a graph before any warm-up: the merge kernel
     kernels.decode[(batch, k_cache.shape[2], num_splits)](
         q, k_cache, v_cache, k_scale, v_scale, block_tables, seq_lens, partial, lse, k_new, v_new, cos, sin,
-        positions, slots, out, counts if counts is not None else out, scale, q.stride(0),
+        positions, slots, scale, q.stride(0),
         q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), *partial_strides, lse.stride(0), lse.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0), sin.stride(0),
-        out.stride(0), out.stride(1), ROPE=rope is not None,
+        ROPE=rope is not None,
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
-        MIN_SPLIT=min_split, SELF_MERGE=counts is not None, BLOCK_S=_next_power_of_2(num_splits),
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(q.device))
-    if num_splits > 1 and counts is None:
+        MIN_SPLIT=min_split, num_warps=num_warps,
+        num_stages=num_stages, **pdl.launch_options(q.device))
+    if num_splits > 1:
         kernels.merge[(rows, num_heads)](
             partial, lse, out, seq_lens, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), num_splits, query_len,
