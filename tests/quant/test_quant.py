@@ -161,6 +161,37 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", _triton_dtypes())
+@pytest.mark.parametrize("m, n, k, group, symmetric, tiles", [
+    (17, 40, 256, 128, False, None),                    # the launcher's tiles: two groups per K tile
+    (5, 96, 384, 128, True, (16, 32, 128, 1, 4, 2)),   # one group per tile, symmetric, a partial column tile
+    (33, 40, 384, 64, False, (32, 32, 128, 2, 4, 2)),  # two groups of 64 per tile, split K, partial row tiles
+    (20, 64, 160, 32, False, (16, 64, 32, 1, 4, 3)),   # group 32
+    (24, 64, 256, 128, False, (32, 64, 256, 1, 4, 3, True)),  # out^T = W x^T (the weight as the mma's A)
+    (9, 40, 384, 64, True, (16, 32, 128, 2, 4, 2, True)),
+])
+def test_int4_gemm_is_the_matmul_with_the_dequantized_weight(m, n, k, group, symmetric, tiles, dtype):
+    """int4_gemm_triton (decode batches past int4_mma's 16 rows) dequantizes its tiles to exactly the values
+    dequantize_int4_triton writes: the product equals x @ that weight^T to the accumulation's rounding."""
+    from tuili.ops.quant_matmul import int4_gemm_triton
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    q, scales, offsets = quantize_groupwise(torch.randn(n, k, generator=gen), group, symmetric)
+    q, scales = q.to(DEVICE), quant_matmul.group_major(scales.to(DEVICE).to(dtype))
+    offsets = None if offsets is None else quant_matmul.group_major(offsets.to(DEVICE).to(dtype))
+    x = torch.randn(m, k, generator=gen).to(DEVICE).to(dtype)
+    w = dequantize_int4_triton(q, scales, offsets, group, dtype)
+    torch.testing.assert_close(w.float(), dequantize_int4(q, scales, offsets, group).float(), rtol=2 ** -7, atol=0)
+    got = int4_gemm_triton(x, q, scales, offsets, group, tiles=tiles)
+    assert got.dtype == dtype and got.shape == (m, n)
+    ref = x.double() @ w.double().t()
+    ulp = {torch.float32: 2 ** -20, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    bound = 2 ** -20 * (x.double().abs() @ w.double().abs().t()) + ulp * ref.abs() + 1e-6
+    assert ((got.double() - ref).abs() <= bound).all()
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        int4_gemm_triton(x, q, scales, offsets, group, tiles=(16, 32, 3 * group, 1, 4, 2))
+
+
+@pytest.mark.parametrize("dtype", _triton_dtypes())
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_triton_gemv_fuses_silu_and_mul(method, dtype):
     """A gated MLP's down projection with the activation computed inside the GEMV (silu_mul=True) gives what

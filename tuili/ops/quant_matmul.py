@@ -458,6 +458,54 @@ def _dequant_int4_kernel(qw_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stride_
              mask=n_mask[:, None] & (rk < K)[None, :])
 
 
+def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_sg,
+                      stride_om, k_per_split, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """x [M, K] @ W^T for an INT4 layer, the weight dequantized tile by tile in registers: each [BLOCK_N, BLOCK_K]
+    tile of packed bytes becomes q * scale + offset in fp32, rounded to x's dtype (the very values
+    _dequant_int4_kernel writes), and goes to the tensor cores against x's tile. Grid (cdiv(M, BLOCK_M),
+    cdiv(N, BLOCK_N), splits), the row tiles of one column tile next to each other (they share its weights in L2).
+    BLOCK_K divides GROUP or is two groups (K a multiple of BLOCK_K then). ATOMIC: split K, added into fp32 out.
+    (Tried: nibbles read as 16-bit floats 128 + q by an OR, no conversions, two dots per tile on the even and odd
+    k of x and the scales applied after them, as int4_mma does: 10-60% slower on the 8B's shapes, H100.)"""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    k_start = tl.program_id(2) * k_per_split
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BLOCK_K // 2)  # byte columns: k = 2 * rb (low nibble), 2 * rb + 1 (high)
+    m_mask = rm < M
+    n_mask = rn < N
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None] & (k0 + rk < K)[None, :],
+                    other=0.0)
+        b = tl.load(qw_ptr + rn[:, None].to(tl.int64) * stride_qn + (k0 // 2 + rb)[None, :],
+                    mask=n_mask[:, None] & (k0 + 2 * rb < K)[None, :], other=0)
+        s, m = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP) * stride_sg, n_mask, HAS_OFFSET)
+        s, m = s[:, None], m[:, None]
+        if BLOCK_K > GROUP:  # the tile's second group: byte columns GROUP / 2 ..
+            s1, m1 = _group_scale_offset(s_ptr, o_ptr, rn * stride_sn + (k0 // GROUP + 1) * stride_sg, n_mask,
+                                         HAS_OFFSET)
+            second = (rb >= GROUP // 2)[None, :]
+            s, m = tl.where(second, s1[:, None], s), tl.where(second, m1[:, None], m)
+        w = tl.interleave((b & 15).to(tl.float32) * s + m, (b >> 4).to(tl.float32) * s + m).to(dtype)
+        if SWAP:  # out^T = W x^T: the weight tile is the mma's A operand, x's rows its N (no padding to 64 rows)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if SWAP:
+        acc = tl.trans(acc)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
 @functools.cache
 def _kernels():
     global tl, _group_scale_offset, _columns, _silu_mul, _paired, _store_out, _gemv_tile, _dp2a_terms
@@ -472,7 +520,7 @@ def _kernels():
     _gemv_tile = triton.jit(_gemv_tile)
     _dp2a_terms = triton.jit(_dp2a_terms)
     return SimpleNamespace(gemm=triton.jit(_quant_matmul_kernel), gemv=triton.jit(_quant_gemv_kernel),
-                           dequant_int4=triton.jit(_dequant_int4_kernel))
+                           dequant_int4=triton.jit(_dequant_int4_kernel), int4_gemm=triton.jit(_int4_gemm_kernel))
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -493,7 +541,10 @@ DP2A = True  # INT4 GEMV of 16-bit x on CUDA: integer products (_dp2a_terms; fp3
 # the denormal floats, whose products are exact)
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
-DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows (prefill): dequantize, then cuBLAS
+DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows: dequantize, then cuBLAS (but see INT4_GEMM_MAX_ROWS)
+INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA with DEQUANT_MIN_ROWS up to this many rows: int4_gemm_triton instead (the
+# 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
+# the first sweep's best tiles took 687 against 450)
 # The GEMV's split-K counters, per device (int4_mma's and the argmax's too): zero between kernels (each kernel
 # resets its own), allocated once and never moved (CUDA graphs keep their address); a call that needs more of them
 # falls back to atomics.
@@ -561,7 +612,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     INT4 g128 with 3-16 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMV (the fused forms below included).
-    INT4 with DEQUANT_MIN_ROWS rows or more: the weight dequantized, then cuBLAS. `tiles` overrides the choice
+    INT4 on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in
+    registers); with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
     silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first.
@@ -587,6 +639,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
     if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
+    if bits == 4 and tiles is None and x.is_cuda and DEQUANT_MIN_ROWS <= m <= INT4_GEMM_MAX_ROWS and group_size:
+        out = int4_gemm_triton(x, qweight, scales, offsets, group_size)
+        return out if bias is None else out + bias
     if bits == 4 and tiles is None and m >= DEQUANT_MIN_ROWS:
         # the weight in x's dtype, made and read once per call (2.5 + 2 bytes per weight): at prefill sizes
         # cuBLAS on it beats the dequant-fused GEMM (a 128-token prompt on the 8B: 116 -> 31 ms, H200)
@@ -653,6 +708,50 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out
     return out if bias is None else out + bias
+
+
+def _int4_gemm_tiles(m: int, n: int, k: int, group_size: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages[, swap]) for int4_gemm_triton: the best of two
+    sweeps of the 8B's shapes at 17, 32 and 64 rows (scripts/sweep_int4_gemm.py, H100), K tiles of two groups of
+    128; swap (out^T = W x^T) for the widest layers (gate/up: 102 against 128 us at 17-32 rows)."""
+    block_k = 2 * group_size if group_size <= 128 and k % (2 * group_size) == 0 else group_size
+    if n >= 16384:
+        return 32 if m <= 32 else 64, 64, block_k, 1, 4, 3, True
+    if n >= 6144:
+        return (32, 32, block_k, 1, 4, 4) if m <= 32 else (64, 64, block_k, 1, 8, 4)
+    return 64, 32, block_k, 1, 4, 4
+
+
+def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                     group_size: int, tiles: tuple | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T for an INT4 layer (qweight uint8 [N, K/2], scales and offsets [N, K / group_size], any
+    strides) with the weight dequantized in registers (_int4_gemm_kernel): 0.5 byte per weight read, where
+    dequantize_int4_triton then a matmul moves 4.5. The weight rounds to x's dtype as there."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if 2 * qweight.shape[1] != k or group_size <= 0 or k % 2:
+        raise ValueError(f"x has {k} columns but the INT4 weight is {tuple(qweight.shape)} (group {group_size})")
+    block_m, block_n, block_k, splits, num_warps, num_stages, *swap = tiles or _int4_gemm_tiles(m, n, k, group_size)
+    if (block_k > group_size and (block_k != 2 * group_size or k % block_k)) or \
+            (block_k <= group_size and group_size % block_k):
+        raise ValueError(f"BLOCK_K {block_k} must divide the group size {group_size} or be two groups of K {k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    k_per_split = -(-k // (splits * block_k)) * block_k
+    splits = -(-k // k_per_split)
+    atomic = splits > 1
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else \
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    has_offset = offsets is not None
+    if has_offset and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must have the same layout")
+    _kernels().int4_gemm[(-(-m // block_m), -(-n // block_n), splits)](
+        x, qweight, scales, offsets if has_offset else scales, out, m, n, k, x.stride(0), qweight.stride(0),
+        scales.stride(0), scales.stride(1), out.stride(0), k_per_split, GROUP=group_size, HAS_OFFSET=has_offset,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SWAP=bool(swap and swap[0]),
+        num_warps=num_warps, num_stages=num_stages)
+    return out.to(x.dtype) if atomic else out
 
 
 def _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight):
