@@ -3,9 +3,11 @@ different weights of one shape in a row (more bytes than L2 holds, no launch gap
 time per call and GB/s for each tile config, against cuBLAS bf16 on the same shape the same way. Steadier than
 timing one kernel alone (scripts/sweep_quant_matmul.py), whose numbers swing with clocks and the cache.
 
-usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto] [--shapes=qkv,o] [--no-products]
-(--auto: only `_tiles`' choice; TILES: the configs to time, see `configs`; --no-products: INT4's integer products
-replaced by a bit cast of the words, wrong results: what the same loads, scales and x cost without them)"""
+usage: python scripts/bench_gemv_layers.py OUT.json [int8|int4 ...] [--auto] [--shapes=qkv,o] [--rows=M]
+    [--no-products]
+(--auto: only `_tiles`' choice; --rows: M rows of x, default 1 (batch-1 decode); TILES: the configs to time, see
+`configs`; --no-products: INT4's integer products replaced by a bit cast of the words, wrong results: what the same
+loads, scales and x cost without them)"""
 import itertools
 import json
 import os
@@ -53,7 +55,7 @@ def configs(method: str) -> list:
             if bn * bk <= 32768]
 
 
-def main(out: str, methods: list[str], auto_only: bool, shapes: list[str]) -> None:
+def main(out: str, methods: list[str], auto_only: bool, shapes: list[str], rows: int = 1) -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
@@ -61,7 +63,7 @@ def main(out: str, methods: list[str], auto_only: bool, shapes: list[str]) -> No
         if name not in shapes or (name == "lm_head" and method == "int4"):
             continue  # INT4 models keep the LM head in INT8
         copies = max(2, min(16, (400 << 20) // (n * k)))  # ~400 MB of weights per graph: far past L2
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         weights = []
         for _ in range(copies):
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -73,8 +75,8 @@ def main(out: str, methods: list[str], auto_only: bool, shapes: list[str]) -> No
                 weights.append((q, group_major(s), group_major(z), 128))
         q, s, z, g = weights[0]
         nbytes = q.numel() * q.element_size() + s.numel() * 2 * (2 if z is not None else 1)
-        auto = _tiles(1, n, k, g, sms)
-        rec = dict(shape=name, n=n, k=k, method=method, bytes=nbytes, copies=copies, auto_tiles=auto)
+        auto = _tiles(rows, n, k, g, sms)
+        rec = dict(shape=name, n=n, k=k, method=method, rows=rows, bytes=nbytes, copies=copies, auto_tiles=auto)
         rec["auto_us"] = graph_us(lambda: [quant_linear_triton(x, *a) for a in weights], copies)
         if not auto_only:
             timings = []
@@ -111,4 +113,5 @@ if __name__ == "__main__":
         qm._dp2a_terms = triton.jit(_no_products)  # looked up when _gemv_tile compiles
     args = [a for a in sys.argv[2:] if not a.startswith("--")]
     shapes = next((a.split("=")[1].split(",") for a in sys.argv if a.startswith("--shapes=")), list(SHAPES))
-    main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv, shapes)
+    rows = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--rows=")), 1))
+    main(sys.argv[1], args or ["int8", "int4"], "--auto" in sys.argv, shapes, rows)

@@ -147,8 +147,10 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     gemv_rows = (((1, 32, block_k, 2, 4, 2), variants[0]), *(
         (t, v) for t in ((1, 32, 4 * (group or 32), 2, 4, 1), (1, 16, block_k, 1, 4, 3)) for v in variants)) \
         if m <= quant_matmul.GEMV_MAX_ROWS else ()
+    # decode batches past 16 rows: the rule's own tiles (INT8 per channel: K tiles of 256) in the interpreter too
+    batch_rule = ((quant_matmul._tiles(m, n, k, group, 132), variants[0]),) if m > 16 else ()
     runs = ((None, variants[0]), *gemv_rows, ((16, 32, block_k, 2, 4, 2), variants[-1]),
-            ((32, 64, min(group or 32, 32), 1, 4, 2), variants[0]))
+            ((32, 64, min(group or 32, 32), 1, 4, 2), variants[0]), *batch_rule)
     for tiles, args in runs:
         if tiles is None and not CUDA:
             continue  # the kernel's own tiles are big: slow in the interpreter, run on the GPU
