@@ -170,6 +170,7 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     (20, 64, 160, 32, False, (16, 64, 32, 1, 4, 3)),   # group 32
     (24, 64, 256, 128, False, (32, 64, 256, 1, 4, 3, True)),  # out^T = W x^T (the weight as the mma's A)
     (9, 40, 384, 64, True, (16, 32, 128, 2, 4, 2, True)),
+    (18, 40, 320, 128, False, None),                   # a short last group: K tiles of one group, the last partial
 ])
 def test_int4_gemm_is_the_matmul_with_the_dequantized_weight(m, n, k, group, symmetric, tiles, dtype):
     """int4_gemm_triton (decode batches past int4_mma's 16 rows) dequantizes its tiles to exactly the values
