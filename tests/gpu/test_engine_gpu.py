@@ -70,6 +70,20 @@ def test_quantized_fast_path_equals_torch_path_fp32(tiny_models, quant):
     assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
 
 
+@pytest.mark.parametrize("quant", [dict(quantization="int8"), dict(quantization="int4", quant_group_size=32)],
+                         ids=["int8", "int4-g32"])
+def test_quantized_decode_batches_past_16_rows_equal_torch_path_fp32(tiny_models, quant):
+    """Decode steps of 17-24 sequences: INT8 per channel through the tensor-core kernel's batch tiles (K tiles of
+    256), INT4 through int4_gemm_triton (weight tiles dequantized in registers), in CUDA graphs: the same greedy
+    tokens as the torch references on the same packed weights."""
+    path = tiny_models["llama"]
+    ps = prompts(24, 512)
+    ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", no_fused_ops=True,
+              enforce_eager=True, async_scheduling="off", max_num_seqs=32, **SMALL_CACHE, **quant)
+    fast = LLM(path, device="cuda", dtype="float32", max_num_seqs=32, **SMALL_CACHE, **quant)
+    assert token_ids(fast.generate(ps, GREEDY, use_tqdm=False)) == token_ids(ref.generate(ps, GREEDY, use_tqdm=False))
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_batch_one_with_l2_prefetch_equals_torch_path(tiny_models, quant):
     """One sequence at a time: its decode graphs also prefetch each layer's o and gate/up weights into the L2 on
