@@ -171,6 +171,7 @@ def test_triton_quant_matmul_matches_reference(method, m, n, k, dtype):
     (24, 64, 256, 128, False, (32, 64, 256, 1, 4, 3, True)),  # out^T = W x^T (the weight as the mma's A)
     (9, 40, 384, 64, True, (16, 32, 128, 2, 4, 2, True)),
     (18, 40, 320, 128, False, None),                   # a short last group: K tiles of one group, the last partial
+    (64, 40, 512, 128, False, None),  # the rule's 64-row tiles: fp32 x's stages overflow the GPU's shared memory
 ])
 def test_int4_gemm_is_the_matmul_with_the_dequantized_weight(m, n, k, group, symmetric, tiles, dtype):
     """int4_gemm_triton (decode batches past int4_mma's 16 rows) dequantizes its tiles to exactly the values
@@ -192,6 +193,35 @@ def test_int4_gemm_is_the_matmul_with_the_dequantized_weight(m, n, k, group, sym
     assert ((got.double() - ref).abs() <= bound).all()
     with pytest.raises(ValueError, match="BLOCK_K"):
         int4_gemm_triton(x, q, scales, offsets, group, tiles=(16, 32, 3 * group, 1, 4, 2))
+
+
+def test_launch_fitting_drops_stages_until_the_kernel_fits(monkeypatch):
+    """Tiles whose pipeline does not fit the GPU's shared memory (Triton raises OutOfResources before anything
+    runs) launch again with fewer stages, and the stages that fit are kept for the next call; a kernel that does
+    not fit with one stage still raises."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(quant_matmul, "_STAGES", {})
+    tried = []
+
+    class Kernel:
+        limit = 2
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **options):
+                tried.append(num_stages)
+                if num_stages > self.limit:
+                    raise OutOfResources(num_stages * 1000, self.limit * 1000, "shared memory")
+            return run
+
+    kernel, x = Kernel(), torch.zeros(2, dtype=torch.float32)
+    quant_matmul._launch_fitting(kernel, (1,), x, BLOCK_K=256, num_stages=4)
+    quant_matmul._launch_fitting(kernel, (1,), x, BLOCK_K=256, num_stages=4)
+    quant_matmul._launch_fitting(kernel, (1,), x.half(), BLOCK_K=256, num_stages=2)
+    assert tried == [4, 3, 2, 2, 2]
+    kernel.limit = 0
+    with pytest.raises(OutOfResources):
+        quant_matmul._launch_fitting(kernel, (1,), x, BLOCK_K=128, num_stages=3)
 
 
 @pytest.mark.parametrize("dtype", _triton_dtypes())

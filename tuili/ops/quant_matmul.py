@@ -523,6 +523,26 @@ def _kernels():
                            dequant_int4=triton.jit(_dequant_int4_kernel), int4_gemm=triton.jit(_int4_gemm_kernel))
 
 
+_STAGES: dict = {}  # (kernel, x's dtype, device, launch options) -> the stages that fit the GPU's shared memory
+
+
+def _launch_fitting(kernel, grid: tuple, x: torch.Tensor, *args, **options) -> None:
+    """kernel[grid](x, *args, **options), with fewer pipeline stages where the tiles' stages do not fit the GPU's
+    shared memory (tiles chosen for 16-bit x run on fp32 x, or on a GPU with less shared memory than an H100;
+    Triton raises OutOfResources before anything runs). The stages that fit are kept for the next call."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel, x.dtype, x.device, tuple(sorted(options.items())))
+    stages = _STAGES.get(key, options["num_stages"])
+    while True:
+        try:
+            return kernel[grid](x, *args, **{**options, "num_stages": stages})
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages = _STAGES[key] = stages - 1
+
+
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                            group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """dequantize_int4 as one Triton kernel: 2.5 bytes of traffic per weight."""
@@ -708,9 +728,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             return out, hw, ss
     else:
         grid = (-(-m // block_m), -(-n // block_n), splits)
-        kernels.gemm[grid](x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0), *scale_strides,
-                           out.stride(0), k_per_split, BLOCK_M=block_m,
-                           DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
+        _launch_fitting(kernels.gemm, grid, x, qweight, scales, offsets, out, m, n, k, x.stride(0), qweight.stride(0),
+                        *scale_strides, out.stride(0), k_per_split, BLOCK_M=block_m,
+                        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
     out = out.to(x.dtype) if atomic else out
     return out if bias is None else out + bias
 
@@ -750,7 +770,8 @@ def int4_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     has_offset = offsets is not None
     if has_offset and offsets.stride() != scales.stride():
         raise ValueError("scales and offsets must have the same layout")
-    _kernels().int4_gemm[(-(-m // block_m), -(-n // block_n), splits)](
+    _launch_fitting(
+        _kernels().int4_gemm, (-(-m // block_m), -(-n // block_n), splits),
         x, qweight, scales, offsets if has_offset else scales, out, m, n, k, x.stride(0), qweight.stride(0),
         scales.stride(0), scales.stride(1), out.stride(0), k_per_split, GROUP=group_size, HAS_OFFSET=has_offset,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic,
