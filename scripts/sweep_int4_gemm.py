@@ -2,7 +2,9 @@
 the path before int4_gemm_triton) against int4_gemm_triton's tile configs, on Llama-3.1-8B's four decoder shapes,
 each over 8 layers' random weights in one CUDA graph (weights from DRAM, not L2). Device only.
 
-usage: python scripts/sweep_int4_gemm.py OUT.json '[17, 32, 64, 128, 512]'"""
+usage: python scripts/sweep_int4_gemm.py OUT.json '[17, 32, 64, 128, 512]' [--mma] [--rule-only]
+(--mma: int4_mma's GEMM too, its split rule and forced splits and stages, up to 64 rows; --rule-only: of the
+Triton kernel's configs only the rule's)"""
 import json
 import os
 import sys
@@ -10,6 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from tuili.ops import int4_mma
 from tuili.ops import quant_matmul as qm
 from tuili.quant import quantize_groupwise
 
@@ -48,11 +51,20 @@ def main():
             base = graph_us(lambda: [F.linear(x, qm.dequantize_int4_triton(*w, 128, x.dtype)) for w in ws], LAYERS)
             rule = qm._int4_gemm_tiles(m, n, k, 128)
             times = {}
-            for tiles in dict.fromkeys([rule, *configs(m)]):
+            for tiles in dict.fromkeys([rule, *([] if "--rule-only" in sys.argv else configs(m))]):
                 try:
                     times[tiles] = graph_us(lambda: [qm.int4_gemm_triton(x, *w, 128, tiles=tiles) for w in ws], LAYERS)
                 except Exception as e:  # out of shared memory / registers: skip the config
                     print(f"m={m} {name} {tiles}: {type(e).__name__}", flush=True)
+            if "--mma" in sys.argv and m <= int4_mma.GEMM_ROWS:
+                counts = qm._split_counts(dev)
+                for splits, stages in ((None, 4), (1, 4), (2, 4), (4, 4), (8, 4), (None, 3)):
+                    times[("mma", splits, stages)] = graph_us(
+                        lambda: [int4_mma.int4_gemm(x, *w, counts, splits=splits, stages=stages) for w in ws], LAYERS)
+                summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, 4)]
+                ref = F.linear(x, qm.dequantize_int4_triton(*ws[0], 128, x.dtype)).float()
+                err = ((int4_mma.int4_gemm(x, *ws[0], counts).float() - ref).norm() / ref.norm()).item()
+                print(f"m={m} {name}: mma {times[('mma', None, 4)]:.2f} us, relative error {err:.2e}", flush=True)
             best = min(times, key=times.get)
             rec = dict(m=m, shape=name, dequant_cublas_us=round(base, 2), rule=rule, rule_us=round(times[rule], 2),
                        best=best, best_us=round(times[best], 2),

@@ -162,22 +162,25 @@ def test_int4_decode_batches_through_the_tensor_core_gemv(monkeypatch):
     assert compared >= 16, compared
 
 
-def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch):
-    """INT4 g128 in bf16, 24 sequences: every decode projection of 17-64 rows goes through int4_gemm_triton
-    (the weight dequantized in registers) in the CUDA graphs, and gives what the dequantize-then-cuBLAS path gives
-    (the same bf16 weights; only the sums' order differs) where the greedy tokens agree."""
-    from tuili.ops import quant_matmul
+@pytest.mark.parametrize("path", ["int4_gemm_mma", "int4_gemm_triton"])
+def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, path):
+    """INT4 g128 in bf16, 24 sequences: every decode projection of 17-64 rows goes through int4_mma's GEMM (or,
+    with it off, int4_gemm_triton: the weight dequantized in registers) in the CUDA graphs, and gives what the
+    dequantize-then-cuBLAS path gives where the greedy tokens agree."""
+    from tuili.ops import int4_mma, quant_matmul
 
     calls = []
-    real = quant_matmul.int4_gemm_triton
-    monkeypatch.setattr(quant_matmul, "int4_gemm_triton",
-                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    module, name = (int4_mma, "int4_gemm") if path == "int4_gemm_mma" else (quant_matmul, "int4_gemm_triton")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    monkeypatch.setattr(quant_matmul, "GEMM_MMA", path == "int4_gemm_mma")
     args = dict(load_format="dummy", dtype="bfloat16", quantization="int4", max_model_len=512, max_num_seqs=24,
                 **SMALL_CACHE)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     ps = prompts(24, 128256, lengths=(20, 33, 47, 64))
     got = LLM("llama-3.2-1b", **args).generate(ps, params, use_tqdm=False)
     assert 24 in calls and set(calls) <= set(range(quant_matmul.DEQUANT_MIN_ROWS, quant_matmul.INT4_GEMM_MAX_ROWS + 1))
+    monkeypatch.setattr(quant_matmul, "GEMM_MMA", False)
     monkeypatch.setattr(quant_matmul, "INT4_GEMM_MAX_ROWS", 0)  # dequantize, then cuBLAS
     ref = LLM("llama-3.2-1b", **args).generate(ps, params, use_tqdm=False)
     compared = _decode_steps_agreeing(got, ref, 0.15)  # as for int4_mma above (0.05 held on the H100; 0.063 H200)

@@ -1,6 +1,6 @@
-"""The tensor-core INT4 GEMV (tuili/ops/int4_mma.py, CUDA C++ through NVRTC): against the torch reference on the
-GPU (plain and fused forms, 1-16 rows, forced K splits), its dispatch from quant_linear_triton, and its input
-checks (these run everywhere)."""
+"""The tensor-core INT4 GEMV and GEMM (tuili/ops/int4_mma.py, CUDA C++ through NVRTC): against the torch reference
+on the GPU (plain and fused forms, 1-16 rows, forced K splits; the GEMM 1-64 rows), their dispatch from
+quant_linear_triton, and their input checks (these run everywhere)."""
 from __future__ import annotations
 
 import pytest
@@ -49,6 +49,27 @@ def test_input_checks():
     assert not quant_matmul._mma(4, 512, 128, q, s)  # CPU tensors stay on the CPU paths
 
 
+def test_gemm_input_checks():
+    q, s, z = layer(128, 512, device="cpu")
+    counts = torch.zeros(64, dtype=torch.int32)
+    with pytest.raises(ValueError, match="bf16"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.float16), q, s, z, counts)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        int4_mma.int4_gemm(torch.randn(65, 512, dtype=torch.bfloat16), q, s, z, counts)
+    q2, s2, z2 = layer(48, 512, device="cpu")  # N not a multiple of 128
+    with pytest.raises(ValueError, match="N % 128"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q2, s2, z2, counts)
+    with pytest.raises(ValueError, match="group-major"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+    assert int4_mma.gemm_supports(28672, 4096) and not int4_mma.gemm_supports(4096, 4224)
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128, 256)):
+        for m in (17, 32, 48):
+            splits = int4_mma.gemm_splits(n, k, m, 132)
+            assert splits & (splits - 1) == 0 and (splits == 1 or k // 256 >= 4 * splits)
+    assert [int4_mma.gemm_splits(n, k, 32, 132) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096),
+                                                             (4096, 14336))] == [4, 4, 1, 8]
+
+
 def test_splits_are_powers_of_two_with_whole_batches():
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (48, 512)):
         for m in (1, 3, 5, 8, 16):
@@ -69,6 +90,27 @@ def test_matches_reference(n, k, splits, symmetric):
             y = int4_mma.int4_gemv(x, q, s, z, counts, splits=splits)
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             assert rel(y, ref) < 4e-3, (m, rel(y, ref))  # the output's bf16 rounding
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("n,k,splits", [(128, 256, 1), (384, 1024, 2), (256, 2304, 3), (4096, 4096, None)])
+def test_gemm_matches_reference(n, k, splits, symmetric):
+    """int4_gemm_mma (decode batches of 17-64 rows) against the torch reference: 1-4 mma row tiles, partial ones,
+    K splits (the counters back at zero after each call), pipelines longer than the split's chunks."""
+    q, s, z = layer(n, k, symmetric)
+    counts = quant_matmul._split_counts(torch.device("cuda"))
+    for m in (1, 8, 17, 24, 32, 33, 48, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
+        for stages in (4, 2):
+            y = int4_mma.int4_gemm(x, q, s, z, counts, splits=splits, stages=stages)
+            assert y.shape == (m, n) and y.dtype == torch.bfloat16
+            assert rel(y, ref) < 4e-3, (m, stages, rel(y, ref))  # the output's bf16 rounding
+            assert not counts.any()
+    x = torch.randn(20, k + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]  # rows with a stride: 16-byte aligned
+    ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
+    assert rel(int4_mma.int4_gemm(x, q, s, z, counts, splits=splits), ref) < 4e-3
 
 
 @gpu
@@ -97,8 +139,9 @@ def test_fused_forms_match_reference(m):
 
 @gpu
 def test_quant_linear_dispatch(monkeypatch):
-    """3-16 rows of bf16 x through quant_linear_triton take the tensor-core GEMV (with the fused forms); 1-2 rows,
-    fp16 x and other group sizes keep the Triton kernels."""
+    """3-16 rows of bf16 x through quant_linear_triton take the tensor-core GEMV (with the fused forms), 17-48 the
+    GEMM (33-48 only on layers narrower than 16384); 1-2 rows, fp16 x and other group sizes keep the Triton
+    kernels."""
     q, s, z = layer(256, 1024)
     calls = []
     real = int4_mma.int4_gemv
@@ -116,3 +159,15 @@ def test_quant_linear_dispatch(monkeypatch):
     x = torch.randn(5, 1024, device="cuda", dtype=torch.float16)
     quant_matmul.quant_linear_triton(x, q, s.half(), z.half(), 128)
     assert calls == [] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())
+    # decode batches of 17-32 rows (48 on layers narrower than 16384) take the GEMM
+    gemm_calls = []
+    real_gemm = int4_mma.int4_gemm
+    monkeypatch.setattr(int4_mma, "int4_gemm", lambda *a, **kw: gemm_calls.append(a[0].shape[0]) or real_gemm(*a, **kw))
+    wide = layer(16384, 256)
+    for m in (17, 32, 40, 49):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
+        assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3
+        assert not quant_matmul.fuses_norms(m, 1024, 128, q, s)
+        quant_matmul.quant_linear_triton(x[:, :256].contiguous(), *wide, 128)
+    assert gemm_calls == [17, 17, 32, 32, 40]

@@ -1,5 +1,6 @@
-"""INT4 g128 matmul for decode batches of 3-16 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
-sm_80 and later; quant_matmul.quant_linear_triton calls it for 3-16 rows of bf16 x).
+"""INT4 g128 matmuls for decode batches of 3-48 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
+sm_80 and later; quant_matmul.quant_linear_triton calls int4_gemv for 3-16 rows of bf16 x, int4_gemm for 17-32,
+and for 33-48 on layers narrower than 16384).
 
 Why: the Triton GEMV (quant_matmul._gemv_tile) runs one row of x per program, so 4 rows cost 2.6x one (8B
 gate_up on the H100: 67.7 vs 25.8 us), and the Triton tensor-core kernel that takes 5-16 rows pads them to 16 and
@@ -21,6 +22,15 @@ Fused as in the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNo
 and the sums of squares of h per column tile) and the residual add with the next norm's inputs (residual,
 norm_weight). PDL on Hopper: the first batch of weights is loaded before the wait for the previous kernel; the
 next kernel may launch after the main loop.
+
+int4_gemm (`int4_gemm_mma`, 17-64 rows): the same fragments and per-group scaling, laid out as a GEMM. With more
+rows the GEMV's design runs out: its CTA stages x for its whole K range (more rows: more splits, and fp32 partials
+as large as the weights), and a warp's two batches in registers are too few bytes in flight. Here a CTA (8 warps,
+128 weight rows) keeps all of x's rows as up to 4 mma A tiles of 16 and walks its K range in chunks of UNROLL
+groups: weights, scales and offsets come through GEMM_STAGES shared-memory slots by cp.async (rows' 16-byte pieces
+XOR-swizzled so that a quarter-warp's reads hit distinct banks), x through two shared buffers (loaded into
+registers a chunk ahead, permuted into the A quads and summed per group as above); each weight word is unpacked
+once per chunk and feeds the mmas of every row tile. Split K as above, counted per 16-row warp tile.
 """
 from __future__ import annotations
 
@@ -29,10 +39,13 @@ import functools
 
 import torch
 
-GROUP = 128  # the group size the kernel takes (16 int32 words of a weight row per group)
+GROUP = 128  # the group size the kernels take (16 int32 words of a weight row per group)
 TILE_ROWS = 16  # weight rows per warp tile (two mma strips of 8)
 MAX_ROWS = 16  # rows of x (A rows 0..15)
-UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes)
+UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes); int4_gemm_mma: groups per chunk
+GEMM_ROWS = 64  # int4_gemm_mma: rows of x (up to 4 mma A tiles of 16)
+GEMM_TILE = 128  # int4_gemm_mma: weight rows per CTA (8 warps x 16)
+GEMM_STAGES = 4  # int4_gemm_mma: chunks of weights in shared memory (3 in flight while one is multiplied)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -263,6 +276,195 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
     STEP(B, A, s + 1)
   }
 }
+// ---- int4_gemm_mma: decode batches of 17-64 rows ----
+// CTA: 8 warps x 16 weight rows (128 rows), all M rows of x as MT mma A tiles of 16; the split's K range in chunks
+// of U groups. Weights, scales and offsets stream through STAGES shared-memory slots by cp.async (chunks in flight
+// without registers); x is staged per chunk (loaded into registers a chunk ahead, permuted into the A quads and
+// summed per group as int4_gemv_mma's prologue does), double-buffered. Per chunk and warp, each weight word is
+// unpacked once (LOP3) and feeds the mmas of all MT row tiles.
+#ifndef MT
+#define MT 1
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#define CW (U * 16)  // words (8 values) of x per row per chunk
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory"); }
+
+// one chunk's weights (128 rows x U groups: 8 pieces of 16 bytes per row; piece p of row r stored at p ^ 4 (r & 1),
+// so that the 8 lanes of a quarter-warp (rows 2j, 2j + 1) read distinct banks), scales and offsets (group-major)
+__device__ __forceinline__ void load_chunk(uint4* ws, uint4* ss, uint4* os, const uint4* __restrict__ qw,
+                                           const u16* __restrict__ sc, const u16* __restrict__ of, int n0, int wpr,
+                                           int N, int group) {
+  _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+    const int i = threadIdx.x + j * 256, row = i >> 3, p = i & 7;
+    cp_async16(ws + row * 8 + (p ^ ((row & 1) << 2)), qw + (size_t)(n0 + row) * wpr + group * 4 + p);
+  }
+  if (threadIdx.x < U * 16) {
+    const int u = threadIdx.x >> 4, p = threadIdx.x & 15;
+    cp_async16(ss + u * 16 + p, (const uint4*)(sc + (size_t)(group + u) * N + n0) + p);
+  } else if (HAS_OFFSET && threadIdx.x >= 32 && threadIdx.x < 32 + U * 16) {
+    const int u = (threadIdx.x - 32) >> 4, p = threadIdx.x & 15;
+    cp_async16(os + u * 16 + p, (const uint4*)(of + (size_t)(group + u) * N + n0) + p);
+  }
+}
+
+// x of one chunk, a chunk ahead: M rows x CW words, idx = threadIdx.x + i * 256 (a warp: one row's two groups)
+__device__ __forceinline__ void load_x(uint4 (&xr)[2 * MT], const u16* __restrict__ x, int M, int sx, int k0) {
+  _Pragma("unroll") for (int i = 0; i < 2 * MT; ++i) {
+    const int idx = threadIdx.x + i * 256;
+    if (idx < M * CW) xr[i] = *(const uint4*)(x + (size_t)(idx / CW) * sx + k0 + (idx % CW) * 8);
+  }
+}
+
+// into the A quads (slot (m / 16) * 8 + m % 8, half (m / 8) % 2; word c of a group at (c % 4) * 4 + c / 4) and the
+// sums of x per (row, group)
+__device__ __forceinline__ void store_x(const uint4 (&xr)[2 * MT], uint4* xs, float* gs, int M) {
+  _Pragma("unroll") for (int i = 0; i < 2 * MT; ++i) {
+    const int idx = threadIdx.x + i * 256;
+    if (i * 256 >= M * CW) break;  // uniform: M * CW is a multiple of 32
+    const int m = idx / CW, c = idx % CW;
+    float sum = 0.0f;
+    if (idx < M * CW) {
+      const uint4 v = xr[i];
+      sum = bf(v.x) + bf_hi(v.x) + bf(v.y) + bf_hi(v.y) + bf(v.z) + bf_hi(v.z) + bf(v.w) + bf_hi(v.w);
+      u32* q = (u32*)(xs + (((m >> 4) * 8 + (m & 7)) * CW + (c & ~15) + (c & 3) * 4 + ((c & 15) >> 2)) * 2)
+               + ((m >> 3) & 1);
+      q[0] = prmt(v.x, v.z, 0x5410); q[2] = prmt(v.x, v.z, 0x7632);
+      q[4] = prmt(v.y, v.w, 0x5410); q[6] = prmt(v.y, v.w, 0x7632);
+    }
+    _Pragma("unroll") for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (idx < M * CW && (idx & 15) == 0) gs[m * U + c / 16] = sum;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) int4_gemm_mma(
+    const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc, const u16* __restrict__ of,
+    u16* out, float* part, int* counts, int N, int K, int M, int sx, int so, int cps) {
+  extern __shared__ uint4 smem[];
+  uint4* ws = smem;                          // [STAGES][128 rows][8 pieces]
+  uint4* ss = ws + STAGES * 1024;            // [STAGES][U][16]: 128 bf16 scales per group
+  uint4* os = ss + STAGES * U * 16;          // offsets, likewise
+  uint4* xs = os + STAGES * U * 16;          // [2][MT * 8 slots][CW words][2 quads]
+  float* gs = (float*)(xs + 2 * MT * 8 * CW * 2);  // [2][64 rows][U]
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * 128, wpr = K / 32, chunks = K / (128 * U), c0 = blockIdx.y * cps;
+  const int nb = min(cps, chunks - c0), split = blockIdx.y, splits = gridDim.y;
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nb) load_chunk(ws + s * 1024, ss + s * U * 16, os + s * U * 16, qw, sc, of, n0, wpr, N, (c0 + s) * U);
+    cp_commit();
+  }
+  uint4 xr[2 * MT];
+  load_x(xr, x, M, sx, c0 * U * 128);
+  store_x(xr, xs, gs, M);
+  float acc[MT][2][4];
+  _Pragma("unroll") for (int b = 0; b < MT; ++b)
+    _Pragma("unroll") for (int r = 0; r < 2; ++r) acc[b][r][0] = acc[b][r][1] = acc[b][r][2] = acc[b][r][3] = 0.f;
+  for (int c = 0; c < nb; ++c) {
+    cp_wait();
+    __syncthreads();  // chunk c's weights and x are in; every warp is done with chunk c - 1's slots
+    {
+      const int nxt = c + STAGES - 1, sl = nxt % STAGES;
+      if (nxt < nb) load_chunk(ws + sl * 1024, ss + sl * U * 16, os + sl * U * 16, qw, sc, of, n0, wpr, N,
+                               (c0 + nxt) * U);
+      cp_commit();
+    }
+    if (c + 1 < nb) load_x(xr, x, M, sx, (c0 + c + 1) * U * 128);
+    const int sl = c % STAGES;
+    const uint4* wsl = ws + sl * 1024;
+    const u32* ssl = (const u32*)(ss + sl * U * 16);
+    const u32* osl = (const u32*)(os + sl * U * 16);
+    const uint4* xsb = xs + (c & 1) * (MT * 8 * CW * 2);
+    const float* gsb = gs + (c & 1) * 64 * U;
+    _Pragma("unroll") for (int u = 0; u < U; ++u) {
+      u32 bw[2][4][4];
+      float s0[2], s1[2], m0[2], m1[2];
+      _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + r * 8 + g;
+        const uint4 w = wsl[row * 8 + ((u * 4 + t) ^ ((row & 1) << 2))];
+        const u32 w4[4] = {w.x, w.y, w.z, w.w};
+        _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+          bw[r][i][0] = lop3_and_or(w4[i], 0x000F000Fu, 0x43004300u);
+          bw[r][i][1] = lop3_and_or(w4[i] >> 4, 0x000F000Fu, 0x43004300u);
+          bw[r][i][2] = lop3_and_or(w4[i] >> 8, 0x000F000Fu, 0x43004300u);
+          bw[r][i][3] = lop3_and_or(w4[i] >> 12, 0x000F000Fu, 0x43004300u);
+        }
+        const u32 sp = ssl[u * 64 + warp * 8 + r * 4 + t];  // weight rows warp * 16 + r * 8 + 2t, + 1
+        s0[r] = bf(sp); s1[r] = bf_hi(sp);
+        const u32 op = HAS_OFFSET ? osl[u * 64 + warp * 8 + r * 4 + t] : 0u;
+        m0[r] = (HAS_OFFSET ? bf(op) : -8.0f * s0[r]) - 128.0f * s0[r];
+        m1[r] = (HAS_OFFSET ? bf_hi(op) : -8.0f * s1[r]) - 128.0f * s1[r];
+      }
+      _Pragma("unroll") for (int b = 0; b < MT; ++b) {
+        const uint4* xrow = xsb + ((b * 8 + g) * CW + t) * 2 + u * 32;
+        uint4 xq[8];
+        _Pragma("unroll") for (int i = 0; i < 4; ++i) { xq[2 * i] = xrow[i * 8]; xq[2 * i + 1] = xrow[i * 8 + 1]; }
+        const float xlo = gsb[min(b * 16 + g, M - 1) * U + u], xhi = gsb[min(b * 16 + g + 8, M - 1) * U + u];
+        _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+          float cc[4];
+          mma0(cc, xq[0], bw[r][0][0], bw[r][0][1]);
+          mma(cc, xq[1], bw[r][0][2], bw[r][0][3]);
+          _Pragma("unroll") for (int i = 1; i < 4; ++i) {
+            mma(cc, xq[2 * i], bw[r][i][0], bw[r][i][1]);
+            mma(cc, xq[2 * i + 1], bw[r][i][2], bw[r][i][3]);
+          }
+          acc[b][r][0] += s0[r] * cc[0] + m0[r] * xlo;
+          acc[b][r][1] += s1[r] * cc[1] + m1[r] * xlo;
+          acc[b][r][2] += s0[r] * cc[2] + m0[r] * xhi;
+          acc[b][r][3] += s1[r] * cc[3] + m1[r] * xhi;
+        }
+      }
+    }
+    if (c + 1 < nb) store_x(xr, xs + ((c + 1) & 1) * (MT * 8 * CW * 2), gs + ((c + 1) & 1) * 64 * U, M);
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  // acc[b][r][2q + h]: x row b * 16 + g + 8q, weight row n0 + warp * 16 + r * 8 + 2t + h
+  const int tile = blockIdx.x * 8 + warp, nn = n0 + warp * 16 + 2 * t;
+  if (splits > 1) {
+    _Pragma("unroll") for (int b = 0; b < MT; ++b)
+      _Pragma("unroll") for (int q = 0; q < 2; ++q) {
+        const int m = b * 16 + g + 8 * q;
+        if (m < M) {
+          _Pragma("unroll") for (int r = 0; r < 2; ++r)
+            *(float2*)(part + ((size_t)split * M + m) * N + nn + r * 8) =
+                make_float2(acc[b][r][2 * q], acc[b][r][2 * q + 1]);
+        }
+      }
+    __syncwarp();
+    __threadfence();
+    int prev = 0;
+    if (lane == 0) prev = atomicAdd(counts + tile, 1);
+    prev = __shfl_sync(0xffffffffu, prev, 0);
+    if (prev != splits - 1) return;  // the last split to finish adds the partials, in split order
+    __threadfence();
+    _Pragma("unroll") for (int b = 0; b < MT; ++b)
+      _Pragma("unroll") for (int q = 0; q < 2; ++q) {
+        const int m = b * 16 + g + 8 * q;
+        _Pragma("unroll") for (int r = 0; r < 2; ++r) { acc[b][r][2 * q] = 0.f; acc[b][r][2 * q + 1] = 0.f; }
+        if (m < M) {
+          for (int sp = 0; sp < splits; ++sp) {
+            _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+              const float2 p = __ldcg((const float2*)(part + ((size_t)sp * M + m) * N + nn + r * 8));
+              acc[b][r][2 * q] += p.x; acc[b][r][2 * q + 1] += p.y;
+            }
+          }
+        }
+      }
+    if (lane == 0) atomicExch(counts + tile, 0);
+  }
+  _Pragma("unroll") for (int b = 0; b < MT; ++b)
+    _Pragma("unroll") for (int q = 0; q < 2; ++q) {
+      const int m = b * 16 + g + 8 * q;
+      if (m < M) {
+        _Pragma("unroll") for (int r = 0; r < 2; ++r)
+          *(u32*)(out + (size_t)m * so + nn + r * 8) = to_bf(acc[b][r][2 * q]) | (to_bf(acc[b][r][2 * q + 1]) << 16);
+      }
+    }
+}
 """
 
 
@@ -293,25 +495,26 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool):
-    """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x)."""
+def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool, name: str = "int4_gemv_mma",
+            mt: int = 1, stages: int = GEMM_STAGES):
+    """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
     pdl = major >= 9
     defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
-                   PDL=int(pdl), HI=int(hi))
+                   PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages)
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(index):
-        binary, name = _utils._nvrtc_compile(source, "int4_gemv_mma", f"{major}{minor}")
+        binary, name = _utils._nvrtc_compile(source, name, f"{major}{minor}")
         kernel = _utils._cuda_load_module(binary, [name])[name]
     return kernel, pdl
 
 
-def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list) -> None:
+def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list, threads: int = 128) -> None:
     """cuLaunchKernelEx on device `index`'s current stream, with PDL's attribute where `pdl`."""
     if index != torch.cuda.current_device():
         with torch.cuda.device(index):
-            return _launch(kernel, pdl, index, grid, shared_mem, args)
+            return _launch(kernel, pdl, index, grid, shared_mem, args, threads)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     if shared_mem >= 48 * 1024 and getattr(kernel, "_tuili_smem", 0) < shared_mem:
         err = lib.cuFuncSetAttribute(kernel.func, _MAX_DYNAMIC_SHARED_SIZE_BYTES, ctypes.c_int(shared_mem))
@@ -328,7 +531,7 @@ def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: l
             cargs.append(ctypes.c_int(a))
     params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cargs])
     attr = _LaunchAttr(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)  # programmaticStreamSerializationAllowed
-    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(128, 1, 1),
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(threads, 1, 1),
                            shared_mem=shared_mem, stream=torch.cuda.current_stream().cuda_stream,
                            attrs=ctypes.pointer(attr) if pdl else None, num_attrs=1 if pdl else 0)
     err = lib.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
@@ -404,3 +607,56 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
              norm_weight if norm_weight is not None else out, hw, n, k, m, x.stride(0), out.stride(0), gps,
              ss.shape[1] if norm is not None else 0, float(norm[0]) if norm is not None else 0.0])
     return (out, hw, ss) if residual is not None else out
+
+
+def gemm_supports(n: int, k: int) -> bool:
+    """Whether a layer of this shape (INT4, group 128) fits int4_gemm_mma."""
+    return k % (GROUP * UNROLL) == 0 and n % GEMM_TILE == 0
+
+
+def gemm_splits(n: int, k: int, m: int, num_sms: int) -> int:
+    """K splits for int4_gemm_mma: doubled while the CTAs stay within what the SMs hold at once (two per SM for up
+    to 32 rows: 128 registers a thread; one past that) and each split keeps 4+ chunks. From the 8B's decode
+    shapes at 17-64 rows (scripts/sweep_int4_gemm.py --mma, H200): qkv 4 splits, o 4, down 8, gate_up 1 at 17-32."""
+    ctas, chunks, splits = n // GEMM_TILE, k // (GROUP * UNROLL), 1
+    resident = 2 if m <= 32 else 1
+    while 2 * ctas * splits <= resident * num_sms and chunks >= 8 * splits:
+        splits *= 2
+    return splits
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+              counts: torch.Tensor, splits: int | None = None, stages: int = GEMM_STAGES) -> torch.Tensor:
+    """x [M, K] (bf16, M <= 64) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major bf16
+    [N, K/128]) through int4_gemm_mma: the weights streamed through shared memory by cp.async, x staged per chunk
+    of 256 K values, every unpacked weight word multiplied against all of x's rows. counts: int32 zeros, at least
+    N / 16 (self-resetting)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if x.dtype != torch.bfloat16 or not 1 <= m <= GEMM_ROWS or not gemm_supports(n, k) or 2 * qweight.shape[1] != k:
+        raise ValueError(f"int4_gemm takes bf16 x of at most {GEMM_ROWS} rows, K % {GROUP * UNROLL} == 0, "
+                         f"N % {GEMM_TILE} == 0")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or not qweight.is_contiguous() \
+            or qweight.data_ptr() % 16 or scales.stride() != (1, n) or scales.data_ptr() % 16 \
+            or (offsets is not None and (offsets.stride() != (1, n) or offsets.data_ptr() % 16)):
+        raise ValueError("int4_gemm needs 16-byte aligned contiguous rows of x and qweight, group-major scales and "
+                         "offsets")
+    chunks = k // (GROUP * UNROLL)
+    splits = min(splits or gemm_splits(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count),
+                 chunks)
+    per_split = -(-chunks // splits)
+    splits = -(-chunks // per_split)
+    tiles = n // 16
+    if splits > 1 and counts.numel() < tiles:
+        raise ValueError(f"split K needs {tiles} counters")
+    mt = -(-m // 16)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    kernel, _ = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    shared = stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2) + 2 * mt * 16 * UNROLL * 128 * 2 \
+        + 2 * GEMM_ROWS * UNROLL * 4
+    _launch(kernel, False, index, (n // GEMM_TILE, splits, 1), shared,
+            [x, qweight, scales, offsets if offsets is not None else scales, out, part, counts, n, k, m, x.stride(0),
+             out.stride(0), per_split], threads=256)
+    return out

@@ -562,6 +562,7 @@ DP2A = True  # INT4 GEMV of 16-bit x on CUDA: integer products (_dp2a_terms; fp3
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows: dequantize, then cuBLAS (but see INT4_GEMM_MAX_ROWS)
+GEMM_MMA = True  # INT4 g128 bf16 decode batches of 17-32 (48) rows on sm_80+: int4_mma's GEMM (see `_gemm_mma`)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA with DEQUANT_MIN_ROWS up to this many rows: int4_gemm_triton instead (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
@@ -623,6 +624,17 @@ def _mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.T
         and scales.stride() == (1, n) and int4_mma.available(qweight.device)
 
 
+def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMM: decode batches of 17-32 rows,
+    and of 33-48 on layers narrower than 16384 (the 8B's four matmuls per layer, H200, us: 17 rows 147 against
+    int4_gemm_triton's 285, 32 rows 171 against 283; at 48, 3 row tiles a warp hold one CTA per SM, and gate/up's
+    224 CTAs lose to the Triton kernel, 129 against 115, the other three win; at 64 all but down lose)."""
+    n = qweight.shape[0]
+    return GEMM_MMA and DEQUANT_MIN_ROWS <= m <= (48 if n < 16384 else 32) and qweight.dtype == torch.uint8 \
+        and group_size == int4_mma.GROUP and scales.dtype == torch.bfloat16 and qweight.is_cuda \
+        and int4_mma.gemm_supports(n, k) and scales.stride() == (1, n) and int4_mma.available(qweight.device)
+
+
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words or int4_mma's; the SM
     count passed to `_tiles` only splits the tensor-core kernel's K)."""
@@ -637,7 +649,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     INT4 g128 with 3-16 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMV (the fused forms below included).
-    INT4 on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in
+    INT4 g128 with 17-32 (or 48, see `_gemm_mma`) rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM; other INT4
+    on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in
     registers); with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
@@ -664,6 +677,11 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
     if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
+    if bits == 4 and tiles is None and x.dtype == scales.dtype and _gemm_mma(m, k, group_size, qweight, scales):
+        if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
+            x = x.clone(memory_format=torch.contiguous_format)
+        out = int4_mma.int4_gemm(x, qweight, scales, offsets, _split_counts(x.device))
+        return out if bias is None else out + bias
     if bits == 4 and tiles is None and x.is_cuda and DEQUANT_MIN_ROWS <= m <= INT4_GEMM_MAX_ROWS and group_size:
         out = int4_gemm_triton(x, qweight, scales, offsets, group_size)
         return out if bias is None else out + bias
