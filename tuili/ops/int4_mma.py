@@ -134,6 +134,18 @@ __device__ __forceinline__ void multiply(const Batch& B, float (&acc)[2][4], con
   }
 }
 
+// split K, once a warp's partials are stored: count this split in; whether it is the last one of its tile to finish
+__device__ __forceinline__ bool last_split(int* counts, int tile, int lane, int splits) {
+  __syncwarp();
+  __threadfence();
+  int prev = 0;
+  if (lane == 0) prev = atomicAdd(counts + tile, 1);
+  prev = __shfl_sync(0xffffffffu, prev, 0);
+  if (prev != splits - 1) return false;
+  __threadfence();
+  return true;
+}
+
 __device__ __noinline__ void epilogue(float (&acc)[2][4], int tile, int lane, int M, int N, int so, int split,
                                       int splits, u16* out, float* part, int* counts, float* ss,
                                       const u32* __restrict__ nw, u16* hw, const float* rnorm) {
@@ -146,13 +158,7 @@ __device__ __noinline__ void epilogue(float (&acc)[2][4], int tile, int lane, in
               make_float2(acc[r][2 * q], acc[r][2 * q + 1]);
       }
     }
-    __syncwarp();
-    __threadfence();
-    int prev = 0;
-    if (lane == 0) prev = atomicAdd(counts + tile, 1);
-    prev = __shfl_sync(0xffffffffu, prev, 0);
-    if (prev != splits - 1) return;  // the last split to finish adds the partials, in split order
-    __threadfence();
+    if (!last_split(counts, tile, lane, splits)) return;  // the last split to finish adds the partials, in order
     _Pragma("unroll") for (int q = 0; q < (HI ? 2 : 1); ++q) {
       if (g + 8 * q < M) {
         _Pragma("unroll") for (int r = 0; r < 2; ++r) { acc[r][2 * q] = 0.f; acc[r][2 * q + 1] = 0.f; }
@@ -434,13 +440,7 @@ extern "C" __global__ void __launch_bounds__(256) int4_gemm_mma(
                 make_float2(acc[b][r][2 * q], acc[b][r][2 * q + 1]);
         }
       }
-    __syncwarp();
-    __threadfence();
-    int prev = 0;
-    if (lane == 0) prev = atomicAdd(counts + tile, 1);
-    prev = __shfl_sync(0xffffffffu, prev, 0);
-    if (prev != splits - 1) return;  // the last split to finish adds the partials, in split order
-    __threadfence();
+    if (!last_split(counts, tile, lane, splits)) return;  // the last split to finish adds the partials, in order
     _Pragma("unroll") for (int b = 0; b < MT; ++b)
       _Pragma("unroll") for (int q = 0; q < 2; ++q) {
         const int m = b * 16 + g + 8 * q;
