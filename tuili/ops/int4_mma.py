@@ -626,11 +626,11 @@ def gemm_splits(n: int, k: int, m: int, num_sms: int) -> int:
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-              counts: torch.Tensor, splits: int | None = None, stages: int = GEMM_STAGES) -> torch.Tensor:
+              counts: torch.Tensor | None, splits: int | None = None, stages: int = GEMM_STAGES) -> torch.Tensor:
     """x [M, K] (bf16, M <= 64) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major bf16
     [N, K/128]) through int4_gemm_mma: the weights streamed through shared memory by cp.async, x staged per chunk
     of 256 K values, every unpacked weight word multiplied against all of x's rows. counts: int32 zeros, at least
-    N / 16 (self-resetting)."""
+    N / 16 (self-resetting; None with splits=1)."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.dtype != torch.bfloat16 or not 1 <= m <= GEMM_ROWS or not gemm_supports(n, k) or 2 * qweight.shape[1] != k:
@@ -647,7 +647,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     per_split = -(-chunks // splits)
     splits = -(-chunks // per_split)
     tiles = n // 16
-    if splits > 1 and counts.numel() < tiles:
+    if splits > 1 and (counts is None or counts.numel() < tiles):
         raise ValueError(f"split K needs {tiles} counters")
     mt = -(-m // 16)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -657,6 +657,6 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     shared = stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2) + 2 * mt * 16 * UNROLL * 128 * 2 \
         + 2 * GEMM_ROWS * UNROLL * 4
     _launch(kernel, False, index, (n // GEMM_TILE, splits, 1), shared,
-            [x, qweight, scales, offsets if offsets is not None else scales, out, part, counts, n, k, m, x.stride(0),
-             out.stride(0), per_split], threads=256)
+            [x, qweight, scales, offsets if offsets is not None else scales, out, part,
+             counts if counts is not None else out, n, k, m, x.stride(0), out.stride(0), per_split], threads=256)
     return out

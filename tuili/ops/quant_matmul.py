@@ -680,7 +680,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if bits == 4 and tiles is None and x.dtype == scales.dtype and _gemm_mma(m, k, group_size, qweight, scales):
         if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
             x = x.clone(memory_format=torch.contiguous_format)
-        out = int4_mma.int4_gemm(x, qweight, scales, offsets, _split_counts(x.device))
+        counts = _split_counts(x.device)
+        out = int4_mma.int4_gemm(x, qweight, scales, offsets, counts, splits=None if counts is not None else 1)
         return out if bias is None else out + bias
     if bits == 4 and tiles is None and x.is_cuda and DEQUANT_MIN_ROWS <= m <= INT4_GEMM_MAX_ROWS and group_size:
         out = int4_gemm_triton(x, qweight, scales, offsets, group_size)
