@@ -61,6 +61,8 @@ def test_gemm_input_checks():
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q2, s2, z2, counts)
     with pytest.raises(ValueError, match="group-major"):
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+    with pytest.raises(ValueError, match="2\\+ stages"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, counts, stages=1)
     with pytest.raises(ValueError, match="counters"):
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, None, splits=2)
     assert int4_mma.gemm_supports(28672, 4096) and not int4_mma.gemm_supports(4096, 4224)

@@ -641,6 +641,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
             or (offsets is not None and (offsets.stride() != (1, n) or offsets.data_ptr() % 16)):
         raise ValueError("int4_gemm needs 16-byte aligned contiguous rows of x and qweight, group-major scales and "
                          "offsets")
+    if stages < 2:
+        raise ValueError("int4_gemm needs 2+ stages (one chunk multiplied while the next arrives)")
     chunks = k // (GROUP * UNROLL)
     splits = min(splits or gemm_splits(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count),
                  chunks)
