@@ -3,8 +3,8 @@ the path before int4_gemm_triton) against int4_gemm_triton's tile configs, on Ll
 each over 8 layers' random weights in one CUDA graph (weights from DRAM, not L2). Device only.
 
 usage: python scripts/sweep_int4_gemm.py OUT.json '[17, 32, 64, 128, 512]' [--mma] [--rule-only]
-(--mma: int4_mma's GEMM too, its split rule and forced splits and stages, up to 64 rows; --rule-only: of the
-Triton kernel's configs only the rule's)"""
+(--mma: int4_mma's GEMM too, its split rule and forced splits and stages, up to 64 rows, and its GEMV up to 16;
+--rule-only: of the Triton kernel's configs only the rule's)"""
 import json
 import os
 import sys
@@ -62,6 +62,9 @@ def main():
                     times[("mma", splits, stages)] = graph_us(
                         lambda: [int4_mma.int4_gemm(x, *w, counts, splits=splits, stages=stages) for w in ws], LAYERS)
                 summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, 4)]
+                if m <= int4_mma.MAX_ROWS:  # the GEMV quant_linear_triton runs for 3-16 rows
+                    times[("gemv",)] = graph_us(lambda: [int4_mma.int4_gemv(x, *w, counts) for w in ws], LAYERS)
+                    summary["gemv"] = summary.get("gemv", 0.0) + times[("gemv",)]
                 ref = F.linear(x, qm.dequantize_int4_triton(*ws[0], 128, x.dtype)).float()
                 err = ((int4_mma.int4_gemm(x, *ws[0], counts).float() - ref).norm() / ref.norm()).item()
                 print(f"m={m} {name}: mma {times[('mma', None, 4)]:.2f} us, relative error {err:.2e}", flush=True)
