@@ -628,7 +628,7 @@ def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: to
     """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMM: decode batches of 17-32 rows,
     and of 33-48 on layers narrower than 16384 (the 8B's four matmuls per layer, H200, us: 17 rows 147 against
     int4_gemm_triton's 285, 32 rows 171 against 283; at 48, 3 row tiles a warp hold one CTA per SM, and gate/up's
-    224 CTAs lose to the Triton kernel, 129 against 115, the other three win; at 64 all but down lose)."""
+    224 CTAs lose to the Triton kernel, 129 against 115, the other three win; at 64 qkv and gate/up lose)."""
     n = qweight.shape[0]
     return GEMM_MMA and DEQUANT_MIN_ROWS <= m <= (48 if n < 16384 else 32) and qweight.dtype == torch.uint8 \
         and group_size == int4_mma.GROUP and scales.dtype == torch.bfloat16 and qweight.is_cuda \
