@@ -58,16 +58,16 @@ def main():
                     print(f"m={m} {name} {tiles}: {type(e).__name__}", flush=True)
             if "--mma" in sys.argv and m <= int4_mma.GEMM_ROWS:
                 counts = qm._split_counts(dev)
-                for splits, stages in ((None, 4), (1, 4), (2, 4), (4, 4), (8, 4), (None, 3)):
+                for splits, stages in ((None, None), (1, None), (2, None), (4, None), (8, None), (None, 3), (None, 4)):
                     times[("mma", splits, stages)] = graph_us(
                         lambda: [int4_mma.int4_gemm(x, *w, counts, splits=splits, stages=stages) for w in ws], LAYERS)
-                summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, 4)]
+                summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, None)]
                 if m <= int4_mma.MAX_ROWS:  # the GEMV quant_linear_triton runs for 3-16 rows
                     times[("gemv",)] = graph_us(lambda: [int4_mma.int4_gemv(x, *w, counts) for w in ws], LAYERS)
                     summary["gemv"] = summary.get("gemv", 0.0) + times[("gemv",)]
                 ref = F.linear(x, qm.dequantize_int4_triton(*ws[0], 128, x.dtype)).float()
                 err = ((int4_mma.int4_gemm(x, *ws[0], counts).float() - ref).norm() / ref.norm()).item()
-                print(f"m={m} {name}: mma {times[('mma', None, 4)]:.2f} us, relative error {err:.2e}", flush=True)
+                print(f"m={m} {name}: mma {times[('mma', None, None)]:.2f} us, relative error {err:.2e}", flush=True)
             best = min(times, key=times.get)
             rec = dict(m=m, shape=name, dequant_cublas_us=round(base, 2), rule=rule, rule_us=round(times[rule], 2),
                        best=best, best_us=round(times[best], 2),

@@ -139,11 +139,13 @@ def test_dummy_1b_logits_match_hf(dtype, atol):
 
 
 def test_int4_decode_batches_through_the_tensor_core_gemv(monkeypatch):
-    """INT4 g128 in bf16: decode batches of 3-16 sequences run every projection through int4_mma's GEMV with the
-    norms and residual adds inside (in the CUDA graphs), and their log-probs agree with the Triton kernels' where
-    the greedy tokens agree (random weights: near-ties may part the two after a few tokens)."""
+    """INT4 g128 in bf16 with int4_mma's GEMM off (the GEMV is what layers it does not fit take): decode batches of
+    3-16 sequences run every projection through int4_mma's GEMV with the norms and residual adds inside (in the
+    CUDA graphs), and their log-probs agree with the Triton kernels' where the greedy tokens agree (random weights:
+    near-ties may part the two after a few tokens)."""
     from tuili.ops import int4_mma, quant_matmul
 
+    monkeypatch.setattr(quant_matmul, "GEMM_MMA", False)
     calls = []
     real = int4_mma.int4_gemv
     monkeypatch.setattr(int4_mma, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
@@ -164,9 +166,9 @@ def test_int4_decode_batches_through_the_tensor_core_gemv(monkeypatch):
 
 @pytest.mark.parametrize("path", ["int4_gemm_mma", "int4_gemm_triton"])
 def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, path):
-    """INT4 g128 in bf16, 24 sequences: every decode projection of 17-64 rows goes through int4_mma's GEMM (or,
-    with it off, int4_gemm_triton: the weight dequantized in registers) in the CUDA graphs, and gives what the
-    dequantize-then-cuBLAS path gives where the greedy tokens agree."""
+    """INT4 g128 in bf16, 24 sequences: every projection of GEMM_MIN_ROWS-64 rows goes through int4_mma's GEMM (or,
+    with it off, those of 17-64 rows through int4_gemm_triton: the weight dequantized in registers) in the CUDA
+    graphs, and gives what the dequantize-then-cuBLAS path gives where the greedy tokens agree."""
     from tuili.ops import int4_mma, quant_matmul
 
     calls = []
@@ -179,7 +181,8 @@ def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, p
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     ps = prompts(24, 128256, lengths=(20, 33, 47, 64))
     got = LLM("llama-3.2-1b", **args).generate(ps, params, use_tqdm=False)
-    assert 24 in calls and set(calls) <= set(range(quant_matmul.DEQUANT_MIN_ROWS, quant_matmul.INT4_GEMM_MAX_ROWS + 1))
+    low = quant_matmul.GEMM_MIN_ROWS if path == "int4_gemm_mma" else quant_matmul.DEQUANT_MIN_ROWS
+    assert 24 in calls and set(calls) <= set(range(low, quant_matmul.INT4_GEMM_MAX_ROWS + 1))
     monkeypatch.setattr(quant_matmul, "GEMM_MMA", False)
     monkeypatch.setattr(quant_matmul, "INT4_GEMM_MAX_ROWS", 0)  # dequantize, then cuBLAS
     ref = LLM("llama-3.2-1b", **args).generate(ps, params, use_tqdm=False)

@@ -143,35 +143,43 @@ def test_fused_forms_match_reference(m):
 
 @gpu
 def test_quant_linear_dispatch(monkeypatch):
-    """3-16 rows of bf16 x through quant_linear_triton take the tensor-core GEMV (with the fused forms), 17-48 the
-    GEMM (33-48 only on layers narrower than 16384); 1-2 rows, fp16 x and other group sizes keep the Triton
-    kernels."""
+    """bf16 x of 3-64 rows through quant_linear_triton takes the tensor-core GEMM (from GEMM_MIN_ROWS), fewer the
+    GEMV (with the fused forms); 1-2 rows, fp16 x, other group sizes and layers the GEMM does not fit (N % 128) keep
+    the other kernels."""
     q, s, z = layer(256, 1024)
-    calls = []
-    real = int4_mma.int4_gemv
+    calls, gemm_calls = [], []
+    real, real_gemm = int4_mma.int4_gemv, int4_mma.int4_gemm
     monkeypatch.setattr(int4_mma, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    for m in (1, 2, 3, 5, 16):
+    monkeypatch.setattr(int4_mma, "int4_gemm", lambda *a, **kw: gemm_calls.append(a[0].shape[0]) or real_gemm(*a, **kw))
+    monkeypatch.setattr(quant_matmul, "GEMM_MIN_ROWS", 3)
+    for m in (4, 20):  # a down projection's [gate | up] (at 4 rows the GEMV on words would take it inside)
+        gu = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+        ref = quant_matmul.int4_linear(silu_and_mul(gu).float(), q, s.float(), z.float(), 128)
+        assert rel(quant_matmul.quant_linear_triton(gu, q, s, z, 128, silu_mul=True), ref) < 4e-3
+    assert gemm_calls == [4, 20] and not quant_matmul.fuses_norms(4, 1024, 128, q, s)
+    h = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)  # asked for the fused forms: the GEMV has them
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    h_ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128) + h.float()
+    out = quant_matmul.quant_linear_triton(x, q, s, z, 128, residual=h, norm_weight=torch.ones_like(h[0]))
+    assert rel(out[0], h_ref) < 4e-3 and calls == [4] and gemm_calls == [4, 20]
+    calls.clear(), gemm_calls.clear()
+    monkeypatch.setattr(quant_matmul, "GEMM_MIN_ROWS", 5)
+    for m in (1, 2, 3, 5, 16, 17, 40, 64):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
         assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3
-        assert quant_matmul.fuses_norms(m, 1024, 128, q, s)
-    assert calls == [3, 5, 16]
+        assert quant_matmul.fuses_norms(m, 1024, 128, q, s) == (m < 5)
+    assert calls == [3] and gemm_calls == [5, 16, 17, 40, 64]
     x = torch.randn(5, 1025, device="cuda", dtype=torch.bfloat16)[:, 1:]  # rows neither 16-byte aligned nor padded
     ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
-    assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3 and calls[-1] == 5
-    calls.clear()
+    assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3 and gemm_calls[-1] == 5
+    calls.clear(), gemm_calls.clear()
     x = torch.randn(5, 1024, device="cuda", dtype=torch.float16)
     quant_matmul.quant_linear_triton(x, q, s.half(), z.half(), 128)
-    assert calls == [] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())
-    # decode batches of 17-32 rows (48 on layers narrower than 16384) take the GEMM
-    gemm_calls = []
-    real_gemm = int4_mma.int4_gemm
-    monkeypatch.setattr(int4_mma, "int4_gemm", lambda *a, **kw: gemm_calls.append(a[0].shape[0]) or real_gemm(*a, **kw))
-    wide = layer(16384, 256)
-    for m in (17, 32, 40, 49):
+    assert calls == gemm_calls == [] and not quant_matmul.fuses_norms(5, 1024, 128, q, s.half())
+    narrow = layer(48, 1024)  # N % 128: the GEMV up to 16 rows, then int4_gemm_triton
+    for m in (5, 17):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
-        assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3
-        assert not quant_matmul.fuses_norms(m, 1024, 128, q, s)
-        quant_matmul.quant_linear_triton(x[:, :256].contiguous(), *wide, 128)
-    assert gemm_calls == [17, 17, 32, 32, 40]
+        ref = quant_matmul.int4_linear(x.float(), narrow[0], narrow[1].float(), narrow[2].float(), 128)
+        assert rel(quant_matmul.quant_linear_triton(x, *narrow, 128), ref) < 4e-3
+    assert calls == [5] and gemm_calls == []

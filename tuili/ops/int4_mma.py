@@ -1,36 +1,34 @@
-"""INT4 g128 matmuls for decode batches of 3-48 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
-sm_80 and later; quant_matmul.quant_linear_triton calls int4_gemv for 3-16 rows of bf16 x, int4_gemm for 17-32,
-and for 33-48 on layers narrower than 16384).
+"""INT4 g128 matmuls for decode batches of 3-64 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
+sm_80 and later; quant_matmul.quant_linear_triton calls int4_gemm for 3-64 rows of bf16 x, int4_gemv for 3-16 rows
+of layers int4_gemm does not fit).
 
 Why: the Triton GEMV (quant_matmul._gemv_tile) runs one row of x per program, so 4 rows cost 2.6x one (8B
 gate_up on the H100: 67.7 vs 25.8 us), and the Triton tensor-core kernel that takes 5-16 rows pads them to 16 and
-runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of the mma's A operand: 16 rows cost
-3.4x one row's time, 5 rows 1.5x. For one or two rows the Triton GEMV stays faster (docs/benchmarks).
+runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of the mma's A operand. For one or
+two rows the Triton GEMV stays faster (docs/benchmarks).
 
-How: `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8 weight rows x 16 K
-values) and the rows of x in A (rows of A beyond M are never stored). A lane holds one int32 word (8 nibbles of
-one weight row) per mma pair; one LOP3 per two nibbles turns them into bf16 pairs 128 + q (0x4300 | q: exact),
-without a conversion instruction, and the A fragment holds the x values of the same nibble positions (each CTA
-permutes its K range of x into that order once, in shared memory, with the sums of x per group). The mma gives
-P = sum (128 + q) x per group; the group's scale s and offset m make it s P + (m - 128 s) sum x. ~2.2
-instructions per weight in the loop (SASS, sm_90) against 3.5 for the CUDA-core GEMV.
+int4_gemv (`int4_gemv_mma`): `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8
+weight rows x 16 K values) and the rows of x in A (rows of A beyond M are never stored). A lane holds one int32
+word (8 nibbles of one weight row) per mma pair; one LOP3 per two nibbles turns them into bf16 pairs 128 + q
+(0x4300 | q: exact), without a conversion instruction, and the A fragment holds the x values of the same nibble
+positions (each CTA permutes its K range of x into that order once, in shared memory, with the sums of x per
+group). The mma gives P = sum (128 + q) x per group; the group's scale s and offset m make it s P + (m - 128 s)
+sum x. Each warp streams 16 weight rows (two 8-row strips) over its K range, UNROLL groups per batch, the next
+batch's words and scales loaded while the current one is multiplied (registers). Split K: each split stores its
+partials and counts itself; the last split of a 16-row tile adds them in split order (deterministic, as the
+Triton GEMV). Fused as in the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNorm of the input
+(norm: x = h * w and the sums of squares of h per column tile) and the residual add with the next norm's inputs
+(residual, norm_weight). PDL on Hopper: the first batch of weights is loaded before the wait for the previous
+kernel; the next kernel may launch after the main loop.
 
-Each warp streams 16 weight rows (two 8-row strips) over its K range, UNROLL groups per batch, the next batch's
-words and scales loaded while the current one is multiplied (registers). Split K: each split stores its partials
-and counts itself; the last split of a 16-row tile adds them in split order (deterministic, as the Triton GEMV).
-Fused as in the Triton GEMV: silu(gate) * up of x ([gate | up] input), the RMSNorm of the input (norm: x = h * w
-and the sums of squares of h per column tile) and the residual add with the next norm's inputs (residual,
-norm_weight). PDL on Hopper: the first batch of weights is loaded before the wait for the previous kernel; the
-next kernel may launch after the main loop.
-
-int4_gemm (`int4_gemm_mma`, 17-64 rows): the same fragments and per-group scaling, laid out as a GEMM. With more
-rows the GEMV's design runs out: its CTA stages x for its whole K range (more rows: more splits, and fp32 partials
-as large as the weights), and a warp's two batches in registers are too few bytes in flight. Here a CTA (8 warps,
-128 weight rows) keeps all of x's rows as up to 4 mma A tiles of 16 and walks its K range in chunks of UNROLL
-groups: weights, scales and offsets come through GEMM_STAGES shared-memory slots by cp.async (rows' 16-byte pieces
-XOR-swizzled so that a quarter-warp's reads hit distinct banks), x through two shared buffers (loaded into
-registers a chunk ahead, permuted into the A quads and summed per group as above); each weight word is unpacked
-once per chunk and feeds the mmas of every row tile. Split K as above, counted per 16-row warp tile.
+int4_gemm (`int4_gemm_mma`): the same mma, laid out as a GEMM whose every byte moves by cp.async. A CTA (8 warps,
+128 weight rows) walks its K range in chunks of UNROLL groups; weights, scales, offsets and x (as it lies in
+memory, XOR-swizzled) come through `gemm_stages` shared-memory slots. A warp takes 32 weight rows and one group of
+each chunk (so each 16-byte word of x it reads from shared memory serves 32 weight rows: 4 rows per warp had
+made the GEMM wait on shared memory), dequantizes each weight pair once to bf16 (LOP3, then two bf16x2 FMAs,
+rounded once as dequantize_int4_triton rounds) and multiplies it against all of x's rows (up to 4 mma A tiles of
+16, their quads made from x's words by PRMTs). The two warps of a row range add their sums at the end; split K as
+in the GEMV, counted per 32-row warp tile. PDL as in the GEMV.
 """
 from __future__ import annotations
 
@@ -44,8 +42,7 @@ TILE_ROWS = 16  # weight rows per warp tile (two mma strips of 8)
 MAX_ROWS = 16  # rows of x (A rows 0..15)
 UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes); int4_gemm_mma: groups per chunk
 GEMM_ROWS = 64  # int4_gemm_mma: rows of x (up to 4 mma A tiles of 16)
-GEMM_TILE = 128  # int4_gemm_mma: weight rows per CTA (8 warps x 16)
-GEMM_STAGES = 4  # int4_gemm_mma: chunks of weights in shared memory (3 in flight while one is multiplied)
+GEMM_TILE = 128  # int4_gemm_mma: weight rows per CTA (4 row ranges of 32 x 2 groups per chunk)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -282,12 +279,14 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
     STEP(B, A, s + 1)
   }
 }
-// ---- int4_gemm_mma: decode batches of 17-64 rows ----
-// CTA: 8 warps x 16 weight rows (128 rows), all M rows of x as MT mma A tiles of 16; the split's K range in chunks
-// of U groups. Weights, scales and offsets stream through STAGES shared-memory slots by cp.async (chunks in flight
-// without registers); x is staged per chunk (loaded into registers a chunk ahead, permuted into the A quads and
-// summed per group as int4_gemv_mma's prologue does), double-buffered. Per chunk and warp, each weight word is
-// unpacked once (LOP3) and feeds the mmas of all MT row tiles.
+// ---- int4_gemm_mma: decode batches of 1-64 rows ----
+// CTA: 8 warps over 128 weight rows and the split's K range in chunks of U groups: warp w takes rows (w % 4) * 32
+// .. + 31 (four 8-row strips) and group w / 4 of every chunk (the two warps of a row range add their sums at the
+// end), all M rows of x as MT mma A tiles of 16. Weights, scales, offsets and x stream through STAGES shared-memory
+// slots by cp.async (x as it lies in memory, 16-byte words of 8 values, XOR-swizzled). Each weight pair is
+// dequantized once to bf16 (LOP3 to 128 + q, two bf16x2 FMAs: q, then s q + m, rounded once as
+// dequantize_int4_triton rounds) and feeds the mmas of all MT row tiles; a lane turns its words of x into the A
+// quads with PRMTs. Per weight, MT bytes of x are read from shared memory.
 #ifndef MT
 #define MT 1
 #endif
@@ -300,6 +299,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2) : "memory"); }
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {  // bf16x2 a * b + c, rounded once
+  u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
 
 // one chunk's weights (128 rows x U groups: 8 pieces of 16 bytes per row; piece p of row r stored at p ^ 4 (r & 1),
 // so that the 8 lanes of a quarter-warp (rows 2j, 2j + 1) read distinct banks), scales and offsets (group-major)
@@ -319,123 +321,116 @@ __device__ __forceinline__ void load_chunk(uint4* ws, uint4* ss, uint4* os, cons
   }
 }
 
-// x of one chunk, a chunk ahead: M rows x CW words, idx = threadIdx.x + i * 256 (a warp: one row's two groups)
-__device__ __forceinline__ void load_x(uint4 (&xr)[2 * MT], const u16* __restrict__ x, int M, int sx, int k0) {
-  _Pragma("unroll") for (int i = 0; i < 2 * MT; ++i) {
-    const int idx = threadIdx.x + i * 256;
-    if (idx < M * CW) xr[i] = *(const uint4*)(x + (size_t)(idx / CW) * sx + k0 + (idx % CW) * 8);
-  }
+// word c (8 values) of x row m in a chunk buffer: the low 3 bits of c XOR (c / 8 % 2) * 2 + m % 2, so that the 8
+// lanes of a quarter-warp (rows g = 2j, 2j + 1; words 4t + i) read distinct banks
+__device__ __forceinline__ int xpos(int m, int c) { return m * CW + (c ^ (((c >> 3) & 1) << 1) ^ (m & 1)); }
+
+// x of one chunk (M rows x CW words) into a slot, swizzled as xpos says
+__device__ __forceinline__ void load_x(uint4* xs, const u16* __restrict__ x, int M, int sx, int k0) {
+  for (int i = threadIdx.x; i < M * CW; i += 256)
+    cp_async16(xs + xpos(i / CW, i % CW), x + (size_t)(i / CW) * sx + k0 + (i % CW) * 8);
 }
 
-// into the A quads (slot (m / 16) * 8 + m % 8, half (m / 8) % 2; word c of a group at (c % 4) * 4 + c / 4) and the
-// sums of x per (row, group)
-__device__ __forceinline__ void store_x(const uint4 (&xr)[2 * MT], uint4* xs, float* gs, int M) {
-  _Pragma("unroll") for (int i = 0; i < 2 * MT; ++i) {
-    const int idx = threadIdx.x + i * 256;
-    if (i * 256 >= M * CW) break;  // uniform: M * CW is a multiple of 32
-    const int m = idx / CW, c = idx % CW;
-    float sum = 0.0f;
-    if (idx < M * CW) {
-      const uint4 v = xr[i];
-      sum = bf(v.x) + bf_hi(v.x) + bf(v.y) + bf_hi(v.y) + bf(v.z) + bf_hi(v.z) + bf(v.w) + bf_hi(v.w);
-      u32* q = (u32*)(xs + (((m >> 4) * 8 + (m & 7)) * CW + (c & ~15) + (c & 3) * 4 + ((c & 15) >> 2)) * 2)
-               + ((m >> 3) & 1);
-      q[0] = prmt(v.x, v.z, 0x5410); q[2] = prmt(v.x, v.z, 0x7632);
-      q[4] = prmt(v.y, v.w, 0x5410); q[6] = prmt(v.y, v.w, 0x7632);
-    }
-    _Pragma("unroll") for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (idx < M * CW && (idx & 15) == 0) gs[m * U + c / 16] = sum;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(256) int4_gemm_mma(
+extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc, const u16* __restrict__ of,
     u16* out, float* part, int* counts, int N, int K, int M, int sx, int so, int cps) {
   extern __shared__ uint4 smem[];
   uint4* ws = smem;                          // [STAGES][128 rows][8 pieces]
   uint4* ss = ws + STAGES * 1024;            // [STAGES][U][16]: 128 bf16 scales per group
   uint4* os = ss + STAGES * U * 16;          // offsets, likewise
-  uint4* xs = os + STAGES * U * 16;          // [2][MT * 8 slots][CW words][2 quads]
-  float* gs = (float*)(xs + 2 * MT * 8 * CW * 2);  // [2][64 rows][U]
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  uint4* xs = os + STAGES * U * 16;          // [STAGES][M][CW words]
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5, rq = warp & 3,
+            u = warp >> 2;
   const int n0 = blockIdx.x * 128, wpr = K / 32, chunks = K / (128 * U), c0 = blockIdx.y * cps;
   const int nb = min(cps, chunks - c0), split = blockIdx.y, splits = gridDim.y;
+  // weights do not depend on earlier kernels: the first chunks' are requested before PDL's wait, then x's (the
+  // first commit group holds them all and chunk 0's x, group s chunk s's x)
+  for (int s = 0; s < STAGES - 1 && s < nb; ++s)
+    load_chunk(ws + s * 1024, ss + s * U * 16, os + s * U * 16, qw, sc, of, n0, wpr, N, (c0 + s) * U);
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nb) load_chunk(ws + s * 1024, ss + s * U * 16, os + s * U * 16, qw, sc, of, n0, wpr, N, (c0 + s) * U);
+    if (s < nb) load_x(xs + s * M * CW, x, M, sx, (c0 + s) * U * 128);
     cp_commit();
   }
-  uint4 xr[2 * MT];
-  load_x(xr, x, M, sx, c0 * U * 128);
-  store_x(xr, xs, gs, M);
-  float acc[MT][2][4];
+  float acc[MT][4][4];
   _Pragma("unroll") for (int b = 0; b < MT; ++b)
-    _Pragma("unroll") for (int r = 0; r < 2; ++r) acc[b][r][0] = acc[b][r][1] = acc[b][r][2] = acc[b][r][3] = 0.f;
+    _Pragma("unroll") for (int r = 0; r < 4; ++r) acc[b][r][0] = acc[b][r][1] = acc[b][r][2] = acc[b][r][3] = 0.f;
+  int xrow[MT][2];  // rows of x this lane reads (A rows g, g + 8 of each tile; rows >= M: row M - 1, unused)
+  _Pragma("unroll") for (int b = 0; b < MT; ++b) {
+    xrow[b][0] = min(b * 16 + g, M - 1);
+    xrow[b][1] = min(b * 16 + g + 8, M - 1);
+  }
   for (int c = 0; c < nb; ++c) {
     cp_wait();
     __syncthreads();  // chunk c's weights and x are in; every warp is done with chunk c - 1's slots
     {
       const int nxt = c + STAGES - 1, sl = nxt % STAGES;
-      if (nxt < nb) load_chunk(ws + sl * 1024, ss + sl * U * 16, os + sl * U * 16, qw, sc, of, n0, wpr, N,
-                               (c0 + nxt) * U);
+      if (nxt < nb) {
+        load_chunk(ws + sl * 1024, ss + sl * U * 16, os + sl * U * 16, qw, sc, of, n0, wpr, N, (c0 + nxt) * U);
+        load_x(xs + sl * M * CW, x, M, sx, (c0 + nxt) * U * 128);
+      }
       cp_commit();
     }
-    if (c + 1 < nb) load_x(xr, x, M, sx, (c0 + c + 1) * U * 128);
     const int sl = c % STAGES;
-    const uint4* wsl = ws + sl * 1024;
-    const u32* ssl = (const u32*)(ss + sl * U * 16);
-    const u32* osl = (const u32*)(os + sl * U * 16);
-    const uint4* xsb = xs + (c & 1) * (MT * 8 * CW * 2);
-    const float* gsb = gs + (c & 1) * 64 * U;
-    _Pragma("unroll") for (int u = 0; u < U; ++u) {
-      u32 bw[2][4][4];
-      float s0[2], s1[2], m0[2], m1[2];
-      _Pragma("unroll") for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + r * 8 + g;
-        const uint4 w = wsl[row * 8 + ((u * 4 + t) ^ ((row & 1) << 2))];
-        const u32 w4[4] = {w.x, w.y, w.z, w.w};
-        _Pragma("unroll") for (int i = 0; i < 4; ++i) {
-          bw[r][i][0] = lop3_and_or(w4[i], 0x000F000Fu, 0x43004300u);
-          bw[r][i][1] = lop3_and_or(w4[i] >> 4, 0x000F000Fu, 0x43004300u);
-          bw[r][i][2] = lop3_and_or(w4[i] >> 8, 0x000F000Fu, 0x43004300u);
-          bw[r][i][3] = lop3_and_or(w4[i] >> 12, 0x000F000Fu, 0x43004300u);
-        }
-        const u32 sp = ssl[u * 64 + warp * 8 + r * 4 + t];  // weight rows warp * 16 + r * 8 + 2t, + 1
-        s0[r] = bf(sp); s1[r] = bf_hi(sp);
-        const u32 op = HAS_OFFSET ? osl[u * 64 + warp * 8 + r * 4 + t] : 0u;
-        m0[r] = (HAS_OFFSET ? bf(op) : -8.0f * s0[r]) - 128.0f * s0[r];
-        m1[r] = (HAS_OFFSET ? bf_hi(op) : -8.0f * s1[r]) - 128.0f * s1[r];
-      }
+    const uint4* xsb = xs + sl * M * CW;
+    const u16* ssl = (const u16*)(ss + sl * U * 16) + u * 128 + rq * 32 + g;
+    const u16* osl = (const u16*)(os + sl * U * 16) + u * 128 + rq * 32 + g;
+    uint4 wv[4];
+    u32 s2[4], m2[4];
+    _Pragma("unroll") for (int r = 0; r < 4; ++r) {
+      const int row = rq * 32 + r * 8 + g;
+      wv[r] = ws[sl * 1024 + row * 8 + ((u * 4 + t) ^ ((row & 1) << 2))];
+      s2[r] = (u32)ssl[r * 8] * 0x10001u;
+      m2[r] = HAS_OFFSET ? (u32)osl[r * 8] * 0x10001u : 0x80008000u;  // symmetric: -0, q - 8 below
+    }
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+      uint4 xa[MT][2];  // the A quads of word 4t + i: (x0 x4, x1 x5) and (x2 x6, x3 x7) of rows g, g + 8
       _Pragma("unroll") for (int b = 0; b < MT; ++b) {
-        const uint4* xrow = xsb + ((b * 8 + g) * CW + t) * 2 + u * 32;
-        uint4 xq[8];
-        _Pragma("unroll") for (int i = 0; i < 4; ++i) { xq[2 * i] = xrow[i * 8]; xq[2 * i + 1] = xrow[i * 8 + 1]; }
-        const float xlo = gsb[min(b * 16 + g, M - 1) * U + u], xhi = gsb[min(b * 16 + g + 8, M - 1) * U + u];
-        _Pragma("unroll") for (int r = 0; r < 2; ++r) {
-          float cc[4];
-          mma0(cc, xq[0], bw[r][0][0], bw[r][0][1]);
-          mma(cc, xq[1], bw[r][0][2], bw[r][0][3]);
-          _Pragma("unroll") for (int i = 1; i < 4; ++i) {
-            mma(cc, xq[2 * i], bw[r][i][0], bw[r][i][1]);
-            mma(cc, xq[2 * i + 1], bw[r][i][2], bw[r][i][3]);
-          }
-          acc[b][r][0] += s0[r] * cc[0] + m0[r] * xlo;
-          acc[b][r][1] += s1[r] * cc[1] + m1[r] * xlo;
-          acc[b][r][2] += s0[r] * cc[2] + m0[r] * xhi;
-          acc[b][r][3] += s1[r] * cc[3] + m1[r] * xhi;
+        const uint4 v = xsb[xpos(xrow[b][0], u * 16 + 4 * t + i)], w = xsb[xpos(xrow[b][1], u * 16 + 4 * t + i)];
+        xa[b][0] = make_uint4(prmt(v.x, v.z, 0x5410), prmt(w.x, w.z, 0x5410), prmt(v.x, v.z, 0x7632),
+                              prmt(w.x, w.z, 0x7632));
+        xa[b][1] = make_uint4(prmt(v.y, v.w, 0x5410), prmt(w.y, w.w, 0x5410), prmt(v.y, v.w, 0x7632),
+                              prmt(w.y, w.w, 0x7632));
+      }
+      _Pragma("unroll") for (int r = 0; r < 4; ++r) {
+        const u32 wd = i == 0 ? wv[r].x : i == 1 ? wv[r].y : i == 2 ? wv[r].z : wv[r].w;
+        u32 bq[4];  // nibbles j, j + 4 of the word: bf16 128 + q, then q (or q - 8), then s q + m
+        _Pragma("unroll") for (int j = 0; j < 4; ++j)
+          bq[j] = fma2(fma2(lop3_and_or(wd >> (4 * j), 0x000F000Fu, 0x43004300u), 0x3F803F80u,
+                            HAS_OFFSET ? 0xC300C300u : 0xC308C308u), s2[r], m2[r]);
+        _Pragma("unroll") for (int b = 0; b < MT; ++b) {
+          mma(acc[b][r], xa[b][0], bq[0], bq[1]);
+          mma(acc[b][r], xa[b][1], bq[2], bq[3]);
         }
       }
     }
-    if (c + 1 < nb) store_x(xr, xs + ((c + 1) & 1) * (MT * 8 * CW * 2), gs + ((c + 1) & 1) * 64 * U, M);
   }
+#if PDL
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   asm volatile("cp.async.wait_all;" ::: "memory");
-  // acc[b][r][2q + h]: x row b * 16 + g + 8q, weight row n0 + warp * 16 + r * 8 + 2t + h
-  const int tile = blockIdx.x * 8 + warp, nn = n0 + warp * 16 + 2 * t;
+  __syncthreads();  // the weight slots are free: the second group's warps hand their sums over
+  float* red = (float*)smem;  // [4 row ranges][MT * 16 values][32 lanes]
+  if (u == 1) {
+    _Pragma("unroll") for (int b = 0; b < MT; ++b)
+      _Pragma("unroll") for (int r = 0; r < 4; ++r)
+        _Pragma("unroll") for (int e = 0; e < 4; ++e) red[((rq * MT + b) * 16 + r * 4 + e) * 32 + lane] = acc[b][r][e];
+  }
+  __syncthreads();
+  if (u == 1) return;
+  _Pragma("unroll") for (int b = 0; b < MT; ++b)
+    _Pragma("unroll") for (int r = 0; r < 4; ++r)
+      _Pragma("unroll") for (int e = 0; e < 4; ++e) acc[b][r][e] += red[((rq * MT + b) * 16 + r * 4 + e) * 32 + lane];
+  // acc[b][r][2q + h]: x row b * 16 + g + 8q, weight row n0 + rq * 32 + r * 8 + 2t + h
+  const int tile = blockIdx.x * 4 + rq, nn = n0 + rq * 32 + 2 * t;
   if (splits > 1) {
     _Pragma("unroll") for (int b = 0; b < MT; ++b)
       _Pragma("unroll") for (int q = 0; q < 2; ++q) {
         const int m = b * 16 + g + 8 * q;
         if (m < M) {
-          _Pragma("unroll") for (int r = 0; r < 2; ++r)
+          _Pragma("unroll") for (int r = 0; r < 4; ++r)
             *(float2*)(part + ((size_t)split * M + m) * N + nn + r * 8) =
                 make_float2(acc[b][r][2 * q], acc[b][r][2 * q + 1]);
         }
@@ -444,10 +439,10 @@ extern "C" __global__ void __launch_bounds__(256) int4_gemm_mma(
     _Pragma("unroll") for (int b = 0; b < MT; ++b)
       _Pragma("unroll") for (int q = 0; q < 2; ++q) {
         const int m = b * 16 + g + 8 * q;
-        _Pragma("unroll") for (int r = 0; r < 2; ++r) { acc[b][r][2 * q] = 0.f; acc[b][r][2 * q + 1] = 0.f; }
+        _Pragma("unroll") for (int r = 0; r < 4; ++r) { acc[b][r][2 * q] = 0.f; acc[b][r][2 * q + 1] = 0.f; }
         if (m < M) {
           for (int sp = 0; sp < splits; ++sp) {
-            _Pragma("unroll") for (int r = 0; r < 2; ++r) {
+            _Pragma("unroll") for (int r = 0; r < 4; ++r) {
               const float2 p = __ldcg((const float2*)(part + ((size_t)sp * M + m) * N + nn + r * 8));
               acc[b][r][2 * q] += p.x; acc[b][r][2 * q + 1] += p.y;
             }
@@ -460,7 +455,7 @@ extern "C" __global__ void __launch_bounds__(256) int4_gemm_mma(
     _Pragma("unroll") for (int q = 0; q < 2; ++q) {
       const int m = b * 16 + g + 8 * q;
       if (m < M) {
-        _Pragma("unroll") for (int r = 0; r < 2; ++r)
+        _Pragma("unroll") for (int r = 0; r < 4; ++r)
           *(u32*)(out + (size_t)m * so + nn + r * 8) = to_bf(acc[b][r][2 * q]) | (to_bf(acc[b][r][2 * q + 1]) << 16);
       }
     }
@@ -496,7 +491,7 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool, name: str = "int4_gemv_mma",
-            mt: int = 1, stages: int = GEMM_STAGES):
+            mt: int = 1, stages: int = 4):
     """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
@@ -625,12 +620,18 @@ def gemm_splits(n: int, k: int, m: int, num_sms: int) -> int:
     return splits
 
 
+def gemm_stages(m: int) -> int:
+    """Chunks int4_gemm_mma keeps in shared memory for m rows of x: 3 up to 32 rows (two CTAs per SM), 4 past that
+    (one CTA per SM, by registers). From the 8B's decode shapes (scripts/sweep_int4_gemm.py --mma, H200)."""
+    return 3 if m <= 32 else 4
+
+
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-              counts: torch.Tensor | None, splits: int | None = None, stages: int = GEMM_STAGES) -> torch.Tensor:
+              counts: torch.Tensor | None, splits: int | None = None, stages: int | None = None) -> torch.Tensor:
     """x [M, K] (bf16, M <= 64) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major bf16
     [N, K/128]) through int4_gemm_mma: the weights streamed through shared memory by cp.async, x staged per chunk
-    of 256 K values, every unpacked weight word multiplied against all of x's rows. counts: int32 zeros, at least
-    N / 16 (self-resetting; None with splits=1)."""
+    of 256 K values, every dequantized weight pair multiplied against all of x's rows. counts: int32 zeros, at least
+    N / 16 (self-resetting; None with splits=1). stages: chunks in shared memory (default `gemm_stages`)."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.dtype != torch.bfloat16 or not 1 <= m <= GEMM_ROWS or not gemm_supports(n, k) or 2 * qweight.shape[1] != k:
@@ -641,6 +642,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
             or (offsets is not None and (offsets.stride() != (1, n) or offsets.data_ptr() % 16)):
         raise ValueError("int4_gemm needs 16-byte aligned contiguous rows of x and qweight, group-major scales and "
                          "offsets")
+    stages = stages or gemm_stages(m)
     if stages < 2:
         raise ValueError("int4_gemm needs 2+ stages (one chunk multiplied while the next arrives)")
     chunks = k // (GROUP * UNROLL)
@@ -653,12 +655,12 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         raise ValueError(f"split K needs {tiles} counters")
     mt = -(-m // 16)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel, _ = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages)
+    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    shared = stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2) + 2 * mt * 16 * UNROLL * 128 * 2 \
-        + 2 * GEMM_ROWS * UNROLL * 4
-    _launch(kernel, False, index, (n // GEMM_TILE, splits, 1), shared,
+    # per slot: 128 weight rows x 2 groups, their scales and offsets, x's rows
+    shared = stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2 + m * GROUP * UNROLL * 2)
+    _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), shared,
             [x, qweight, scales, offsets if offsets is not None else scales, out, part,
              counts if counts is not None else out, n, k, m, x.stride(0), out.stride(0), per_split], threads=256)
     return out

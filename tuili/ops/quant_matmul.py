@@ -562,8 +562,10 @@ DP2A = True  # INT4 GEMV of 16-bit x on CUDA: integer products (_dp2a_terms; fp3
 GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, one row per program
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows: dequantize, then cuBLAS (but see INT4_GEMM_MAX_ROWS)
-GEMM_MMA = True  # INT4 g128 bf16 decode batches of 17-32 (48) rows on sm_80+: int4_mma's GEMM (see `_gemm_mma`)
-INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA with DEQUANT_MIN_ROWS up to this many rows: int4_gemm_triton instead (the
+GEMM_MMA = True  # INT4 g128 bf16 decode batches of GEMM_MIN_ROWS-64 rows on sm_80+: int4_mma's GEMM (`_gemm_mma`)
+GEMM_MIN_ROWS = 3  # from here the GEMM, not the GEMV above (8B INT4 on the H200, tok/s: batch 4 1075.9 -> 1423.1,
+# batch 16 1882.3 -> 5051.7, though the GEMV has the norms and residual adds inside)
+INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
 # The GEMV's split-K counters, per device (int4_mma's and the argmax's too): zero between kernels (each kernel
@@ -616,30 +618,32 @@ def _on_words(block_m: int, k: int, qweight: torch.Tensor) -> bool:
     return block_m == 1 and k % 8 == 0 and qweight.is_contiguous()
 
 
-def _mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMV."""
+def _mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor, fused: bool = False) -> bool:
+    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMV: where the GEMM does not take
+    them, or the call fuses a norm or residual add (`fused`), which only the GEMV has inside."""
     n = qweight.shape[0]
     return MMA_MIN_ROWS <= m <= int4_mma.MAX_ROWS and qweight.dtype == torch.uint8 and group_size == int4_mma.GROUP \
         and scales.dtype == torch.bfloat16 and qweight.is_cuda and int4_mma.supports(n, k) \
-        and scales.stride() == (1, n) and int4_mma.available(qweight.device)
+        and scales.stride() == (1, n) and int4_mma.available(qweight.device) \
+        and (fused or not _gemm_mma(m, k, group_size, qweight, scales))
 
 
 def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMM: decode batches of 17-32 rows,
-    and of 33-48 on layers narrower than 16384 (the 8B's four matmuls per layer, H200, us: 17 rows 147 against
-    int4_gemm_triton's 285, 32 rows 171 against 283; at 48, 3 row tiles a warp hold one CTA per SM, and gate/up's
-    224 CTAs lose to the Triton kernel, 129 against 115, the other three win; at 64 qkv and gate/up lose)."""
+    """Whether m rows of x (in scales' dtype) go through int4_mma's tensor-core GEMM: decode batches of
+    GEMM_MIN_ROWS-64 rows."""
     n = qweight.shape[0]
-    return GEMM_MMA and DEQUANT_MIN_ROWS <= m <= (48 if n < 16384 else 32) and qweight.dtype == torch.uint8 \
+    return GEMM_MMA and GEMM_MIN_ROWS <= m <= int4_mma.GEMM_ROWS and qweight.dtype == torch.uint8 \
         and group_size == int4_mma.GROUP and scales.dtype == torch.bfloat16 and qweight.is_cuda \
         and int4_mma.gemm_supports(n, k) and scales.stride() == (1, n) and int4_mma.available(qweight.device)
 
 
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether quant_linear_triton of m rows takes norm= and residual= (the GEMV on words or int4_mma's; the SM
-    count passed to `_tiles` only splits the tensor-core kernel's K)."""
-    return _mma(m, k, group_size, qweight, scales) or _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0],
-                                                                   k, qweight)
+    """Whether quant_linear_triton's path for m rows has norm= and residual= inside: the GEMV on words or int4_mma's
+    GEMV, not int4_mma's GEMM (which takes 3-64 rows where it fits, and is faster than the fused GEMVs with the
+    norms as their own kernels). The SM count passed to `_tiles` only splits the tensor-core kernel's K."""
+    return _mma(m, k, group_size, qweight, scales) or (
+        _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0], k, qweight)
+        and not _gemm_mma(m, k, group_size, qweight, scales))
 
 
 def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -648,10 +652,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         silu_mul: bool = False, norm: tuple | None = None,
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
-    INT4 g128 with 3-16 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMV (the fused forms below included).
-    INT4 g128 with 17-32 (or 48, see `_gemm_mma`) rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM; other INT4
-    on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in
-    registers); with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
+    INT4 g128 with 3-64 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms and residual
+    adds below not inside), 3-16 rows of other layers: its GEMV (the fused forms included); other INT4 on CUDA
+    with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers);
+    with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
     silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first.
@@ -668,7 +672,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError(f"x has {k} columns but the INT{bits} weight is {tuple(qweight.shape)}")
     if (residual is None) != (norm_weight is None) or (residual is not None and (norm is not None or bias is not None)):
         raise ValueError("residual comes with norm_weight, and not with norm or bias")
-    if tiles is None and x.dtype == scales.dtype and _mma(m, k, group_size, qweight, scales):
+    if tiles is None and x.dtype == scales.dtype \
+            and _mma(m, k, group_size, qweight, scales, fused=norm is not None or residual is not None):
         return _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight)
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
@@ -677,7 +682,10 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
     if silu_mul and not words:
         x, silu_mul = silu_and_mul_triton(x), False
-    if bits == 4 and tiles is None and x.dtype == scales.dtype and _gemm_mma(m, k, group_size, qweight, scales):
+    if bits == 4 and tiles is None and x.dtype == scales.dtype and _gemm_mma(m, k, group_size, qweight, scales) \
+            and norm is None and residual is None:
+        if silu_mul:
+            x = silu_and_mul_triton(x)
         if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
             x = x.clone(memory_format=torch.contiguous_format)
         counts = _split_counts(x.device)
