@@ -70,6 +70,7 @@ def main():
                 print(f"m={m} {name}: mma {times[('mma', None, None)]:.2f} us, relative error {err:.2e}", flush=True)
             best = min(times, key=times.get)
             rec = dict(m=m, shape=name, dequant_cublas_us=round(base, 2), rule=rule, rule_us=round(times[rule], 2),
+                       mma_rel_err=err if "--mma" in sys.argv and m <= int4_mma.GEMM_ROWS else None,
                        best=best, best_us=round(times[best], 2),
                        all={str(t): round(v, 2) for t, v in sorted(times.items(), key=lambda kv: kv[1])})
             print(json.dumps({k: v for k, v in rec.items() if k != "all"}), flush=True)
