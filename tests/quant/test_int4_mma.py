@@ -65,6 +65,15 @@ def test_gemm_input_checks():
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, counts, stages=1)
     with pytest.raises(ValueError, match="counters"):
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, None, splits=2)
+    with pytest.raises(ValueError, match="int32 counts"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, counts.long())
+    with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
+        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z.half(), counts)
+    # the slots fit the shared memory a block may have: H100/H200, A100, sm_86/89
+    assert [int4_mma.gemm_stages(m, 232448) for m in (1, 32, 33, 64)] == [3, 3, 4, 4]
+    assert int4_mma.gemm_stages(64, 166912) == 3 and int4_mma.gemm_stages(64, 101376) == 2
+    assert all(int4_mma.gemm_shared(m, int4_mma.gemm_stages(m, limit)) <= limit
+               for m in range(1, 65) for limit in (101376, 166912, 232448))
     assert int4_mma.gemm_supports(28672, 4096) and not int4_mma.gemm_supports(4096, 4224)
     for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128, 256)):
         for m in (17, 32, 48):
@@ -100,14 +109,14 @@ def test_matches_reference(n, k, splits, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n,k,splits", [(128, 256, 1), (384, 1024, 2), (256, 2304, 3), (4096, 4096, None)])
 def test_gemm_matches_reference(n, k, splits, symmetric):
-    """int4_gemm_mma (decode batches of 17-64 rows) against the torch reference: 1-4 mma row tiles, partial ones,
-    K splits (the counters back at zero after each call), pipelines longer than the split's chunks."""
+    """int4_gemm_mma (decode batches of 3-64 rows) against the torch reference: 1-4 mma row tiles, partial ones,
+    K splits (the counters back at zero after each call), 2-4 slots, pipelines longer than the split's chunks."""
     q, s, z = layer(n, k, symmetric)
     counts = quant_matmul._split_counts(torch.device("cuda"))
     for m in (1, 8, 17, 24, 32, 33, 48, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
-        for stages in (4, 2):
+        for stages in (None, 4, 2):  # None: gemm_stages (3 up to 32 rows)
             y = int4_mma.int4_gemm(x, q, s, z, counts, splits=splits, stages=stages)
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             assert rel(y, ref) < 4e-3, (m, stages, rel(y, ref))  # the output's bf16 rounding

@@ -284,9 +284,9 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 // .. + 31 (four 8-row strips) and group w / 4 of every chunk (the two warps of a row range add their sums at the
 // end), all M rows of x as MT mma A tiles of 16. Weights, scales, offsets and x stream through STAGES shared-memory
 // slots by cp.async (x as it lies in memory, 16-byte words of 8 values, XOR-swizzled). Each weight pair is
-// dequantized once to bf16 (LOP3 to 128 + q, two bf16x2 FMAs: q, then s q + m, rounded once as
-// dequantize_int4_triton rounds) and feeds the mmas of all MT row tiles; a lane turns its words of x into the A
-// quads with PRMTs. Per weight, MT bytes of x are read from shared memory.
+// dequantized once to bf16 (LOP3 to 128 + q, two bf16x2 FMAs: q, then s q + m, rounded once; dequantize_int4_triton
+// rounds s q + m to fp32 first, so the two can rarely be 1 ulp apart) and feeds the mmas of all MT row tiles; a
+// lane turns its words of x into the A quads with PRMTs. Per weight, MT bytes of x are read from shared memory.
 #ifndef MT
 #define MT 1
 #endif
@@ -294,6 +294,7 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 #define STAGES 4
 #endif
 #define CW (U * 16)  // words (8 values) of x per row per chunk
+static_assert(U == 2, "int4_gemm_mma: a chunk is 2 groups (one per half of the CTA's warps)");
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"((u32)__cvta_generic_to_shared(dst)), "l"(src));
 }
@@ -620,10 +621,30 @@ def gemm_splits(n: int, k: int, m: int, num_sms: int) -> int:
     return splits
 
 
-def gemm_stages(m: int) -> int:
+def gemm_shared(m: int, stages: int) -> int:
+    """int4_gemm_mma's shared memory (bytes) for m rows of x: per slot 128 weight rows x 2 groups, their scales and
+    offsets, x's rows (the split sums' hand-over at the end reuses the slots)."""
+    return stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2 + m * GROUP * UNROLL * 2)
+
+
+def gemm_stages(m: int, limit: int) -> int:
     """Chunks int4_gemm_mma keeps in shared memory for m rows of x: 3 up to 32 rows (two CTAs per SM), 4 past that
-    (one CTA per SM, by registers). From the 8B's decode shapes (scripts/sweep_int4_gemm.py --mma, H200)."""
-    return 3 if m <= 32 else 4
+    (one CTA per SM, by registers), from the 8B's decode shapes (scripts/sweep_int4_gemm.py --mma, H200); fewer
+    where a block may not have that much shared memory (`limit` bytes: 64 rows in 4 slots take 196 KB, which an
+    A100 or an sm_86/89 GPU does not give)."""
+    stages = 3 if m <= 32 else 4
+    while stages > 2 and gemm_shared(m, stages) > limit:
+        stages -= 1
+    return stages
+
+
+@functools.cache
+def _shared_limit(index: int) -> int:
+    """The shared memory a block may opt into on device `index` (bytes): the SM's less the 1 KB it reserves."""
+    props = torch.cuda.get_device_properties(index)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 0)
+    return per_sm - 1024 if per_sm else {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448}.get(
+        (props.major, props.minor), 101376)
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -642,8 +663,10 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
             or (offsets is not None and (offsets.stride() != (1, n) or offsets.data_ptr() % 16)):
         raise ValueError("int4_gemm needs 16-byte aligned contiguous rows of x and qweight, group-major scales and "
                          "offsets")
-    stages = stages or gemm_stages(m)
-    if stages < 2:
+    if any(t is not None and (t.shape != (n, k // GROUP) or t.dtype != torch.bfloat16) for t in (scales, offsets)) \
+            or (counts is not None and counts.dtype != torch.int32):
+        raise ValueError(f"int4_gemm needs bf16 scales and offsets of shape [{n}, {k // GROUP}] and int32 counts")
+    if stages is not None and stages < 2:
         raise ValueError("int4_gemm needs 2+ stages (one chunk multiplied while the next arrives)")
     chunks = k // (GROUP * UNROLL)
     splits = min(splits or gemm_splits(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count),
@@ -655,12 +678,11 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
         raise ValueError(f"split K needs {tiles} counters")
     mt = -(-m // 16)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    stages = stages or gemm_stages(m, _shared_limit(index))
     kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    # per slot: 128 weight rows x 2 groups, their scales and offsets, x's rows
-    shared = stages * (GEMM_TILE * GROUP * UNROLL // 2 + 2 * UNROLL * GEMM_TILE * 2 + m * GROUP * UNROLL * 2)
-    _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), shared,
+    _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), gemm_shared(m, stages),
             [x, qweight, scales, offsets if offsets is not None else scales, out, part,
              counts if counts is not None else out, n, k, m, x.stride(0), out.stride(0), per_split], threads=256)
     return out
