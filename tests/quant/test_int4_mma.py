@@ -70,7 +70,7 @@ def test_gemm_input_checks():
     with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
         int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z.half(), counts)
     # the slots fit the shared memory a block may have: H100/H200, A100, sm_86/89
-    assert [int4_mma.gemm_stages(m, 232448) for m in (1, 32, 33, 64)] == [3, 3, 4, 4]
+    assert [int4_mma.gemm_stages(m, 232448) for m in (1, 32, 33, 64)] == [3, 3, 3, 3]
     assert int4_mma.gemm_stages(64, 166912) == 3 and int4_mma.gemm_stages(64, 101376) == 2
     assert all(int4_mma.gemm_shared(m, int4_mma.gemm_stages(m, limit)) <= limit
                for m in range(1, 65) for limit in (101376, 166912, 232448))
@@ -79,8 +79,12 @@ def test_gemm_input_checks():
         for m in (17, 32, 48):
             splits = int4_mma.gemm_splits(n, k, m, 132)
             assert splits & (splits - 1) == 0 and (splits == 1 or k // 256 >= 4 * splits)
-    assert [int4_mma.gemm_splits(n, k, 32, 132) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096),
-                                                             (4096, 14336))] == [4, 4, 1, 8]
+        splits = int4_mma.gemm_splits(n, k, 8, 132)
+        assert splits & (splits - 1) == 0 and (splits == 1 or k // 256 >= 2 * splits)
+    shapes = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))  # the 8B's qkv, o, gate_up, down
+    assert [int4_mma.gemm_splits(n, k, 32, 132) for n, k in shapes] == [4, 4, 1, 8]
+    assert [int4_mma.gemm_splits(n, k, 8, 132) for n, k in shapes] == [4, 8, 1, 8]
+    assert [int4_mma.gemm_splits(n, k, 48, 132) for n, k in shapes] == [2, 4, 1, 4]
 
 
 def test_splits_are_powers_of_two_with_whole_batches():

@@ -612,11 +612,13 @@ def gemm_supports(n: int, k: int) -> bool:
 
 def gemm_splits(n: int, k: int, m: int, num_sms: int) -> int:
     """K splits for int4_gemm_mma: doubled while the CTAs stay within what the SMs hold at once (two per SM for up
-    to 32 rows: 128 registers a thread; one past that) and each split keeps 4+ chunks. From the 8B's decode
-    shapes at 17-64 rows (scripts/sweep_int4_gemm.py --mma, H200): qkv 4 splits, o 4, down 8, gate_up 1 at 17-32."""
+    to 32 rows: 128 registers a thread; one past that) and each split keeps 4+ chunks (2+ up to 16 rows). From the
+    8B's decode shapes (scripts/sweep_int4_gemm.py --mma, H200, int4_gemm_mma2_sweep_h200.json): qkv 4 splits, o 8
+    up to 16 rows (8.2-9.7 us against 9.4-10.3 in 4) and 4 at 17-32, down 8, gate_up 1."""
     ctas, chunks, splits = n // GEMM_TILE, k // (GROUP * UNROLL), 1
     resident = 2 if m <= 32 else 1
-    while 2 * ctas * splits <= resident * num_sms and chunks >= 8 * splits:
+    least = 2 if m <= 16 else 4
+    while 2 * ctas * splits <= resident * num_sms and chunks >= 2 * least * splits:
         splits *= 2
     return splits
 
@@ -628,11 +630,11 @@ def gemm_shared(m: int, stages: int) -> int:
 
 
 def gemm_stages(m: int, limit: int) -> int:
-    """Chunks int4_gemm_mma keeps in shared memory for m rows of x: 3 up to 32 rows (two CTAs per SM), 4 past that
-    (one CTA per SM, by registers), from the 8B's decode shapes (scripts/sweep_int4_gemm.py --mma, H200); fewer
-    where a block may not have that much shared memory (`limit` bytes: 64 rows in 4 slots take 196 KB, which an
-    A100 or an sm_86/89 GPU does not give)."""
-    stages = 3 if m <= 32 else 4
+    """Chunks int4_gemm_mma keeps in shared memory for m rows of x: 3 (the 8B's four decode shapes, H200, us per
+    layer in 3 against 4 slots: 16 rows 76.3 / 79.2, 32 rows 103.2 / 112.0, 48 rows 133.6 / 135.5, 64 rows 172.7 /
+    174.1; int4_gemm_mma2_sweep_h200.json), 2 where a block may not have that much shared memory (`limit` bytes: 64
+    rows in 3 slots take 147 KB, more than an sm_86/89 GPU gives)."""
+    stages = 3
     while stages > 2 and gemm_shared(m, stages) > limit:
         stages -= 1
     return stages
