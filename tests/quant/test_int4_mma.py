@@ -39,6 +39,10 @@ def test_input_checks():
         int4_mma.int4_gemv(torch.randn(2, 384, dtype=torch.bfloat16), q2, s2, z2, counts)
     with pytest.raises(ValueError, match="group-major"):
         int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+    with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
+        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s, z.half(), counts)
+    with pytest.raises(ValueError, match="int32 counts"):
+        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s, z, counts.long())
     x = torch.randn(2, 512, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="residual must be"):
         int4_mma.int4_gemv(x, q, s, z, counts, residual=torch.zeros(2, 16, dtype=torch.bfloat16),

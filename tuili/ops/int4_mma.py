@@ -552,6 +552,13 @@ def supports(n: int, k: int) -> bool:
     return k % (GROUP * UNROLL) == 0 and n % TILE_ROWS == 0
 
 
+def _check_scales(name: str, n: int, k: int, scales: torch.Tensor, offsets: torch.Tensor | None,
+                  counts: torch.Tensor | None) -> None:
+    if any(t is not None and (t.shape != (n, k // GROUP) or t.dtype != torch.bfloat16) for t in (scales, offsets)) \
+            or (counts is not None and counts.dtype != torch.int32):
+        raise ValueError(f"{name} needs bf16 scales and offsets of shape [{n}, {k // GROUP}] and int32 counts")
+
+
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
               counts: torch.Tensor, silu_mul: bool = False, norm: tuple | None = None,
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -567,6 +574,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or not qweight.is_contiguous() \
             or scales.stride() != (1, n) or (offsets is not None and offsets.stride() != (1, n)):
         raise ValueError("int4_gemv needs contiguous rows of x and qweight, group-major scales and offsets")
+    _check_scales("int4_gemv", n, k, scales, offsets, counts)
     if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1
                                  or residual.stride(0) % 2 or norm_weight is None or norm_weight.shape != (n,)
                                  or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous()):
@@ -665,9 +673,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
             or (offsets is not None and (offsets.stride() != (1, n) or offsets.data_ptr() % 16)):
         raise ValueError("int4_gemm needs 16-byte aligned contiguous rows of x and qweight, group-major scales and "
                          "offsets")
-    if any(t is not None and (t.shape != (n, k // GROUP) or t.dtype != torch.bfloat16) for t in (scales, offsets)) \
-            or (counts is not None and counts.dtype != torch.int32):
-        raise ValueError(f"int4_gemm needs bf16 scales and offsets of shape [{n}, {k // GROUP}] and int32 counts")
+    _check_scales("int4_gemm", n, k, scales, offsets, counts)
     if stages is not None and stages < 2:
         raise ValueError("int4_gemm needs 2+ stages (one chunk multiplied while the next arrives)")
     chunks = k // (GROUP * UNROLL)
