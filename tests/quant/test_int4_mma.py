@@ -27,22 +27,27 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def shared_input_checks(kernel, x, q, s, z, counts):
+    """The input checks int4_gemv and int4_gemm share (x: bf16 rows the kernel takes)."""
+    with pytest.raises(ValueError, match="bf16"):
+        kernel(x.half(), q, s, z, counts)
+    with pytest.raises(ValueError, match="group-major"):
+        kernel(x, q, s.contiguous(), z, counts)
+    with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
+        kernel(x, q, s, z.half(), counts)
+    with pytest.raises(ValueError, match="int32 counts"):
+        kernel(x, q, s, z, counts.long())
+
+
 def test_input_checks():
     q, s, z = layer(32, 512, device="cpu")
     counts = torch.zeros(64, dtype=torch.int32)
-    with pytest.raises(ValueError, match="bf16"):
-        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.float16), q, s, z, counts)
+    shared_input_checks(int4_mma.int4_gemv, torch.randn(2, 512, dtype=torch.bfloat16), q, s, z, counts)
     with pytest.raises(ValueError, match="at most 16 rows"):
         int4_mma.int4_gemv(torch.randn(17, 512, dtype=torch.bfloat16), q, s, z, counts)
     q2, s2, z2 = layer(32, 384, device="cpu")  # K not a multiple of 256
     with pytest.raises(ValueError, match="K % 256"):
         int4_mma.int4_gemv(torch.randn(2, 384, dtype=torch.bfloat16), q2, s2, z2, counts)
-    with pytest.raises(ValueError, match="group-major"):
-        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
-    with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
-        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s, z.half(), counts)
-    with pytest.raises(ValueError, match="int32 counts"):
-        int4_mma.int4_gemv(torch.randn(2, 512, dtype=torch.bfloat16), q, s, z, counts.long())
     x = torch.randn(2, 512, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="residual must be"):
         int4_mma.int4_gemv(x, q, s, z, counts, residual=torch.zeros(2, 16, dtype=torch.bfloat16),
@@ -56,23 +61,17 @@ def test_input_checks():
 def test_gemm_input_checks():
     q, s, z = layer(128, 512, device="cpu")
     counts = torch.zeros(64, dtype=torch.int32)
-    with pytest.raises(ValueError, match="bf16"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.float16), q, s, z, counts)
+    x = torch.randn(20, 512, dtype=torch.bfloat16)
+    shared_input_checks(int4_mma.int4_gemm, x, q, s, z, counts)
     with pytest.raises(ValueError, match="at most 64 rows"):
         int4_mma.int4_gemm(torch.randn(65, 512, dtype=torch.bfloat16), q, s, z, counts)
     q2, s2, z2 = layer(48, 512, device="cpu")  # N not a multiple of 128
     with pytest.raises(ValueError, match="N % 128"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q2, s2, z2, counts)
-    with pytest.raises(ValueError, match="group-major"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s.contiguous(), z, counts)
+        int4_mma.int4_gemm(x, q2, s2, z2, counts)
     with pytest.raises(ValueError, match="2\\+ stages"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, counts, stages=1)
+        int4_mma.int4_gemm(x, q, s, z, counts, stages=1)
     with pytest.raises(ValueError, match="counters"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, None, splits=2)
-    with pytest.raises(ValueError, match="int32 counts"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z, counts.long())
-    with pytest.raises(ValueError, match="bf16 scales and offsets of shape"):
-        int4_mma.int4_gemm(torch.randn(20, 512, dtype=torch.bfloat16), q, s, z.half(), counts)
+        int4_mma.int4_gemm(x, q, s, z, None, splits=2)
     # the slots fit the shared memory a block may have: H100/H200, A100, sm_86/89
     assert [int4_mma.gemm_stages(m, 232448) for m in (1, 32, 33, 64)] == [3, 3, 3, 3]
     assert int4_mma.gemm_stages(64, 166912) == 3 and int4_mma.gemm_stages(64, 101376) == 2

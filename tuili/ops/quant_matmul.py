@@ -675,15 +675,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if tiles is None and x.dtype == scales.dtype \
             and _mma(m, k, group_size, qweight, scales, fused=norm is not None or residual is not None):
         return _int4_mma(x, qweight, scales, offsets, bias, silu_mul, norm, residual, norm_weight)
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
-    words = _on_words(block_m, k, qweight)
-    if (norm is not None or residual is not None) and not words:
-        raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
-    if silu_mul and not words:
-        x, silu_mul = silu_and_mul_triton(x), False
-    if bits == 4 and tiles is None and x.dtype == scales.dtype and _gemm_mma(m, k, group_size, qweight, scales) \
-            and norm is None and residual is None:
+    if tiles is None and x.dtype == scales.dtype and norm is None and residual is None \
+            and _gemm_mma(m, k, group_size, qweight, scales):
         if silu_mul:
             x = silu_and_mul_triton(x)
         if x.stride(0) % 8 or x.data_ptr() % 16:  # the kernel reads x in 16-byte pieces
@@ -691,6 +684,13 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         counts = _split_counts(x.device)
         out = int4_mma.int4_gemm(x, qweight, scales, offsets, counts, splits=None if counts is not None else 1)
         return out if bias is None else out + bias
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
+    words = _on_words(block_m, k, qweight)
+    if (norm is not None or residual is not None) and not words:
+        raise ValueError("norms and residuals fuse into the GEMV on words only (see fuses_norms)")
+    if silu_mul and not words:
+        x, silu_mul = silu_and_mul_triton(x), False
     if bits == 4 and tiles is None and x.is_cuda and DEQUANT_MIN_ROWS <= m <= INT4_GEMM_MAX_ROWS and group_size:
         out = int4_gemm_triton(x, qweight, scales, offsets, group_size)
         return out if bias is None else out + bias
