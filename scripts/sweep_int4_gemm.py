@@ -61,6 +61,9 @@ def main():
                 for splits, stages in ((None, None), (1, None), (2, None), (4, None), (8, None), (None, 3), (None, 4)):
                     times[("mma", splits, stages)] = graph_us(
                         lambda: [int4_mma.int4_gemm(x, *w, counts, splits=splits, stages=stages) for w in ws], LAYERS)
+                for ps in (False, True):
+                    times[("mma_ps", ps)] = graph_us(
+                        lambda: [int4_mma.int4_gemm(x, *w, counts, post_scale=ps) for w in ws], LAYERS)
                 summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, None)]
                 if m <= int4_mma.MAX_ROWS:  # the GEMV quant_linear_triton runs for 3-16 rows
                     times[("gemv",)] = graph_us(lambda: [int4_mma.int4_gemv(x, *w, counts) for w in ws], LAYERS)

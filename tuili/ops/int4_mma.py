@@ -25,10 +25,13 @@ int4_gemm (`int4_gemm_mma`): the same mma, laid out as a GEMM whose every byte m
 128 weight rows) walks its K range in chunks of UNROLL groups; weights, scales, offsets and x (as it lies in
 memory, XOR-swizzled) come through `gemm_stages` shared-memory slots. A warp takes 32 weight rows and one group of
 each chunk (so each 16-byte word of x it reads from shared memory serves 32 weight rows: 4 rows per warp had
-made the GEMM wait on shared memory), dequantizes each weight pair once to bf16 (LOP3, then two bf16x2 FMAs,
-rounded once as dequantize_int4_triton rounds) and multiplies it against all of x's rows (up to 4 mma A tiles of
-16, their quads made from x's words by PRMTs). The two warps of a row range add their sums at the end; split K as
-in the GEMV, counted per 32-row warp tile. PDL as in the GEMV.
+made the GEMM wait on shared memory) and multiplies each weight pair against all of x's rows (up to 4 mma A
+tiles of 16, their quads made from x's words by PRMTs). For 2+ row tiles each pair is dequantized once to bf16
+(LOP3, then two bf16x2 FMAs, rounded once as dequantize_int4_triton rounds); for one tile (up to 16 rows) the mma
+takes 128 + q as the GEMV does and the scales and offsets follow per group (the sums of x by an mma against ones):
+a LOP3 per pair instead of three instructions. The two warps of a row range add their sums at the end; split K as
+in the GEMV, counted per 32-row warp tile. PDL as in the GEMV. The loads' addresses are fixed per thread but for
+the chunk (computed once: 4-5% of the kernel's time at 3-32 rows).
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ MAX_ROWS = 16  # rows of x (A rows 0..15)
 UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes); int4_gemm_mma: groups per chunk
 GEMM_ROWS = 64  # int4_gemm_mma: rows of x (up to 4 mma A tiles of 16)
 GEMM_TILE = 128  # int4_gemm_mma: weight rows per CTA (4 row ranges of 32 x 2 groups per chunk)
+POST_SCALE_MAX_TILES = 1  # int4_gemm_mma: scales after the mma up to this many A tiles of 16 rows (H200, 8B's four
+# shapes, us per layer, dequantized pairs -> scales after: 3 rows 65.5 -> 65.0, 8: 68.1 -> 67.2, 16: 72.2 -> 71.0, 32:
+# 98.9 -> 120.2; docs/benchmarks/int4_gemm_mma3_sweep_h200.json)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -293,6 +299,9 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 #ifndef STAGES
 #define STAGES 4
 #endif
+#ifndef PS
+#define PS 0  // the scales after the mma (per group) rather than on the dequantized weights
+#endif
 #define CW (U * 16)  // words (8 values) of x per row per chunk
 static_assert(U == 2, "int4_gemm_mma: a chunk is 2 groups (one per half of the CTA's warps)");
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -304,33 +313,9 @@ __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {  // bf16x2 a * b + c,
   u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
 
-// one chunk's weights (128 rows x U groups: 8 pieces of 16 bytes per row; piece p of row r stored at p ^ 4 (r & 1),
-// so that the 8 lanes of a quarter-warp (rows 2j, 2j + 1) read distinct banks), scales and offsets (group-major)
-__device__ __forceinline__ void load_chunk(uint4* ws, uint4* ss, uint4* os, const uint4* __restrict__ qw,
-                                           const u16* __restrict__ sc, const u16* __restrict__ of, int n0, int wpr,
-                                           int N, int group) {
-  _Pragma("unroll") for (int j = 0; j < 4; ++j) {
-    const int i = threadIdx.x + j * 256, row = i >> 3, p = i & 7;
-    cp_async16(ws + row * 8 + (p ^ ((row & 1) << 2)), qw + (size_t)(n0 + row) * wpr + group * 4 + p);
-  }
-  if (threadIdx.x < U * 16) {
-    const int u = threadIdx.x >> 4, p = threadIdx.x & 15;
-    cp_async16(ss + u * 16 + p, (const uint4*)(sc + (size_t)(group + u) * N + n0) + p);
-  } else if (HAS_OFFSET && threadIdx.x >= 32 && threadIdx.x < 32 + U * 16) {
-    const int u = (threadIdx.x - 32) >> 4, p = threadIdx.x & 15;
-    cp_async16(os + u * 16 + p, (const uint4*)(of + (size_t)(group + u) * N + n0) + p);
-  }
-}
-
 // word c (8 values) of x row m in a chunk buffer: the low 3 bits of c XOR (c / 8 % 2) * 2 + m % 2, so that the 8
 // lanes of a quarter-warp (rows g = 2j, 2j + 1; words 4t + i) read distinct banks
 __device__ __forceinline__ int xpos(int m, int c) { return m * CW + (c ^ (((c >> 3) & 1) << 1) ^ (m & 1)); }
-
-// x of one chunk (M rows x CW words) into a slot, swizzled as xpos says
-__device__ __forceinline__ void load_x(uint4* xs, const u16* __restrict__ x, int M, int sx, int k0) {
-  for (int i = threadIdx.x; i < M * CW; i += 256)
-    cp_async16(xs + xpos(i / CW, i % CW), x + (size_t)(i / CW) * sx + k0 + (i % CW) * 8);
-}
 
 extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc, const u16* __restrict__ of,
@@ -340,73 +325,141 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
   uint4* ss = ws + STAGES * 1024;            // [STAGES][U][16]: 128 bf16 scales per group
   uint4* os = ss + STAGES * U * 16;          // offsets, likewise
   uint4* xs = os + STAGES * U * 16;          // [STAGES][M][CW words]
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5, rq = warp & 3,
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3, warp = tid >> 5, rq = warp & 3,
             u = warp >> 2;
   const int n0 = blockIdx.x * 128, wpr = K / 32, chunks = K / (128 * U), c0 = blockIdx.y * cps;
   const int nb = min(cps, chunks - c0), split = blockIdx.y, splits = gridDim.y;
+  // a chunk's loads, their addresses fixed but for the chunk: thread tid copies 16-byte piece tid % 8 of weight rows
+  // tid / 8 + 32 j (piece p of row r stored at p ^ 4 (r & 1), so that the 8 lanes of a quarter-warp, rows 2j and
+  // 2j + 1, read distinct banks); threads 0-31 the chunk's scales, 32-63 its offsets (group-major, 128 per group)
+  const uint4* wsrc = qw + (size_t)(n0 + (tid >> 3)) * wpr + c0 * U * 4 + (tid & 7);
+  const size_t w32 = (size_t)32 * wpr;
+  const int wdst = (tid >> 3) * 8 + ((tid & 7) ^ (((tid >> 3) & 1) << 2));
+  const bool sload = tid < U * 16 || (HAS_OFFSET && tid < 2 * U * 16);
+  const uint4* ssrc = (const uint4*)((tid < U * 16 ? sc : of) + (size_t)(c0 * U + ((tid & 31) >> 4)) * N + n0) +
+                      (tid & 15);
+  uint4* sdst = (tid < U * 16 ? ss : os) + (tid & 31);
+  auto load = [&](int c, int sl) {  // chunk c's weights, scales and offsets into slot sl
+    const size_t co = (size_t)c * U * 4;
+    _Pragma("unroll") for (int j = 0; j < 4; ++j) cp_async16(ws + sl * 1024 + wdst + j * 256, wsrc + co + j * w32);
+    if (sload) cp_async16(sdst + sl * U * 16, ssrc + (size_t)c * U * N / 8);
+  };
+  auto load_x = [&](int c, int sl) {  // x of chunk c (M rows x CW words) into slot sl, swizzled as xpos says
+    for (int i = tid; i < M * CW; i += 256)
+      cp_async16(xs + sl * M * CW + xpos(i / CW, i % CW),
+                 x + (size_t)(i / CW) * sx + (c0 + c) * U * 128 + (i % CW) * 8);
+  };
   // weights do not depend on earlier kernels: the first chunks' are requested before PDL's wait, then x's (the
   // first commit group holds them all and chunk 0's x, group s chunk s's x)
-  for (int s = 0; s < STAGES - 1 && s < nb; ++s)
-    load_chunk(ws + s * 1024, ss + s * U * 16, os + s * U * 16, qw, sc, of, n0, wpr, N, (c0 + s) * U);
+  for (int s = 0; s < STAGES - 1 && s < nb; ++s) load(s, s);
 #if PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nb) load_x(xs + s * M * CW, x, M, sx, (c0 + s) * U * 128);
+    if (s < nb) load_x(s, s);
     cp_commit();
   }
   float acc[MT][4][4];
   _Pragma("unroll") for (int b = 0; b < MT; ++b)
     _Pragma("unroll") for (int r = 0; r < 4; ++r) acc[b][r][0] = acc[b][r][1] = acc[b][r][2] = acc[b][r][3] = 0.f;
-  int xrow[MT][2];  // rows of x this lane reads (A rows g, g + 8 of each tile; rows >= M: row M - 1, unused)
-  _Pragma("unroll") for (int b = 0; b < MT; ++b) {
-    xrow[b][0] = min(b * 16 + g, M - 1);
-    xrow[b][1] = min(b * 16 + g + 8, M - 1);
-  }
+  // the words of x this lane reads: word u * 16 + 4t + i of rows b * 16 + g (+ 8) (rows >= M: row M - 1, unused)
+  // at xo + (i ^ xw) (xpos with the XOR of the low bits apart)
+  int xo[MT][2], xw[MT][2];
+  _Pragma("unroll") for (int b = 0; b < MT; ++b)
+    _Pragma("unroll") for (int h = 0; h < 2; ++h) {
+      const int m = min(b * 16 + g + 8 * h, M - 1);
+      xo[b][h] = m * CW + u * 16 + 4 * t;
+      xw[b][h] = ((t >> 1) << 1) ^ (m & 1);
+    }
+  int sl = 0, nsl = STAGES - 1;  // the slots of chunks c and c + STAGES - 1
   for (int c = 0; c < nb; ++c) {
     cp_wait();
     __syncthreads();  // chunk c's weights and x are in; every warp is done with chunk c - 1's slots
-    {
-      const int nxt = c + STAGES - 1, sl = nxt % STAGES;
-      if (nxt < nb) {
-        load_chunk(ws + sl * 1024, ss + sl * U * 16, os + sl * U * 16, qw, sc, of, n0, wpr, N, (c0 + nxt) * U);
-        load_x(xs + sl * M * CW, x, M, sx, (c0 + nxt) * U * 128);
-      }
-      cp_commit();
+    if (c + STAGES - 1 < nb) {
+      load(c + STAGES - 1, nsl);
+      load_x(c + STAGES - 1, nsl);
     }
-    const int sl = c % STAGES;
+    cp_commit();
+    nsl = nsl + 1 == STAGES ? 0 : nsl + 1;
     const uint4* xsb = xs + sl * M * CW;
-    const u16* ssl = (const u16*)(ss + sl * U * 16) + u * 128 + rq * 32 + g;
-    const u16* osl = (const u16*)(os + sl * U * 16) + u * 128 + rq * 32 + g;
     uint4 wv[4];
-    u32 s2[4], m2[4];
     _Pragma("unroll") for (int r = 0; r < 4; ++r) {
       const int row = rq * 32 + r * 8 + g;
       wv[r] = ws[sl * 1024 + row * 8 + ((u * 4 + t) ^ ((row & 1) << 2))];
-      s2[r] = (u32)ssl[r * 8] * 0x10001u;
-      m2[r] = HAS_OFFSET ? (u32)osl[r * 8] * 0x10001u : 0x80008000u;  // symmetric: -0, q - 8 below
     }
+#if PS
+    // P = sum (128 + q) x per group and weight row, the sums of x per group by an mma against ones; then s P + (m -
+    // 128 s) sum x (symmetric: m = -8 s). Per weight pair: a LOP3 (and a shift) besides the mma.
+    float cr[4][MT][4], xsum[MT][4];
+#else
+    // each weight pair dequantized once to bf16: 128 + q, then q (or q - 8), then s q + m
+    u32 s2[4], m2[4];
+    {
+      const u16* ssl = (const u16*)(ss + sl * U * 16) + u * 128 + rq * 32 + g;
+      const u16* osl = (const u16*)(os + sl * U * 16) + u * 128 + rq * 32 + g;
+      _Pragma("unroll") for (int r = 0; r < 4; ++r) {
+        s2[r] = (u32)ssl[r * 8] * 0x10001u;
+        m2[r] = HAS_OFFSET ? (u32)osl[r * 8] * 0x10001u : 0x80008000u;  // symmetric: -0, q - 8 below
+      }
+    }
+#endif
     _Pragma("unroll") for (int i = 0; i < 4; ++i) {
       uint4 xa[MT][2];  // the A quads of word 4t + i: (x0 x4, x1 x5) and (x2 x6, x3 x7) of rows g, g + 8
       _Pragma("unroll") for (int b = 0; b < MT; ++b) {
-        const uint4 v = xsb[xpos(xrow[b][0], u * 16 + 4 * t + i)], w = xsb[xpos(xrow[b][1], u * 16 + 4 * t + i)];
+        const uint4 v = xsb[xo[b][0] + (i ^ xw[b][0])], w = xsb[xo[b][1] + (i ^ xw[b][1])];
         xa[b][0] = make_uint4(prmt(v.x, v.z, 0x5410), prmt(w.x, w.z, 0x5410), prmt(v.x, v.z, 0x7632),
                               prmt(w.x, w.z, 0x7632));
         xa[b][1] = make_uint4(prmt(v.y, v.w, 0x5410), prmt(w.y, w.w, 0x5410), prmt(v.y, v.w, 0x7632),
                               prmt(w.y, w.w, 0x7632));
+#if PS
+        const u32 one = 0x3F803F80u;  // bf16 1, 1
+        if (i == 0) mma0(xsum[b], xa[b][0], one, one); else mma(xsum[b], xa[b][0], one, one);
+        mma(xsum[b], xa[b][1], one, one);
+#endif
       }
       _Pragma("unroll") for (int r = 0; r < 4; ++r) {
         const u32 wd = i == 0 ? wv[r].x : i == 1 ? wv[r].y : i == 2 ? wv[r].z : wv[r].w;
-        u32 bq[4];  // nibbles j, j + 4 of the word: bf16 128 + q, then q (or q - 8), then s q + m
-        _Pragma("unroll") for (int j = 0; j < 4; ++j)
-          bq[j] = fma2(fma2(lop3_and_or(wd >> (4 * j), 0x000F000Fu, 0x43004300u), 0x3F803F80u,
-                            HAS_OFFSET ? 0xC300C300u : 0xC308C308u), s2[r], m2[r]);
+        u32 bq[4];  // nibbles j, j + 4 of the word
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+          bq[j] = lop3_and_or(wd >> (4 * j), 0x000F000Fu, 0x43004300u);  // bf16 128 + q
+#if !PS
+          bq[j] = fma2(fma2(bq[j], 0x3F803F80u, HAS_OFFSET ? 0xC300C300u : 0xC308C308u), s2[r], m2[r]);
+#endif
+        }
         _Pragma("unroll") for (int b = 0; b < MT; ++b) {
+#if PS
+          if (i == 0) mma0(cr[r][b], xa[b][0], bq[0], bq[1]); else mma(cr[r][b], xa[b][0], bq[0], bq[1]);
+          mma(cr[r][b], xa[b][1], bq[2], bq[3]);
+#else
           mma(acc[b][r], xa[b][0], bq[0], bq[1]);
           mma(acc[b][r], xa[b][1], bq[2], bq[3]);
+#endif
         }
       }
     }
+#if PS
+    {
+      const u32* sp = (const u32*)(ss + sl * U * 16) + u * 64 + rq * 16 + t;  // weight rows r * 8 + 2t, + 1
+      const u32* op = (const u32*)(os + sl * U * 16) + u * 64 + rq * 16 + t;
+      _Pragma("unroll") for (int r = 0; r < 4; ++r) {
+        const u32 s = sp[r * 4];
+        const float s0 = bf(s), s1 = bf_hi(s);
+        float m0 = -136.0f * s0, m1 = -136.0f * s1;
+        if (HAS_OFFSET) {
+          const u32 o = op[r * 4];
+          m0 = bf(o) - 128.0f * s0;
+          m1 = bf_hi(o) - 128.0f * s1;
+        }
+        _Pragma("unroll") for (int b = 0; b < MT; ++b) {
+          acc[b][r][0] += s0 * cr[r][b][0] + m0 * xsum[b][0];
+          acc[b][r][1] += s1 * cr[r][b][1] + m1 * xsum[b][1];
+          acc[b][r][2] += s0 * cr[r][b][2] + m0 * xsum[b][2];
+          acc[b][r][3] += s1 * cr[r][b][3] + m1 * xsum[b][3];
+        }
+      }
+    }
+#endif
+    sl = sl + 1 == STAGES ? 0 : sl + 1;
   }
 #if PDL
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -492,13 +545,13 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool, name: str = "int4_gemv_mma",
-            mt: int = 1, stages: int = 4):
+            mt: int = 1, stages: int = 4, ps: bool = False):
     """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
     pdl = major >= 9
     defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
-                   PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages)
+                   PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages, PS=int(ps))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(index):
         binary, name = _utils._nvrtc_compile(source, name, f"{major}{minor}")
@@ -658,7 +711,8 @@ def _shared_limit(index: int) -> int:
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-              counts: torch.Tensor | None, splits: int | None = None, stages: int | None = None) -> torch.Tensor:
+              counts: torch.Tensor | None, splits: int | None = None, stages: int | None = None,
+              post_scale: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16, M <= 64) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major bf16
     [N, K/128]) through int4_gemm_mma: the weights streamed through shared memory by cp.async, x staged per chunk
     of 256 K values, every dequantized weight pair multiplied against all of x's rows. counts: int32 zeros, at least
@@ -687,7 +741,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     mt = -(-m // 16)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stages = stages or gemm_stages(m, _shared_limit(index))
-    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages)
+    ps = mt <= POST_SCALE_MAX_TILES if post_scale is None else post_scale
+    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages, ps)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), gemm_shared(m, stages),
