@@ -61,9 +61,14 @@ def main():
                 for splits, stages in ((None, None), (1, None), (2, None), (4, None), (8, None), (None, 3), (None, 4)):
                     times[("mma", splits, stages)] = graph_us(
                         lambda: [int4_mma.int4_gemm(x, *w, counts, splits=splits, stages=stages) for w in ws], LAYERS)
-                for ps in (False, True):
+                for ps in (False, True):  # x's rows as the mma's A: weight pairs dequantized, or the scales after
                     times[("mma_ps", ps)] = graph_us(
-                        lambda: [int4_mma.int4_gemm(x, *w, counts, post_scale=ps) for w in ws], LAYERS)
+                        lambda: [int4_mma.int4_gemm(x, *w, counts, post_scale=ps, swap=False) for w in ws], LAYERS)
+                if m <= 2:  # what quant_linear_triton runs for 1-2 rows: the Triton GEMV
+                    times[("linear",)] = graph_us(lambda: [qm.quant_linear_triton(x, *w, 128) for w in ws], LAYERS)
+                if m <= 16:  # the weights as A
+                    times[("mma_swap",)] = graph_us(
+                        lambda: [int4_mma.int4_gemm(x, *w, counts, swap=True) for w in ws], LAYERS)
                 summary["mma"] = summary.get("mma", 0.0) + times[("mma", None, None)]
                 if m <= int4_mma.MAX_ROWS:  # the GEMV quant_linear_triton runs for 3-16 rows
                     times[("gemv",)] = graph_us(lambda: [int4_mma.int4_gemv(x, *w, counts) for w in ws], LAYERS)

@@ -120,14 +120,16 @@ def test_gemm_matches_reference(n, k, splits, symmetric):
     K splits (the counters back at zero after each call), 2-4 slots, pipelines longer than the split's chunks."""
     q, s, z = layer(n, k, symmetric)
     counts = quant_matmul._split_counts(torch.device("cuda"))
-    for m in (1, 8, 17, 24, 32, 33, 48, 64):
+    for m in (1, 3, 8, 9, 16, 17, 24, 32, 33, 48, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
-        # None: gemm_stages (3 up to 32 rows), the scales after the mma up to POST_SCALE_MAX_TILES row tiles
-        for stages, post_scale in ((None, None), (4, None), (2, None), (None, False), (None, True)):
-            y = int4_mma.int4_gemm(x, q, s, z, counts, splits=splits, stages=stages, post_scale=post_scale)
+        # None: gemm_stages (3 up to 32 rows), the scales after the mma up to POST_SCALE_MAX_TILES row tiles, the
+        # weights as the mma's A up to SWAP_MAX_ROWS rows (16 at most)
+        for stages, post_scale, swap in ((None, None, None), (4, None, None), (2, None, None), (None, False, False),
+                                         (None, True, False), (None, None, True), (2, None, True)):
+            y = int4_mma.int4_gemm(x, q, s, z, counts, splits=splits, stages=stages, post_scale=post_scale, swap=swap)
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
-            assert rel(y, ref) < 4e-3, (m, stages, post_scale, rel(y, ref))  # the output's bf16 rounding
+            assert rel(y, ref) < 4e-3, (m, stages, post_scale, swap, rel(y, ref))  # the output's bf16 rounding
             assert not counts.any()
     x = torch.randn(20, k + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]  # rows with a stride: 16-byte aligned
     ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)

@@ -1,11 +1,11 @@
-"""INT4 g128 matmuls for decode batches of 3-64 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
-sm_80 and later; quant_matmul.quant_linear_triton calls int4_gemm for 3-64 rows of bf16 x, int4_gemv for 3-16 rows
+"""INT4 g128 matmuls for decode batches of 2-64 rows on the tensor cores (CUDA C++ compiled at first use by NVRTC,
+sm_80 and later; quant_matmul.quant_linear_triton calls int4_gemm for 2-64 rows of bf16 x, int4_gemv for 3-16 rows
 of layers int4_gemm does not fit).
 
 Why: the Triton GEMV (quant_matmul._gemv_tile) runs one row of x per program, so 4 rows cost 2.6x one (8B
 gate_up on the H100: 67.7 vs 25.8 us), and the Triton tensor-core kernel that takes 5-16 rows pads them to 16 and
-runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of the mma's A operand. For one or
-two rows the Triton GEMV stays faster (docs/benchmarks).
+runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of an mma operand. For one row the
+Triton GEMV stays faster (docs/benchmarks).
 
 int4_gemv (`int4_gemv_mma`): `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8
 weight rows x 16 K values) and the rows of x in A (rows of A beyond M are never stored). A lane holds one int32
@@ -29,9 +29,12 @@ made the GEMM wait on shared memory) and multiplies each weight pair against all
 tiles of 16, their quads made from x's words by PRMTs). For 2+ row tiles each pair is dequantized once to bf16
 (LOP3, then two bf16x2 FMAs, rounded once as dequantize_int4_triton rounds); for one tile (up to 16 rows) the mma
 takes 128 + q as the GEMV does and the scales and offsets follow per group (the sums of x by an mma against ones):
-a LOP3 per pair instead of three instructions. The two warps of a row range add their sums at the end; split K as
-in the GEMV, counted per 32-row warp tile. PDL as in the GEMV. The loads' addresses are fixed per thread but for
-the chunk (computed once: 4-5% of the kernel's time at 3-32 rows).
+a LOP3 per pair instead of three instructions. Up to SWAP_MAX_ROWS rows the operands swap: 16 weight rows are the
+mma's A and x's rows B (8 per n tile), so one mma covers twice the weights, rows of x are not padded to 16, and a
+lane reads one word of x per mma pair instead of two (8B's four shapes, H200, us per layer, c66a070 in one call ->
+this in a later one: 3 rows 65.0 -> 51.7, 8 rows 67.2 -> 54.2; int4_gemm_mma{3,4}_sweep_h200.json). The two warps of
+a row range add their sums at the end; split K as in the GEMV, counted per 32-row warp tile. PDL as in the GEMV. The
+loads' addresses are fixed per thread but for the chunk (computed once: 4-5% of the kernel's time at 3-32 rows).
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ MAX_ROWS = 16  # rows of x (A rows 0..15)
 UNROLL = 2  # groups per batch (4 lost on most of the 8B's shapes); int4_gemm_mma: groups per chunk
 GEMM_ROWS = 64  # int4_gemm_mma: rows of x (up to 4 mma A tiles of 16)
 GEMM_TILE = 128  # int4_gemm_mma: weight rows per CTA (4 row ranges of 32 x 2 groups per chunk)
+SWAP_MAX_ROWS = 8  # int4_gemm_mma: weights as the mma's A, x's rows as B (n tiles of 8) up to this many rows (two
+# n tiles, 16 rows, lost in the engine: 8B INT4 batch 16 on the H200 5035.5 against 5192.2 tok/s)
 POST_SCALE_MAX_TILES = 1  # int4_gemm_mma: scales after the mma up to this many A tiles of 16 rows (H200, 8B's four
 # shapes, us per layer, dequantized pairs -> scales after: 3 rows 65.5 -> 65.0, 8: 68.1 -> 67.2, 16: 72.2 -> 71.0, 32:
 # 98.9 -> 120.2; docs/benchmarks/int4_gemm_mma3_sweep_h200.json)
@@ -302,6 +307,13 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 #ifndef PS
 #define PS 0  // the scales after the mma (per group) rather than on the dequantized weights
 #endif
+#ifndef SW
+#define SW 0  // up to 16 rows: the weights as the mma's A (16 rows), x's rows as B (NT tiles of 8), scales after
+#endif
+#ifndef NT
+#define NT 1
+#endif
+#define NA (SW ? NT * 8 : MT * 16)  // accumulators per lane
 #define CW (U * 16)  // words (8 values) of x per row per chunk
 static_assert(U == 2, "int4_gemm_mma: a chunk is 2 groups (one per half of the CTA's warps)");
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -359,15 +371,17 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
     if (s < nb) load_x(s, s);
     cp_commit();
   }
-  float acc[MT][4][4];
-  _Pragma("unroll") for (int b = 0; b < MT; ++b)
-    _Pragma("unroll") for (int r = 0; r < 4; ++r) acc[b][r][0] = acc[b][r][1] = acc[b][r][2] = acc[b][r][3] = 0.f;
-  // the words of x this lane reads: word u * 16 + 4t + i of rows b * 16 + g (+ 8) (rows >= M: row M - 1, unused)
-  // at xo + (i ^ xw) (xpos with the XOR of the low bits apart)
+  // acc[b][r][2q + h]: x row b * 16 + g + 8q, weight row n0 + rq * 32 + r * 8 + 2t + h; SW: acc[nt][T][2q + h]: x
+  // row nt * 8 + 2t + h, weight row n0 + rq * 32 + T * 16 + g + 8q
+  float acc[SW ? NT : MT][SW ? 2 : 4][4];
+  float* const accf = &acc[0][0][0];
+  _Pragma("unroll") for (int e = 0; e < NA; ++e) accf[e] = 0.f;
+  // the words of x this lane reads: word u * 16 + 4t + i of rows b * 16 + g (+ 8) (SW: rows nt * 8 + g) (rows >= M:
+  // row M - 1, unused) at xo + (i ^ xw) (xpos with the XOR of the low bits apart)
   int xo[MT][2], xw[MT][2];
   _Pragma("unroll") for (int b = 0; b < MT; ++b)
     _Pragma("unroll") for (int h = 0; h < 2; ++h) {
-      const int m = min(b * 16 + g + 8 * h, M - 1);
+      const int m = min(SW ? h * 8 + g : b * 16 + g + 8 * h, M - 1);
       xo[b][h] = m * CW + u * 16 + 4 * t;
       xw[b][h] = ((t >> 1) << 1) ^ (m & 1);
     }
@@ -387,6 +401,48 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
       const int row = rq * 32 + r * 8 + g;
       wv[r] = ws[sl * 1024 + row * 8 + ((u * 4 + t) ^ ((row & 1) << 2))];
     }
+#if SW
+    // the mma's A: weight rows g, g + 8 of each 16-row half T of the warp's 32 (words wv[2T], wv[2T + 1]) as 128 + q;
+    // B: x rows nt * 8 + g. P = sum (128 + q) x per group, the sums of x by an mma with ones as A; then s P + (m -
+    // 128 s) sum x (symmetric: m = -8 s): per two word pairs one mma and 8 LOP3s
+    float cr[2][NT][4], xsum[NT][4];
+    const u32 one = 0x3F803F80u;  // bf16 1, 1
+    _Pragma("unroll") for (int i = 0; i < 4; ++i) {
+      u32 xb[NT][4];  // word 4t + i of x row nt * 8 + g: (x0 x4), (x1 x5), (x2 x6), (x3 x7)
+      _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {
+        const uint4 v = xsb[xo[0][nt] + (i ^ xw[0][nt])];
+        xb[nt][0] = prmt(v.x, v.z, 0x5410); xb[nt][1] = prmt(v.x, v.z, 0x7632);
+        xb[nt][2] = prmt(v.y, v.w, 0x5410); xb[nt][3] = prmt(v.y, v.w, 0x7632);
+        if (i == 0) mma0(xsum[nt], make_uint4(one, one, one, one), xb[nt][0], xb[nt][1]);
+        else mma(xsum[nt], make_uint4(one, one, one, one), xb[nt][0], xb[nt][1]);
+        mma(xsum[nt], make_uint4(one, one, one, one), xb[nt][2], xb[nt][3]);
+      }
+      _Pragma("unroll") for (int T = 0; T < 2; ++T) {
+        const u32 w0 = i == 0 ? wv[2 * T].x : i == 1 ? wv[2 * T].y : i == 2 ? wv[2 * T].z : wv[2 * T].w;
+        const u32 w1 = i == 0 ? wv[2 * T + 1].x : i == 1 ? wv[2 * T + 1].y : i == 2 ? wv[2 * T + 1].z : wv[2 * T + 1].w;
+        u32 p[4], q[4];  // nibbles j, j + 4 of rows g, g + 8
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+          p[j] = lop3_and_or(w0 >> (4 * j), 0x000F000Fu, 0x43004300u);
+          q[j] = lop3_and_or(w1 >> (4 * j), 0x000F000Fu, 0x43004300u);
+        }
+        _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {
+          if (i == 0) mma0(cr[T][nt], make_uint4(p[0], q[0], p[1], q[1]), xb[nt][0], xb[nt][1]);
+          else mma(cr[T][nt], make_uint4(p[0], q[0], p[1], q[1]), xb[nt][0], xb[nt][1]);
+          mma(cr[T][nt], make_uint4(p[2], q[2], p[3], q[3]), xb[nt][2], xb[nt][3]);
+        }
+      }
+    }
+    {
+      const u16* ssl = (const u16*)(ss + sl * U * 16) + u * 128 + rq * 32 + g;  // weight rows r * 8 + g
+      const u16* osl = (const u16*)(os + sl * U * 16) + u * 128 + rq * 32 + g;
+      _Pragma("unroll") for (int r = 0; r < 4; ++r) {
+        const float sr = bf(ssl[r * 8]), mr = (HAS_OFFSET ? bf(osl[r * 8]) : -8.0f * sr) - 128.0f * sr;
+        _Pragma("unroll") for (int nt = 0; nt < NT; ++nt)
+          _Pragma("unroll") for (int h = 0; h < 2; ++h)
+            acc[nt][r >> 1][2 * (r & 1) + h] += sr * cr[r >> 1][nt][2 * (r & 1) + h] + mr * xsum[nt][h];
+      }
+    }
+#else
 #if PS
     // P = sum (128 + q) x per group and weight row, the sums of x per group by an mma against ones; then s P + (m -
     // 128 s) sum x (symmetric: m = -8 s). Per weight pair: a LOP3 (and a shift) besides the mma.
@@ -459,6 +515,7 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
       }
     }
 #endif
+#endif  // SW
     sl = sl + 1 == STAGES ? 0 : sl + 1;
   }
 #if PDL
@@ -466,18 +523,33 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
 #endif
   asm volatile("cp.async.wait_all;" ::: "memory");
   __syncthreads();  // the weight slots are free: the second group's warps hand their sums over
-  float* red = (float*)smem;  // [4 row ranges][MT * 16 values][32 lanes]
+  float* red = (float*)smem;  // [4 row ranges][NA values][32 lanes]
   if (u == 1) {
-    _Pragma("unroll") for (int b = 0; b < MT; ++b)
-      _Pragma("unroll") for (int r = 0; r < 4; ++r)
-        _Pragma("unroll") for (int e = 0; e < 4; ++e) red[((rq * MT + b) * 16 + r * 4 + e) * 32 + lane] = acc[b][r][e];
+    _Pragma("unroll") for (int e = 0; e < NA; ++e) red[(rq * NA + e) * 32 + lane] = accf[e];
   }
   __syncthreads();
   if (u == 1) return;
-  _Pragma("unroll") for (int b = 0; b < MT; ++b)
-    _Pragma("unroll") for (int r = 0; r < 4; ++r)
-      _Pragma("unroll") for (int e = 0; e < 4; ++e) acc[b][r][e] += red[((rq * MT + b) * 16 + r * 4 + e) * 32 + lane];
-  // acc[b][r][2q + h]: x row b * 16 + g + 8q, weight row n0 + rq * 32 + r * 8 + 2t + h
+  _Pragma("unroll") for (int e = 0; e < NA; ++e) accf[e] += red[(rq * NA + e) * 32 + lane];
+#if SW
+  // accumulator e: x row em(e), weight row nn + en(e) (as acc's layout says)
+  const int tile = blockIdx.x * 4 + rq, nn = n0 + rq * 32;
+  auto em = [&](int e) { return (e >> 3) * 8 + 2 * t + (e & 1); };
+  auto en = [&](int e) { return ((e >> 2) & 1) * 16 + g + ((e >> 1) & 1) * 8; };
+  if (splits > 1) {
+    _Pragma("unroll") for (int e = 0; e < NA; ++e)
+      if (em(e) < M) part[((size_t)split * M + em(e)) * N + nn + en(e)] = accf[e];
+    if (!last_split(counts, tile, lane, splits)) return;  // the last split to finish adds the partials, in order
+    _Pragma("unroll") for (int e = 0; e < NA; ++e) accf[e] = 0.f;
+    for (int sp = 0; sp < splits; ++sp) {  // all of a split's loads at once (one after another took 2-3 us a call)
+      const float* ps = part + (size_t)sp * M * N + nn;
+      _Pragma("unroll") for (int e = 0; e < NA; ++e)
+        if (em(e) < M) accf[e] += __ldcg(ps + (size_t)em(e) * N + en(e));
+    }
+    if (lane == 0) atomicExch(counts + tile, 0);
+  }
+  _Pragma("unroll") for (int e = 0; e < NA; ++e)
+    if (em(e) < M) out[(size_t)em(e) * so + nn + en(e)] = to_bf(accf[e]);
+#else
   const int tile = blockIdx.x * 4 + rq, nn = n0 + rq * 32 + 2 * t;
   if (splits > 1) {
     _Pragma("unroll") for (int b = 0; b < MT; ++b)
@@ -513,6 +585,7 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
           *(u32*)(out + (size_t)m * so + nn + r * 8) = to_bf(acc[b][r][2 * q]) | (to_bf(acc[b][r][2 * q + 1]) << 16);
       }
     }
+#endif
 }
 """
 
@@ -545,13 +618,13 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool, name: str = "int4_gemv_mma",
-            mt: int = 1, stages: int = 4, ps: bool = False):
+            mt: int = 1, stages: int = 4, ps: bool = False, nt: int = 0):
     """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
     pdl = major >= 9
     defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
-                   PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages, PS=int(ps))
+                   PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages, PS=int(ps), SW=int(nt > 0), NT=max(nt, 1))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(index):
         binary, name = _utils._nvrtc_compile(source, name, f"{major}{minor}")
@@ -712,11 +785,13 @@ def _shared_limit(index: int) -> int:
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
               counts: torch.Tensor | None, splits: int | None = None, stages: int | None = None,
-              post_scale: bool | None = None) -> torch.Tensor:
+              post_scale: bool | None = None, swap: bool | None = None) -> torch.Tensor:
     """x [M, K] (bf16, M <= 64) @ W^T for an INT4 g128 layer (qweight uint8 [N, K/2], scales/offsets group-major bf16
     [N, K/128]) through int4_gemm_mma: the weights streamed through shared memory by cp.async, x staged per chunk
-    of 256 K values, every dequantized weight pair multiplied against all of x's rows. counts: int32 zeros, at least
-    N / 16 (self-resetting; None with splits=1). stages: chunks in shared memory (default `gemm_stages`)."""
+    of 256 K values, every weight pair multiplied against all of x's rows. counts: int32 zeros, at least N / 16
+    (self-resetting; None with splits=1). stages: chunks in shared memory (default `gemm_stages`). post_scale: the
+    scales after the mma (default up to POST_SCALE_MAX_TILES row tiles of 16); swap: the weights as the mma's A
+    (default up to SWAP_MAX_ROWS rows; never past 16)."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.dtype != torch.bfloat16 or not 1 <= m <= GEMM_ROWS or not gemm_supports(n, k) or 2 * qweight.shape[1] != k:
@@ -742,7 +817,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     stages = stages or gemm_stages(m, _shared_limit(index))
     ps = mt <= POST_SCALE_MAX_TILES if post_scale is None else post_scale
-    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages, ps)
+    nt = -(-m // 8) if (m <= SWAP_MAX_ROWS if swap is None else swap) and m <= 16 else 0
+    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages, ps, nt)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), gemm_shared(m, stages),

@@ -563,8 +563,9 @@ GEMV_MAX_ROWS = 4  # INT4 with up to this many rows of x: the CUDA-core kernel, 
 MMA_MIN_ROWS = 3  # INT4 g128 bf16 with 3-16 rows on sm_80+: the tensor-core GEMV of int4_mma (2 rows: even)
 DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows: dequantize, then cuBLAS (but see INT4_GEMM_MAX_ROWS)
 GEMM_MMA = True  # INT4 g128 bf16 decode batches of GEMM_MIN_ROWS-64 rows on sm_80+: int4_mma's GEMM (`_gemm_mma`)
-GEMM_MIN_ROWS = 3  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok/s, GEMM against GEMVs: batch 2 726.2 vs
-# 782.2, batch 4 1423.1 vs 1075.9, batch 16 5051.7 vs 1882.3, though the GEMVs have the norms inside)
+GEMM_MIN_ROWS = 2  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok/s, GEMM against GEMVs: batch 2 929.6 vs
+# 781.8 since the GEMM takes the weights as the mma's A, batch 4 1423.1 vs 1075.9, batch 16 5051.7 vs 1882.3, though
+# the GEMVs have the norms inside; at 1 row the Triton GEMV stays faster, 43.9 against 51.4 us per layer)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
