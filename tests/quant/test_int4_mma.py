@@ -116,11 +116,11 @@ def test_matches_reference(n, k, splits, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n,k,splits", [(128, 256, 1), (384, 1024, 2), (256, 2304, 3), (4096, 4096, None)])
 def test_gemm_matches_reference(n, k, splits, symmetric):
-    """int4_gemm_mma (decode batches of 3-64 rows) against the torch reference: 1-4 mma row tiles, partial ones,
+    """int4_gemm_mma (decode batches of 2-64 rows) against the torch reference: 1-4 mma row tiles, partial ones,
     K splits (the counters back at zero after each call), 2-4 slots, pipelines longer than the split's chunks."""
     q, s, z = layer(n, k, symmetric)
     counts = quant_matmul._split_counts(torch.device("cuda"))
-    for m in (1, 3, 8, 9, 16, 17, 24, 32, 33, 48, 64):
+    for m in (1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 32, 33, 48, 64):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
         # None: gemm_stages (3 up to 32 rows), the scales after the mma up to POST_SCALE_MAX_TILES row tiles, the
@@ -162,14 +162,19 @@ def test_fused_forms_match_reference(m):
 
 @gpu
 def test_quant_linear_dispatch(monkeypatch):
-    """bf16 x of 3-64 rows through quant_linear_triton takes the tensor-core GEMM (from GEMM_MIN_ROWS), fewer the
-    GEMV (with the fused forms); 1-2 rows, fp16 x, other group sizes and layers the GEMM does not fit (N % 128) keep
-    the other kernels."""
+    """bf16 x of 2-64 rows through quant_linear_triton takes the tensor-core GEMM (from GEMM_MIN_ROWS, 2 by
+    default), fewer the GEMV (with the fused forms); 1 row, fp16 x, other group sizes and layers the GEMM does not
+    fit (N % 128) keep the other kernels."""
     q, s, z = layer(256, 1024)
     calls, gemm_calls = [], []
     real, real_gemm = int4_mma.int4_gemv, int4_mma.int4_gemm
     monkeypatch.setattr(int4_mma, "int4_gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
     monkeypatch.setattr(int4_mma, "int4_gemm", lambda *a, **kw: gemm_calls.append(a[0].shape[0]) or real_gemm(*a, **kw))
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)  # the default GEMM_MIN_ROWS: 2 rows
+    ref = quant_matmul.int4_linear(x.float(), q, s.float(), z.float(), 128)
+    assert rel(quant_matmul.quant_linear_triton(x, q, s, z, 128), ref) < 4e-3 and gemm_calls == [2]
+    assert not quant_matmul.fuses_norms(2, 1024, 128, q, s) and quant_matmul.fuses_norms(1, 1024, 128, q, s)
+    gemm_calls.clear()
     monkeypatch.setattr(quant_matmul, "GEMM_MIN_ROWS", 3)
     for m in (4, 20):  # a down projection's [gate | up] (at 4 rows the GEMV on words would take it inside)
         gu = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)

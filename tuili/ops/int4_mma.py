@@ -53,7 +53,7 @@ SWAP_MAX_ROWS = 8  # int4_gemm_mma: weights as the mma's A, x's rows as B (n til
 # n tiles, 16 rows, lost in the engine: 8B INT4 batch 16 on the H200 5035.5 against 5192.2 tok/s)
 POST_SCALE_MAX_TILES = 1  # int4_gemm_mma: scales after the mma up to this many A tiles of 16 rows (H200, 8B's four
 # shapes, us per layer, dequantized pairs -> scales after: 3 rows 65.5 -> 65.0, 8: 68.1 -> 67.2, 16: 72.2 -> 71.0, 32:
-# 98.9 -> 120.2; docs/benchmarks/int4_gemm_mma3_sweep_h200.json)
+# 98.9 -> 120.2, where the scales after spill registers; docs/benchmarks/int4_gemm_mma3_sweep_h200.json)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -293,11 +293,12 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 // ---- int4_gemm_mma: decode batches of 1-64 rows ----
 // CTA: 8 warps over 128 weight rows and the split's K range in chunks of U groups: warp w takes rows (w % 4) * 32
 // .. + 31 (four 8-row strips) and group w / 4 of every chunk (the two warps of a row range add their sums at the
-// end), all M rows of x as MT mma A tiles of 16. Weights, scales, offsets and x stream through STAGES shared-memory
-// slots by cp.async (x as it lies in memory, 16-byte words of 8 values, XOR-swizzled). Each weight pair is
-// dequantized once to bf16 (LOP3 to 128 + q, two bf16x2 FMAs: q, then s q + m, rounded once; dequantize_int4_triton
-// rounds s q + m to fp32 first, so the two can rarely be 1 ulp apart) and feeds the mmas of all MT row tiles; a
-// lane turns its words of x into the A quads with PRMTs. Per weight, MT bytes of x are read from shared memory.
+// end), all M rows of x as MT mma A tiles of 16 (SW: the weights as A, x's rows as NT B tiles of 8). Weights,
+// scales, offsets and x stream through STAGES shared-memory slots by cp.async (x as it lies in memory, 16-byte words
+// of 8 values, XOR-swizzled). Without PS or SW each weight pair is dequantized once to bf16 (LOP3 to 128 + q, two
+// bf16x2 FMAs: q, then s q + m, rounded once; dequantize_int4_triton rounds s q + m to fp32 first, so the two can
+// rarely be 1 ulp apart) and feeds the mmas of all MT row tiles; with PS or SW the mma takes 128 + q and the scales
+// and offsets follow per group. A lane turns its words of x into mma quads with PRMTs.
 #ifndef MT
 #define MT 1
 #endif
@@ -314,6 +315,7 @@ extern "C" __global__ void __launch_bounds__(128) int4_gemv_mma(
 #define NT 1
 #endif
 #define NA (SW ? NT * 8 : MT * 16)  // accumulators per lane
+static_assert(!SW || (MT == 1 && NT <= 2), "int4_gemm_mma: the swapped layout takes up to 16 rows of x");
 #define CW (U * 16)  // words (8 values) of x per row per chunk
 static_assert(U == 2, "int4_gemm_mma: a chunk is 2 groups (one per half of the CTA's warps)");
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -404,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(256, MT <= 2 ? 2 : 1) int4_gemm_mma
 #if SW
     // the mma's A: weight rows g, g + 8 of each 16-row half T of the warp's 32 (words wv[2T], wv[2T + 1]) as 128 + q;
     // B: x rows nt * 8 + g. P = sum (128 + q) x per group, the sums of x by an mma with ones as A; then s P + (m -
-    // 128 s) sum x (symmetric: m = -8 s): per two word pairs one mma and 8 LOP3s
+    // 128 s) sum x (symmetric: m = -8 s): per word pair (rows g, g + 8) 8 LOP3s and two mmas per n tile
     float cr[2][NT][4], xsum[NT][4];
     const u32 one = 0x3F803F80u;  // bf16 1, 1
     _Pragma("unroll") for (int i = 0; i < 4; ++i) {
@@ -619,7 +621,8 @@ def available(device: torch.device) -> bool:
 @functools.cache
 def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool, hi: bool, name: str = "int4_gemv_mma",
             mt: int = 1, stages: int = 4, ps: bool = False, nt: int = 0):
-    """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles)."""
+    """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles, ps
+    the scales after the mma, nt > 0 the swapped layout with nt n tiles of 8 rows)."""
     from torch.cuda import _utils
     major, minor = torch.cuda.get_device_capability(index)
     pdl = major >= 9
@@ -791,7 +794,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     of 256 K values, every weight pair multiplied against all of x's rows. counts: int32 zeros, at least N / 16
     (self-resetting; None with splits=1). stages: chunks in shared memory (default `gemm_stages`). post_scale: the
     scales after the mma (default up to POST_SCALE_MAX_TILES row tiles of 16); swap: the weights as the mma's A
-    (default up to SWAP_MAX_ROWS rows; never past 16)."""
+    (default up to SWAP_MAX_ROWS rows; never past 16; it scales after the mma whatever post_scale says)."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.dtype != torch.bfloat16 or not 1 <= m <= GEMM_ROWS or not gemm_supports(n, k) or 2 * qweight.shape[1] != k:
@@ -818,7 +821,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offs
     stages = stages or gemm_stages(m, _shared_limit(index))
     ps = mt <= POST_SCALE_MAX_TILES if post_scale is None else post_scale
     nt = -(-m // 8) if (m <= SWAP_MAX_ROWS if swap is None else swap) and m <= 16 else 0
-    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages, ps, nt)
+    kernel, pdl = _kernel(index, False, False, False, offsets is not None, True, "int4_gemm_mma", mt, stages,
+                          ps and not nt, nt)  # the swapped layout always scales after the mma
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
     _launch(kernel, pdl, index, (n // GEMM_TILE, splits, 1), gemm_shared(m, stages),

@@ -112,8 +112,8 @@ def int4_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: t
 # is loaded, converted to x's dtype (integers up to 255 are exact there), multiplied on the tensor cores, and
 # scaled per output column per group afterwards; and a CUDA-core GEMV for 1-4 rows (batch-1 decode). Both
 # can split K when the column tiles alone would not fill the GPU (the GEMV's last split adds the partials; the
-# tensor-core kernel adds fp32 atomics into a zeroed output). INT4 g128 decode batches of 3-16 bf16 rows on sm_80+
-# go to int4_mma's CUDA kernel instead (the rows of x in the mma's A operand: 16 rows cost ~3.4x one).
+# tensor-core kernel adds fp32 atomics into a zeroed output). INT4 g128 decode batches of 2-64 bf16 rows on sm_80+
+# go to int4_mma's CUDA kernels instead (the rows of x in an mma operand: 16 rows cost ~3.4x one in its GEMV).
 tl = None
 
 
@@ -640,8 +640,8 @@ def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: to
 
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether quant_linear_triton's path for m rows has norm= and residual= inside: the GEMV on words or int4_mma's
-    GEMV, not int4_mma's GEMM (which takes 3-64 rows where it fits, and is faster than the fused GEMVs with the
-    norms as their own kernels). The SM count passed to `_tiles` only splits the tensor-core kernel's K."""
+    GEMV, not int4_mma's GEMM (which takes GEMM_MIN_ROWS-64 rows where it fits, and is faster than the fused GEMVs
+    with the norms as their own kernels). The SM count passed to `_tiles` only splits the tensor-core kernel's K."""
     return _mma(m, k, group_size, qweight, scales) or (
         _on_words(_tiles(m, qweight.shape[0], k, group_size, 132)[0], k, qweight)
         and not _gemm_mma(m, k, group_size, qweight, scales))
@@ -653,9 +653,9 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         silu_mul: bool = False, norm: tuple | None = None,
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
-    INT4 g128 with 3-64 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms and residual
-    adds below not inside), 3-16 rows of other layers: its GEMV (the fused forms included); other INT4 on CUDA
-    with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers);
+    INT4 g128 with GEMM_MIN_ROWS-64 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms
+    and residual adds below not inside), 3-16 rows of other layers: its GEMV (the fused forms included); other INT4
+    on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers);
     with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
     of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
