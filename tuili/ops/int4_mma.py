@@ -5,7 +5,7 @@ of layers int4_gemm does not fit).
 Why: the Triton GEMV (quant_matmul._gemv_tile) runs one row of x per program, so 4 rows cost 2.6x one (8B
 gate_up on the H100: 67.7 vs 25.8 us), and the Triton tensor-core kernel that takes 5-16 rows pads them to 16 and
 runs 4-5x slower still (118.5 us at 5 rows). Here the rows of x are the rows of an mma operand. For one row the
-Triton GEMV stays faster (docs/benchmarks).
+Triton GEMV stays faster, and on Hopper stream_gemv faster still (docs/benchmarks).
 
 int4_gemv (`int4_gemv_mma`): `mma.sync.m16n8k16` (bf16 in, fp32 accumulate) with the weights as the B operand (8
 weight rows x 16 K values) and the rows of x in A (rows of A beyond M are never stored). A lane holds one int32

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tuili.ops import cpu_kernels, int4_mma, pdl
+from tuili.ops import cpu_kernels, int4_mma, pdl, stream_gemv
 from tuili.ops.activation import silu_and_mul_triton
 
 
@@ -565,7 +565,10 @@ DEQUANT_MIN_ROWS = 17  # INT4 with at least this many rows: dequantize, then cuB
 GEMM_MMA = True  # INT4 g128 bf16 decode batches of GEMM_MIN_ROWS-64 rows on sm_80+: int4_mma's GEMM (`_gemm_mma`)
 GEMM_MIN_ROWS = 2  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok/s, GEMM against GEMVs: batch 2 929.6 vs
 # 781.8 since the GEMM takes the weights as the mma's A, batch 4 1423.1 vs 1075.9, batch 16 5051.7 vs 1882.3, though
-# the GEMVs have the norms inside; at 1 row the Triton GEMV stays faster, 43.9 against 51.4 us per layer)
+# the GEMVs have the norms inside; at 1 row the GEMVs stay faster: the Triton GEMV 43.9 against 51.4 us per layer,
+# stream_gemv on Hopper faster still)
+STREAM_GEMV = True  # one row of bf16 x, INT4 g128, sm_90+: stream_gemv (8B INT4 batch 1, H200: 550.1 -> 568.7
+# tok/s against the Triton GEMV; off: the Triton GEMV, for A/B runs)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
@@ -638,6 +641,13 @@ def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: to
         and int4_mma.gemm_supports(n, k) and scales.stride() == (1, n) and int4_mma.available(qweight.device)
 
 
+def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, INT4 g128 bf16, Hopper."""
+    return STREAM_GEMV and m == 1 and qweight.dtype == torch.uint8 and scales.dtype == torch.bfloat16 \
+        and qweight.is_cuda and stream_gemv.supports(qweight.shape[0], k, group_size) \
+        and scales.stride() == (1, qweight.shape[0]) and stream_gemv.available(qweight.device)
+
+
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether quant_linear_triton's path for m rows has norm= and residual= inside: the GEMV on words or int4_mma's
     GEMV, not int4_mma's GEMM (which takes GEMM_MIN_ROWS-64 rows where it fits, and is faster than the fused GEMVs
@@ -653,7 +663,8 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         silu_mul: bool = False, norm: tuple | None = None,
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
-    INT4 g128 with GEMM_MIN_ROWS-64 rows of bf16 x on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms
+    INT4 g128 with one row of bf16 x on sm_90+: stream_gemv (the fused forms included); with GEMM_MIN_ROWS-64 rows
+    on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms
     and residual adds below not inside), 3-16 rows of other layers: its GEMV (the fused forms included); other INT4
     on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers);
     with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
@@ -684,6 +695,12 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             x = x.clone(memory_format=torch.contiguous_format)
         counts = _split_counts(x.device)
         out = int4_mma.int4_gemm(x, qweight, scales, offsets, counts, splits=None if counts is not None else 1)
+        return out if bias is None else out + bias
+    if tiles is None and x.dtype == scales.dtype and _stream(m, k, group_size, qweight, scales):
+        if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads x in 16-byte pieces
+            x = x.clone(memory_format=torch.contiguous_format)
+        out = stream_gemv.stream_gemv(x, qweight, scales, offsets, silu_mul=silu_mul, norm=norm, residual=residual,
+                                      norm_weight=norm_weight)
         return out if bias is None else out + bias
     num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
     block_m, block_n, block_k, splits, num_warps, num_stages = tiles or _tiles(m, n, k, group_size, num_sms)
