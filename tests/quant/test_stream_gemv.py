@@ -12,24 +12,14 @@ from tuili.ops import quant_matmul, stream_gemv
 from tuili.ops.activation import silu_and_mul
 from tuili.quant import quantize_groupwise
 
+from test_int4_mma import layer, rel  # random INT4 g128 layers (group-major scales), relative error
+
 CUDA = torch.cuda.is_available() and stream_gemv.available(torch.device("cuda"))
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU of compute capability 9.0+ and NVRTC")
 
 
-def layer(n: int, k: int, symmetric: bool = False, device: str = "cuda", seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=gen) * 0.02).to(torch.bfloat16)
-    q, s, z = quantize_groupwise(w, 128, symmetric=symmetric)
-    gm = quant_matmul.group_major
-    return q.to(device), gm(s).to(device), None if z is None else gm(z).to(device)
-
-
 def reference(x: torch.Tensor, q, s, z) -> torch.Tensor:
     return quant_matmul.int4_linear(x.float(), q, s.float(), None if z is None else z.float(), 128)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_plan():
