@@ -567,8 +567,8 @@ GEMM_MIN_ROWS = 2  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok
 # 781.8 since the GEMM takes the weights as the mma's A, batch 4 1423.1 vs 1075.9, batch 16 5051.7 vs 1882.3, though
 # the GEMVs have the norms inside; at 1 row the GEMVs stay faster: the Triton GEMV 43.9 against 51.4 us per layer,
 # stream_gemv on Hopper faster still)
-STREAM_GEMV = True  # one row of bf16 x, INT4 g128, sm_90+: stream_gemv (8B INT4 batch 1, H200: 550.1 -> 568.7
-# tok/s against the Triton GEMV; off: the Triton GEMV, for A/B runs)
+STREAM_GEMV = True  # one row of bf16 x, INT4 g128, sm_90+: stream_gemv (8B INT4 batch 1, H200: 564.9 tok/s against
+# 549.0 through the Triton GEMV; off: the Triton GEMV, for A/B runs)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
@@ -645,7 +645,8 @@ def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torc
     """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, INT4 g128 bf16, Hopper."""
     return STREAM_GEMV and m == 1 and qweight.dtype == torch.uint8 and scales.dtype == torch.bfloat16 \
         and qweight.is_cuda and stream_gemv.supports(qweight.shape[0], k, group_size) \
-        and scales.stride() == (1, qweight.shape[0]) and stream_gemv.available(qweight.device)
+        and qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and scales.stride() == (1, qweight.shape[0]) \
+        and stream_gemv.available(qweight.device)
 
 
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -664,11 +665,11 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """x [M, K] @ W^T for an INT8 (qweight int8 [N, K]) or INT4 (qweight uint8 [N, K/2]) layer.
     INT4 g128 with one row of bf16 x on sm_90+: stream_gemv (the fused forms included); with GEMM_MIN_ROWS-64 rows
-    on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms
-    and residual adds below not inside), 3-16 rows of other layers: its GEMV (the fused forms included); other INT4
-    on CUDA with DEQUANT_MIN_ROWS to INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers);
-    with more (prefill): the weight dequantized, then cuBLAS. `tiles` overrides the choice
-    of `_tiles` (tests, sweeps) and keeps the fused kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
+    on sm_80+: int4_mma's tensor-core GEMM (N % 128 == 0; the norms and residual adds below not inside), 3-16 rows
+    of other layers: its GEMV (the fused forms included); other INT4 on CUDA with DEQUANT_MIN_ROWS to
+    INT4_GEMM_MAX_ROWS rows: int4_gemm_triton (weight tiles dequantized in registers); with more (prefill): the
+    weight dequantized, then cuBLAS. `tiles` overrides the choice of `_tiles` (tests, sweeps) and keeps the fused
+    kernels. silu_mul: x is [M, 2K] = [gate | up] and the layer
     multiplies silu_and_mul(x) (a gated MLP's down projection): the GEMV computes it as it loads x, rounded as
     silu_and_mul_triton rounds it (one kernel fewer per layer); other paths run that kernel first.
     Where `fuses_norms` holds (the GEMV on words), a decoder layer's residual add and RMSNorm: residual (the
