@@ -6,8 +6,8 @@ Why: at batch 1 the Triton GEMV (quant_matmul._gemv_tile) holds the 8B's INT4 la
 the H200, against ~31.5 us for the weights streamed with nothing multiplied (this kernel with its products taken
 out). The chain is not bound by the bytes but by what follows each kernel boundary: x is the previous kernel's
 output, so every matmul reads and prepares x after PDL's wait and then works off the weights that arrived
-meanwhile; the slower it multiplies, the longer the DRAM idles (x read after the wait: +11 us per layer; the
-products: +5.5 us; both: +16.6, `docs/benchmarks`). A CTA here keeps up to STAGES x 16 KB of weights in flight
+meanwhile; the slower it multiplies, the longer the DRAM idles (x read and prepared after the wait: +5.5 us per
+layer; the products: +5.5 us; both: +16.6, docs/benchmarks). A CTA here keeps up to STAGES x 16 KB of weights in flight
 (PRE of them before the wait), multiplies 8 nibbles in 7 instructions (4 `dp2a` on x as 16-bit integers), and
 hands each stage's buffer back to the copies as soon as it is in registers. Chain of the 8B's 32 layers, H200:
 46.0 -> 43.6 us per layer; engine batch 1 INT4: 549.0 -> 564.9 tok/s.
@@ -33,9 +33,9 @@ from tuili.ops.int4_mma import _launch, _shared_limit
 
 SLICE = 32  # K values per thread slice (16 bytes of a weight row)
 STAGE_BYTES = 16 << 10  # bytes per stage (whole rows, at most 8)
-STAGES = 6  # stages in the ring (8B chain, H200, us per layer: 4 -> 48.1, 6 -> 44.6)
-PRE = 3  # of them copied before PDL's wait (0: 47.5, 2: 44.9, 3: 43.6, all 6: 44.6)
-CTAS_PER_SM = 2  # (1: 58.8, 3: 52.1 at 4 stages)
+STAGES = 6  # stages in the ring (8B chain, H200, us per layer, all before the wait: 4 stages 48.2, 6: 44.6)
+PRE = 3  # of them copied before PDL's wait (6 stages: 0 before 47.5, 2: 44.9, 3: 43.6, 6: 44.6)
+CTAS_PER_SM = 2  # (4 stages: 3 CTAs per SM 52.7 against 48.2; 1 CTA per SM with 12 stages 48.5)
 
 _SOURCE = r"""typedef unsigned int u32;
 typedef unsigned short u16;
