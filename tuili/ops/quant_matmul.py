@@ -641,12 +641,18 @@ def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: to
         and int4_mma.gemm_supports(n, k) and scales.stride() == (1, n) and int4_mma.available(qweight.device)
 
 
-def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, INT4 g128 bf16, Hopper."""
+def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor,
+            offsets: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> bool:
+    """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, INT4 g128 bf16, Hopper, the layouts
+    and alignments it reads, shared memory enough for the scales of its rows."""
+    n = qweight.shape[0]
     return STREAM_GEMV and m == 1 and qweight.dtype == torch.uint8 and scales.dtype == torch.bfloat16 \
-        and qweight.is_cuda and stream_gemv.supports(qweight.shape[0], k, group_size) \
-        and qweight.is_contiguous() and qweight.data_ptr() % 16 == 0 and scales.stride() == (1, qweight.shape[0]) \
-        and stream_gemv.available(qweight.device)
+        and qweight.is_cuda and stream_gemv.supports(n, k, group_size) and qweight.is_contiguous() \
+        and qweight.data_ptr() % 16 == 0 and scales.stride() == (1, n) \
+        and (offsets is None or offsets.dtype == scales.dtype and offsets.stride() == scales.stride()) \
+        and (norm_weight is None or norm_weight.dtype == scales.dtype and norm_weight.is_contiguous()) \
+        and stream_gemv.aligned(scales, offsets, norm_weight) and stream_gemv.available(qweight.device) \
+        and stream_gemv.fits(n, k, offsets is not None, qweight.device)
 
 
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -697,7 +703,7 @@ def quant_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         counts = _split_counts(x.device)
         out = int4_mma.int4_gemm(x, qweight, scales, offsets, counts, splits=None if counts is not None else 1)
         return out if bias is None else out + bias
-    if tiles is None and x.dtype == scales.dtype and _stream(m, k, group_size, qweight, scales):
+    if tiles is None and x.dtype == scales.dtype and _stream(m, k, group_size, qweight, scales, offsets, norm_weight):
         if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads x in 16-byte pieces
             x = x.clone(memory_format=torch.contiguous_format)
         out = stream_gemv.stream_gemv(x, qweight, scales, offsets, silu_mul=silu_mul, norm=norm, residual=residual,

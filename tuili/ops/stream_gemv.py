@@ -56,7 +56,7 @@ __device__ __forceinline__ u16 to_bf(float f) {
   u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
 __device__ __forceinline__ float round_bf(float f) { return bf(to_bf(f)); }
-__device__ __forceinline__ float silu_mul(float g, float u) {  // rounded as silu_and_mul_triton rounds it
+__device__ __forceinline__ float silu_mul(float g, float u) {  // rounded where silu_and_mul_triton rounds
   return round_bf(round_bf(g / (1.0f + __expf(-g))) * u);
 }
 __device__ __forceinline__ void copy_stage(unsigned char* dst, const unsigned char* src, u32 bytes, u64* bar) {
@@ -103,7 +103,7 @@ __device__ __forceinline__ int row_of(int lane) {
   return r;
 }
 
-extern "C" __global__ void __launch_bounds__(T + 32, 1) stream_gemv(
+extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
     const u16* __restrict__ x, const unsigned char* __restrict__ qw, const u16* __restrict__ sc,
     const u16* __restrict__ of, u16* out, float* ss, const u16* __restrict__ nw, u16* hw, int N, int num_ss,
     float eps, int rmax) {
@@ -192,6 +192,7 @@ extern "C" __global__ void __launch_bounds__(T + 32, 1) stream_gemv(
         out[row] = to_bf(y);
 #endif
       }
+      __syncwarp();  // every lane's reads of red[slot] before lane 0's next copy (which lets it be written again)
     }
 #if ADD
     _Pragma("unroll") for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
@@ -282,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(T + 32, 1) stream_gemv(
 def plan(n: int, k: int) -> tuple[int, int, int] | None:
     """(threads, slices per thread, rows per stage) for an [n, k] layer, or None where the kernel does not fit it:
     32-value slices spread evenly over 64-256 threads (a multiple of 32, at most 4 slices each), N even."""
-    if k % (SLICE * 32) or n % 2:
+    if k % (SLICE * 32) or n % 2 or n <= 0:
         return None
     slices = k // SLICE
     threads = next((t for t in range(256, 63, -32) if slices % t == 0), None)
@@ -296,6 +297,21 @@ def plan(n: int, k: int) -> tuple[int, int, int] | None:
 
 def supports(n: int, k: int, group_size: int) -> bool:
     return group_size == 128 and plan(n, k) is not None
+
+
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether the tensors the kernel copies 4 bytes at a time into shared memory start 4-byte aligned."""
+    return all(t is None or t.data_ptr() % 4 == 0 for t in tensors)
+
+
+@functools.cache
+def fits(n: int, k: int, has_offset: bool, device: torch.device) -> bool:
+    """Whether the default grid's CTAs fit shared memory with 2 stages (the scales of their rows grow with N)."""
+    threads, _, rows = plan(n, k)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ctas = min(torch.cuda.get_device_properties(device).multi_processor_count * CTAS_PER_SM, n // 2)
+    rmax = 2 * -(-(n // 2) // ctas)
+    return shared_bytes(k, threads, rows, 2, rmax + -rmax % 4, has_offset) <= _shared_limit(index)
 
 
 @functools.cache
@@ -316,7 +332,7 @@ def _compiled(index: int, k: int, threads: int, nsl: int, rows: int, stages: int
               silu_mul: bool, norm: bool, add: bool):
     from torch.cuda import _utils
     defines = dict(K=k, T=threads, NSL=nsl, R=rows, NST=stages, PRE=pre, HAS_OFFSET=int(has_offset),
-                   SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), PDL=1)
+                   SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), PDL=1, MIN_CTAS=CTAS_PER_SM)
     source = "".join(f"#define {a} {b}\n" for a, b in defines.items()) + _SOURCE
     major, minor = torch.cuda.get_device_capability(index)
     with torch.cuda.device(index):
@@ -339,10 +355,12 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     [N, K/2], group-major bf16 scales and offsets [N, K/128]); the fused forms as quant_matmul.quant_linear_triton's
     GEMV (norm=(eps, ss); residual + norm_weight -> (h, hw, ss)). ctas, stages, pre (stages copied before PDL's
     wait) and rows (per stage) override the defaults (sweeps, tests)."""
+    if x.dim() != 2 or qweight.dim() != 2:
+        raise ValueError("stream_gemv takes one row of bf16 x and an INT4 layer that `plan` fits")
     k = x.shape[1] // 2 if silu_mul else x.shape[1]
     n = qweight.shape[0]
     p = plan(n, k)
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != 1 or p is None or qweight.dtype != torch.uint8 \
+    if x.dtype != torch.bfloat16 or x.shape[0] != 1 or p is None or qweight.dtype != torch.uint8 \
             or qweight.shape[1] * 2 != k:
         raise ValueError("stream_gemv takes one row of bf16 x and an INT4 layer that `plan` fits")
     if not x.is_contiguous() or x.data_ptr() % 16 or not qweight.is_contiguous() or qweight.data_ptr() % 16:
@@ -358,8 +376,17 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     if norm is not None and (norm[1].dtype != torch.float32 or norm[1].dim() != 2 or norm[1].shape[0] != 1
                              or not norm[1].is_contiguous()):
         raise ValueError("norm needs fp32 sums of squares [1, tiles], contiguous")
-    if stages is not None and stages < 1 or pre is not None and pre < 0:
-        raise ValueError("stream_gemv needs 1+ stages and 0+ of them before the wait")
+    if norm is not None and residual is not None:
+        raise ValueError("norm (reading sums of squares) and residual (writing them) do not come together")
+    if not aligned(scales, offsets, norm_weight):  # 4-byte copies into shared memory
+        raise ValueError("stream_gemv needs scales, offsets and norm_weight at 4-byte aligned addresses")
+    tensors = [t for t in (qweight, scales, offsets, residual, norm_weight, norm[1] if norm else None) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("stream_gemv's tensors must all be on x's device")
+    if stages is not None and stages < 1 or pre is not None and pre < 0 or ctas is not None and ctas < 1 \
+            or rows not in (None, 1, 2, 4, 8):
+        raise ValueError("stream_gemv needs 1+ stages, 0+ of them before the wait, 1+ CTAs and 1, 2, 4 or 8 rows per "
+                         "stage")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     threads, nsl, stage_rows = p
     stage_rows = rows or stage_rows
@@ -371,6 +398,8 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
         stages = STAGES
         while stages > 2 and shared_bytes(k, threads, stage_rows, stages, rmax, offsets is not None) > fit:
             stages -= 1
+    if shared_bytes(k, threads, stage_rows, stages, rmax, offsets is not None) > _shared_limit(index):
+        raise ValueError(f"stream_gemv's {stages} stages and the scales of {rmax} rows do not fit shared memory")
     pre = min(PRE if pre is None else pre, stages)
     kernel = _compiled(index, k, threads, nsl, stage_rows, stages, pre, offsets is not None, silu_mul,
                        norm is not None, residual is not None)
