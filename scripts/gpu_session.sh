@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, then the issue-4 benchmarks. Results land in $OUT (or ./out).
-# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [spec-probe] [quant-sweep] [gemv] [quant] [kv] [distill] [latency] [prefill]
+# usage: bash scripts/gpu_session.sh [tests] [kernels] [spec] [spec-fine] [spec-probe] [quant-sweep] [gemv] [quant] [stream] [kv] [distill] [latency] [prefill]
 #        [throughput] [ablation] [serve]
 # serve needs fastapi/uvicorn/pydantic, which the device lacks: carry .whl and begin the command with
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
@@ -99,6 +99,10 @@ for step in "$@"; do
           --gpu-memory-utilization 0.5 --max-num-seqs 8 --no-hf $flags \
           --json "$OUT/latency_8b_bs1_$tag.json" | tail -1
       done ;;
+    stream)
+      # the batch-1 INT4 chain through the Triton GEMV and stream_gemv, with the stream alone and x not read
+      python scripts/probe_stream_gemv.py "$OUT/stream_gemv_chain.json" \
+        '[{}, {"nocompute": true}, {"xconst": true}, {"pre": 0}, {"stages": 4}]' 2>&1 | tail -8 ;;
     latency)
       tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 128 --output-len 256 \
         --gpu-memory-utilization 0.5 --max-num-seqs 8 --hf-output-len 32 --json "$OUT/latency_8b_bs1.json" \
