@@ -623,16 +623,21 @@ def _kernel(index: int, silu_mul: bool, norm: bool, add: bool, has_offset: bool,
             mt: int = 1, stages: int = 4, ps: bool = False, nt: int = 0):
     """(kernel, pdl) for one variant on device `index` (hi: more than 8 rows of x; int4_gemm_mma: mt row tiles, ps
     the scales after the mma, nt > 0 the swapped layout with nt n tiles of 8 rows)."""
-    from torch.cuda import _utils
-    major, minor = torch.cuda.get_device_capability(index)
-    pdl = major >= 9
+    pdl = torch.cuda.get_device_capability(index)[0] >= 9
     defines = dict(UNROLL=UNROLL, SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), HAS_OFFSET=int(has_offset),
                    PDL=int(pdl), HI=int(hi), MT=mt, STAGES=stages, PS=int(ps), SW=int(nt > 0), NT=max(nt, 1))
-    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    return compile_kernel(index, _SOURCE, name, defines), pdl
+
+
+def compile_kernel(index: int, source: str, name: str, defines: dict):
+    """The kernel `name` of CUDA C++ `source` with `defines` (#define lines) prepended, compiled by NVRTC for
+    device `index` and loaded there."""
+    from torch.cuda import _utils
+    major, minor = torch.cuda.get_device_capability(index)
+    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + source
     with torch.cuda.device(index):
-        binary, name = _utils._nvrtc_compile(source, name, f"{major}{minor}")
-        kernel = _utils._cuda_load_module(binary, [name])[name]
-    return kernel, pdl
+        binary, mangled = _utils._nvrtc_compile(source, name, f"{major}{minor}")
+        return _utils._cuda_load_module(binary, [mangled])[mangled]
 
 
 def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: list, threads: int = 128) -> None:

@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from tuili.ops.int4_mma import _launch, _shared_limit
+from tuili.ops.int4_mma import _launch, _shared_limit, compile_kernel
 
 SLICE = 32  # K values per thread slice (16 bytes of a weight row)
 STAGE_BYTES = 16 << 10  # bytes per stage (whole rows, at most 8)
@@ -309,9 +309,15 @@ def fits(n: int, k: int, has_offset: bool, device: torch.device) -> bool:
     """Whether the default grid's CTAs fit shared memory with 2 stages (the scales of their rows grow with N)."""
     threads, _, rows = plan(n, k)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    ctas = min(torch.cuda.get_device_properties(device).multi_processor_count * CTAS_PER_SM, n // 2)
+    return shared_bytes(k, threads, rows, 2, _grid(n, device)[1], has_offset) <= _shared_limit(index)
+
+
+def _grid(n: int, device: torch.device, ctas: int | None = None) -> tuple[int, int]:
+    """(CTAs, rmax): CTAS_PER_SM per SM unless given, at most one per row pair; rmax the most rows a CTA takes,
+    rounded up to a multiple of 4 (the scales' row stride rmax + 2: no bank conflicts)."""
+    ctas = min(ctas or torch.cuda.get_device_properties(device).multi_processor_count * CTAS_PER_SM, n // 2)
     rmax = 2 * -(-(n // 2) // ctas)
-    return shared_bytes(k, threads, rows, 2, rmax + -rmax % 4, has_offset) <= _shared_limit(index)
+    return ctas, rmax + -rmax % 4
 
 
 @functools.cache
@@ -330,14 +336,9 @@ def available(device: torch.device) -> bool:
 @functools.cache
 def _compiled(index: int, k: int, threads: int, nsl: int, rows: int, stages: int, pre: int, has_offset: bool,
               silu_mul: bool, norm: bool, add: bool):
-    from torch.cuda import _utils
     defines = dict(K=k, T=threads, NSL=nsl, R=rows, NST=stages, PRE=pre, HAS_OFFSET=int(has_offset),
                    SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), PDL=1, MIN_CTAS=CTAS_PER_SM)
-    source = "".join(f"#define {a} {b}\n" for a, b in defines.items()) + _SOURCE
-    major, minor = torch.cuda.get_device_capability(index)
-    with torch.cuda.device(index):
-        binary, name = _utils._nvrtc_compile(source, "stream_gemv", f"{major}{minor}")
-        return _utils._cuda_load_module(binary, [name])[name]
+    return compile_kernel(index, _SOURCE, "stream_gemv", defines)
 
 
 def shared_bytes(k: int, threads: int, rows: int, stages: int, rmax: int, has_offset: bool) -> int:
@@ -390,20 +391,19 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     threads, nsl, stage_rows = p
     stage_rows = rows or stage_rows
-    ctas = min(ctas or torch.cuda.get_device_properties(x.device).multi_processor_count * CTAS_PER_SM, n // 2)
-    rmax = 2 * -(-(n // 2) // ctas)
-    rmax += -rmax % 4  # the scales' row stride rmax + 2: no bank conflicts
+    ctas, rmax = _grid(n, x.device, ctas)
+    size = functools.partial(shared_bytes, k, threads, stage_rows, rmax=rmax, has_offset=offsets is not None)
     if stages is None:  # CTAS_PER_SM CTAs fit an SM
         fit = (_shared_limit(index) + 1024) // CTAS_PER_SM - 1024
         stages = STAGES
-        while stages > 2 and shared_bytes(k, threads, stage_rows, stages, rmax, offsets is not None) > fit:
+        while stages > 2 and size(stages) > fit:
             stages -= 1
-    if shared_bytes(k, threads, stage_rows, stages, rmax, offsets is not None) > _shared_limit(index):
+    shared = size(stages)
+    if shared > _shared_limit(index):
         raise ValueError(f"stream_gemv's {stages} stages and the scales of {rmax} rows do not fit shared memory")
     pre = min(PRE if pre is None else pre, stages)
     kernel = _compiled(index, k, threads, nsl, stage_rows, stages, pre, offsets is not None, silu_mul,
                        norm is not None, residual is not None)
-    shared = shared_bytes(k, threads, stage_rows, stages, rmax, offsets is not None)
     if residual is not None:
         out, hw = residual, torch.empty_like(residual)
         ss = torch.empty(1, ctas, dtype=torch.float32, device=x.device)
