@@ -145,3 +145,85 @@ def test_outliers_as_close_as_the_triton_gemv(scale):
     t = quant_matmul.quant_linear_triton(x, q, s, z, 128, tiles=(1, 32, 1024, 1, 4, 3))
     assert rel(y, ref) < 4e-3 and rel(t, ref) < 4e-3, (rel(y, ref), rel(t, ref))
     assert rel(y, ref) <= 2 * rel(t, ref) + 2e-3, (rel(y, ref), rel(t, ref))  # (the output's rounding: ~1.1e-3)
+
+
+def test_chain_plan():
+    """A chain's threads are the fewest any of its layers plans alone; a layer of more slices takes up to 4 each."""
+    assert stream_gemv.chain_plan([(4096, 4096), (28672, 4096), (4096, 14336), (6144, 4096)]) == \
+        (128, [(1, 8), (1, 8), (4, 2), (1, 8)])  # the 8B's o, gate_up, down, qkv: down's 448 slices, 3.5 per thread
+    assert stream_gemv.chain_plan([(2048, 2048), (4096, 3072)]) == (64, [(1, 8), (2, 8)])
+    assert stream_gemv.chain_plan([(4096, 2048), (4096, 28672)]) is None  # 896 slices over 64 threads
+    assert stream_gemv.chain_plan([(4096, 4096)] * (stream_gemv.MAX_PHASES + 1)) is None
+    assert stream_gemv.chain_plan([(4096, 4096), (1023, 4096)]) is None
+
+
+def _chain_layers(hidden, ff, qkv, symmetric=False, device="cuda"):
+    o, gu, down, nxt = (layer(n, k, symmetric, seed=i, device=device)
+                        for i, (n, k) in enumerate([(hidden, hidden), (2 * ff, hidden), (hidden, ff), (qkv, hidden)]))
+    return o, gu, down, nxt
+
+
+def _steps(o, gu, down, nxt, h, nw1, nw2):
+    def step(w, **kw):
+        return dict(qweight=w[0], scales=w[1], offsets=w[2], **kw)
+    return [step(o, residual=h, norm_weight=nw2), step(gu, norm_eps=1e-5),
+            step(down, silu_mul=True, residual=h, norm_weight=nw1), step(nxt, norm_eps=1e-5)]
+
+
+def test_chain_input_checks():
+    o, gu, down, nxt = _chain_layers(2048, 3072, 3072, device="cpu")
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    h = torch.randn(1, 2048, dtype=torch.bfloat16)
+    nw = torch.ones(2048, dtype=torch.bfloat16)
+    steps = _steps(o, gu, down, nxt, h, nw, nw)
+    counters = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="1 to 4 layers"):
+        stream_gemv.stream_chain(x, steps + steps[:1], counters)
+    with pytest.raises(ValueError, match="counters"):
+        stream_gemv.stream_chain(x, steps, counters[:3])
+    with pytest.raises(ValueError, match="layer 2 takes"):
+        stream_gemv.stream_chain(x, [steps[0], steps[1], steps[3]], counters)
+    with pytest.raises(ValueError, match="must add"):
+        stream_gemv.stream_chain(x, [steps[1]], counters)
+    with pytest.raises(ValueError, match="take no"):
+        stream_gemv.stream_chain(x, [dict(steps[0], bias=None)], counters)
+    with pytest.raises(ValueError, match="one row of bf16"):
+        stream_gemv.stream_chain(x.half(), steps, counters)
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("ctas", [None, 5])
+def test_chain_matches_reference(symmetric, ctas):
+    """A decoder layer after attention in one launch (o + h, gate_up with the norm, down with silu * mul + h, the
+    next qkv with its norm; down's K takes 2 slices per thread, the last half of them partial): against torch, and
+    against the same four through stream_gemv one by one; the counters are left zero for the next launch, which
+    gives the same bits."""
+    hidden, ff, nq = 2048, 3072, 3072
+    o, gu, down, nxt = _chain_layers(hidden, ff, nq, symmetric)
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    h0 = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    nw1, nw2 = (torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    h_ref = (h0.float() + reference(x, *o)).bfloat16()
+    g = reference(F.rms_norm(h_ref, (hidden,), nw2, 1e-5), *gu).bfloat16()
+    h2_ref = (h_ref.float() + reference(silu_and_mul(g), *down)).bfloat16()
+    want = reference(F.rms_norm(h2_ref, (hidden,), nw1, 1e-5), *nxt)
+    counters = torch.zeros(4, dtype=torch.int32, device="cuda")
+    results = []
+    for _ in range(2):
+        h = h0.clone()
+        y = stream_gemv.stream_chain(x, _steps(o, gu, down, nxt, h, nw1, nw2), counters, ctas=ctas)
+        assert torch.equal(counters, torch.zeros_like(counters))
+        assert rel(h, h2_ref) < 8e-3 and rel(y, want) < 1.5e-2, (rel(h, h2_ref), rel(y, want))
+        results.append((h.clone(), y))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    h = h0.clone()  # one by one
+    _, hw, ss = stream_gemv.stream_gemv(x, *o, residual=h, norm_weight=nw2, ctas=ctas)
+    y1 = stream_gemv.stream_gemv(hw, *gu, norm=(1e-5, ss), ctas=ctas)
+    _, hw, ss = stream_gemv.stream_gemv(y1, *down, silu_mul=True, residual=h, norm_weight=nw1, ctas=ctas)
+    y = stream_gemv.stream_gemv(hw, *nxt, norm=(1e-5, ss), ctas=ctas)
+    assert rel(results[0][0], h) < 4e-3 and rel(results[0][1], y) < 8e-3
+    # a chain of one is stream_gemv
+    h = h0.clone()
+    out, hw, ss = stream_gemv.stream_chain(x, _steps(o, gu, down, nxt, h, nw1, nw2)[:1], counters, ctas=ctas)
+    assert out.data_ptr() == h.data_ptr() and rel(out, h_ref) < 4e-3 and ss.shape[0] == 1
