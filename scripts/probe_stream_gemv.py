@@ -1,10 +1,9 @@
 """The batch-1 decode matmuls of Llama-3.1-8B's 32 layers as the engine chains them (qkv with the input norm
 inside, o with the residual add, gate_up with the norm, down with silu * mul and the residual add), one CUDA graph
 over random INT4 g128 weights: us per layer through the Triton GEMV and through stream_gemv for each variant
-(ctas, stages, pre, rows; "chain": o, gate_up, down and the next qkv in one launch, stream_chain; and diagnostics
-that make the results wrong: "nocompute": no products, the stream alone, "keepx" with it: x still read and
-prepared; "xconst": x not read, a constant), and how far the final residual streams of the two paths differ.
-Device only.
+(ctas, stages, pre, rows; and two diagnostics that make the results wrong: "nocompute": no products, the stream
+alone, "keepx" with it: x still read and prepared; "xconst": x not read, a constant), and how far the final
+residual streams of the two paths differ. Device only.
 
 usage: python scripts/probe_stream_gemv.py OUT.json ['[{}, {"stages": 4}, {"pre": 0}, {"nocompute": true}]']"""
 import json
@@ -31,13 +30,12 @@ def random_layer(n: int, k: int):
 
 def variant_source(source: str, nocompute: bool, keepx: bool, xconst: bool) -> str:
     if nocompute:
-        source = source.replace("reduce_rows<R>(acc, lane);", "") \
-            .replace("float acc[R];", "float acc[R] = {};\n#if 0") \
-            .replace("      acc[r] = acc_r;\n    }\n", "      acc[r] = acc_r;\n    }\n#endif\n"
+        source = source.replace("reduce_rows(acc, lane);", "").replace("float acc[R];", "float acc[R] = {};\n#if 0") \
+            .replace("      acc[r] = a;\n    }\n", "      acc[r] = a;\n    }\n#endif\n"
                      + ("    acc[0] = xsum[0] + p2e[0] + __uint_as_float(xp[0][0]);\n" if keepx else ""))
     if xconst:
-        source = source.replace("__ldcg((const uint4*)(a.x + k0 + 8 * c));", X_CONST + ";") \
-            .replace("__ldcg((const uint4*)(a.x + K + k0 + 8 * c));", X_CONST + ";")
+        source = source.replace("*(const uint4*)(x + k0 + 8 * c);", X_CONST + ";") \
+            .replace("*(const uint4*)(x + K + k0 + 8 * c);", X_CONST + ";")
     return source
 
 
@@ -51,23 +49,10 @@ def main(out: str, variants: list[dict]) -> None:
     h0 = torch.randn(1, H, device="cuda").bfloat16()
     h = h0.clone()
 
-    counters = torch.zeros(LAYERS, 4, dtype=torch.int32, device="cuda")
-
-    def chain(mm, fused=None):
+    def chain(mm):
         h.copy_(h0)
         hw = (h.float() * layers[0]["nw1"].float()).bfloat16()
         ss = (h.float() ** 2).sum(1, keepdim=True)
-        if fused is not None:  # o, gate_up, down and the next qkv in one launch per layer
-            qkv = mm(hw, layers[0]["qkv"], norm=(1e-5, ss))
-            for i, L in enumerate(layers):
-                steps = [dict(zip(("qweight", "scales", "offsets"), L["o"][:3]), residual=h, norm_weight=L["nw2"]),
-                         dict(zip(("qweight", "scales", "offsets"), L["gu"][:3]), norm_eps=1e-5),
-                         dict(zip(("qweight", "scales", "offsets"), L["down"][:3]), silu_mul=True, residual=h,
-                              norm_weight=L["nw1"])]
-                if i + 1 < LAYERS:
-                    steps.append(dict(zip(("qweight", "scales", "offsets"), layers[i + 1]["qkv"][:3]), norm_eps=1e-5))
-                qkv = stream_gemv.stream_chain(qkv[:, :H], steps, counters[i], **fused)
-            return
         for L in layers:
             qkv = mm(hw, L["qkv"], norm=(1e-5, ss))
             _, hw, ss = mm(qkv[:, :H], L["o"], residual=h, norm_weight=L["nw2"])
@@ -89,24 +74,21 @@ def main(out: str, variants: list[dict]) -> None:
     source = stream_gemv._SOURCE
     for v in variants:
         v = dict(v)
-        fused = v.pop("chain", False)
         diag = {key: v.pop(key, False) for key in ("nocompute", "keepx", "xconst")}
         stream_gemv._SOURCE = variant_source(source, **diag)
         stream_gemv._compiled.cache_clear()
 
         def streamed(x, w, **kw):
             return stream_gemv.stream_gemv(x, w[0], w[1], w[2], **kw, **v)
-        fused = dict(v) if fused else None
         try:
-            us = graph_us(lambda: chain(streamed, fused), LAYERS)
+            us = graph_us(lambda: chain(streamed), LAYERS)
         except Exception as e:
-            rec["variants"].append(dict(v, **diag, chain=fused is not None, error=str(e)[:300]))
+            rec["variants"].append(dict(v, **diag, error=str(e)[:300]))
             print(v, diag, "failed:", str(e)[:300], flush=True)
             continue
-        chain(streamed, fused)
+        chain(streamed)
         diff = ((h.float() - h_triton.float()).norm() / h_triton.float().norm()).item()
-        rec["variants"].append(dict(v, **diag, chain=fused is not None, us_per_layer=round(us, 2),
-                                    TB_s=round(nbytes / LAYERS / us / 1e6, 3),
+        rec["variants"].append(dict(v, **diag, us_per_layer=round(us, 2), TB_s=round(nbytes / LAYERS / us / 1e6, 3),
                                     rel_diff_vs_triton=diff))
         print(rec["variants"][-1], flush=True)
     stream_gemv._SOURCE = source

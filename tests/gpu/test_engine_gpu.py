@@ -190,35 +190,6 @@ def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, p
     assert compared >= 48, compared
 
 
-def test_int4_batch_one_runs_each_layer_in_one_chain(monkeypatch):
-    """INT4 g128 in bf16, one sequence at a time, on Hopper: each layer's o, gate_up, down and the next layer's qkv
-    run as one stream_chain launch in the batch-1 CUDA graph, and give the log-probs of the same matmuls through
-    stream_gemv one by one where the greedy tokens agree."""
-    from tuili.ops import quant_matmul, stream_gemv
-
-    if not stream_gemv.available(torch.device("cuda")):
-        pytest.skip("stream_chain needs compute capability 9.0+ and NVRTC (Hopper)")
-    calls = []
-    real = stream_gemv.stream_chain
-    monkeypatch.setattr(stream_gemv, "stream_chain", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
-    args = dict(load_format="dummy", dtype="bfloat16", quantization="int4", max_model_len=512, max_num_seqs=8,
-                **SMALL_CACHE)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ps = prompts(3, 128256, lengths=(20, 47, 64))
-    fast = LLM("llama-3.2-1b", **args)
-    assert fast.engine.model._chain_counters is not None
-    got = [fast.generate([p], params, use_tqdm=False)[0] for p in ps]
-    assert calls and set(calls) == {3, 4}  # the last layer's chain has no next qkv
-    assert not fast.engine.model._chain_counters.any()
-    del fast
-    monkeypatch.setattr(quant_matmul, "STREAM_CHAIN", False)
-    ref_llm = LLM("llama-3.2-1b", **args)
-    assert ref_llm.engine.model._chain_counters is None
-    ref = [ref_llm.generate([p], params, use_tqdm=False)[0] for p in ps]
-    compared = _decode_steps_agreeing(got, ref, 0.15)
-    assert compared >= 16, compared
-
-
 def _decode_steps_agreeing(got, ref, atol: float) -> int:
     """Asserts the chosen tokens' log-probs of two runs within atol while their greedy tokens agree (random weights:
     near-ties may part them after a few tokens); returns how many decode steps were compared (position 0 comes

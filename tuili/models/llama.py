@@ -15,7 +15,7 @@ from tuili.layers.attention import Attention
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rope_parameters
-from tuili.ops import prefetch, quant_matmul, rope, stream_gemv
+from tuili.ops import prefetch, quant_matmul, rope
 from tuili.ops import activation
 
 
@@ -122,19 +122,6 @@ class LlamaDecoderLayer(nn.Module):
         gate_up = mlp.gate_up_proj.forward_fused(hw, norm=(self.post_attention_layernorm, ss))
         return mlp.down_proj.forward_fused(gate_up, silu_mul=True, residual=h, next_norm=next_norm)[1:]
 
-    def chain(self, h: torch.Tensor, next_layer: LlamaDecoderLayer | None, next_norm: RMSNorm) -> list[dict]:
-        """The layers of stream_gemv.stream_chain after attention: o (+ h), gate_up, down (+ h) and the next layer's
-        qkv (with its norm) if there is one."""
-        def step(linear: Linear, **kw) -> dict:
-            return dict(qweight=linear.qweight, scales=linear.scales, offsets=linear.offsets, **kw)
-        post = self.post_attention_layernorm
-        steps = [step(self.self_attn.o_proj, residual=h, norm_weight=post.weight),
-                 step(self.mlp.gate_up_proj, norm_eps=post.eps),
-                 step(self.mlp.down_proj, silu_mul=True, residual=h, norm_weight=next_norm.weight)]
-        if next_layer is not None:
-            steps.append(step(next_layer.self_attn.qkv_proj, norm_eps=next_norm.eps))
-        return steps
-
 
 class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer; `forward` gives hidden states, `compute_logits` the vocabulary scores."""
@@ -175,7 +162,6 @@ class LlamaForCausalLM(nn.Module):
         self.fuse_norms = fused_ops and all(p.qweight is not None and p.qweight.is_cuda
                                             for layer in self.layers for p in self._projections(layer))
         self._fused_rows: dict[int, bool] = {}
-        self._chain_counters = self._chains() if fused_ops else None
         # quantized GEMVs: each layer's o and gate/up weights are asked of the L2 while a batch-1 decode step
         # attends (ops/prefetch.py; bf16 weights through cuBLAS were slower with it: 802 -> 768 tok/s, 1B, H100)
         for layer in self.layers:
@@ -201,40 +187,9 @@ class LlamaForCausalLM(nn.Module):
                 layer.self_attn.o_proj.bias is None and layer.mlp.down_proj.bias is None for layer in self.layers)
         return self._fused_rows[rows]
 
-    def _chains(self) -> torch.Tensor | None:
-        """Counters for stream_chain (one row per layer) where batch 1 runs each layer's matmuls after attention and
-        the next layer's qkv in one launch: INT4 g128 bf16 on Hopper, no biases, every layer through stream_gemv."""
-        projections = [p for layer in self.layers for p in self._projections(layer)]
-        if not quant_matmul.STREAM_CHAIN or not all(
-                p.qweight is not None and p.bias is None and p.qweight.is_cuda
-                and quant_matmul._stream(1, p.qweight.shape[1] * 2, p.group_size, p.qweight, p.scales, p.offsets)
-                for p in projections):
-            return None
-        device = projections[0].qweight.device
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            shapes = tuple((s["qweight"].shape[0], s["qweight"].shape[1] * 2, s["offsets"] is not None,
-                            "residual" in s) for s in layer.chain(None, nxt, self.norm))
-            if not stream_gemv.chain_fits(shapes, device):
-                return None
-        if not all(layer.post_attention_layernorm.weight.is_contiguous() and stream_gemv.aligned(
-                layer.post_attention_layernorm.weight, layer.input_layernorm.weight) for layer in self.layers):
-            return None
-        return torch.zeros(len(self.layers), stream_gemv.MAX_PHASES, dtype=torch.int32, device=device)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)                                   # [T, hidden]
-        if x.shape[0] == 1 and self._chain_counters is not None and x.dtype == torch.bfloat16 \
-                and self.norms_fuse(1):  # batch-1 decode: after attention, one launch per layer
-            first = self.layers[0]
-            qkv = first.self_attn.qkv_proj(first.input_layernorm(x))
-            for i, layer in enumerate(self.layers):
-                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-                steps = layer.chain(x, nxt, nxt.input_layernorm if nxt is not None else self.norm)
-                qkv = stream_gemv.stream_chain(layer.self_attn.attend(positions, qkv).flatten(1), steps,
-                                               self._chain_counters[i])
-            x = self.norm(x)
-        elif self.norms_fuse(x.shape[0]):  # decode on quantized GEMVs: 2 kernels fewer per layer
+        if self.norms_fuse(x.shape[0]):  # decode on quantized GEMVs: 2 kernels fewer per layer
             hw = ss = None
             for i, layer in enumerate(self.layers):
                 nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm

@@ -657,8 +657,6 @@ def _launch(kernel, pdl: bool, index: int, grid: tuple, shared_mem: int, args: l
             cargs.append(ctypes.c_void_p(a.data_ptr()))
         elif isinstance(a, float):
             cargs.append(ctypes.c_float(a))
-        elif isinstance(a, ctypes.Structure):  # passed by value
-            cargs.append(a)
         else:
             cargs.append(ctypes.c_int(a))
     params = (ctypes.c_void_p * len(cargs))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cargs])

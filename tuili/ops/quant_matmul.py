@@ -569,8 +569,6 @@ GEMM_MIN_ROWS = 2  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok
 # stream_gemv on Hopper faster still)
 STREAM_GEMV = True  # one row of bf16 x, INT4 g128, sm_90+: stream_gemv (8B INT4 batch 1, H200: 564.9 tok/s against
 # 549.0 through the Triton GEMV; off: the Triton GEMV, for A/B runs)
-STREAM_CHAIN = True  # and a model whose every projection goes there: each layer's o, gate_up, down and the next
-# layer's qkv in one launch (stream_gemv.stream_chain; read when the model's backends are set)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
