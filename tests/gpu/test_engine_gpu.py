@@ -190,35 +190,6 @@ def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, p
     assert compared >= 48, compared
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_batch_one_bf16_through_stream_gemv(monkeypatch, quant):
-    """bf16 batch 1 on Hopper: every INT8 (per channel) or INT4 g128 projection, the fused forms included, goes
-    through stream_gemv in the CUDA graph, and gives the Triton GEMV's log-probs where the greedy tokens agree."""
-    from tuili.ops import quant_matmul, stream_gemv
-
-    if not stream_gemv.available(torch.device("cuda")):
-        pytest.skip("stream_gemv needs compute capability 9.0+ and NVRTC (Hopper)")
-    calls = []
-    real = stream_gemv.stream_gemv
-    monkeypatch.setattr(stream_gemv, "stream_gemv", lambda *a, **kw: calls.append(a[1].dtype) or real(*a, **kw))
-    args = dict(load_format="dummy", dtype="bfloat16", quantization=quant, max_model_len=512, max_num_seqs=8,
-                **SMALL_CACHE)
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
-    ps = prompts(3, 128256, lengths=(20, 47, 64))
-    fast = LLM("llama-3.2-1b", **args)
-    assert fast.engine.model.norms_fuse(1)
-    got = [fast.generate([p], params, use_tqdm=False)[0] for p in ps]
-    assert set(calls) == {torch.int8 if quant == "int8" else torch.uint8}
-    del fast
-    monkeypatch.setattr(quant_matmul, "STREAM_GEMV_INT8" if quant == "int8" else "STREAM_GEMV", False)
-    calls.clear()
-    ref_llm = LLM("llama-3.2-1b", **args)
-    ref = [ref_llm.generate([p], params, use_tqdm=False)[0] for p in ps]
-    assert not calls
-    compared = _decode_steps_agreeing(got, ref, 0.15)
-    assert compared >= 16, compared
-
-
 def _decode_steps_agreeing(got, ref, atol: float) -> int:
     """Asserts the chosen tokens' log-probs of two runs within atol while their greedy tokens agree (random weights:
     near-ties may part them after a few tokens); returns how many decode steps were compared (position 0 comes
