@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+# the cores shared among pytest-xdist's workers where it runs the suite (README: `-n 2` on CI's 2 cores)
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-6)
