@@ -72,6 +72,18 @@ inline float as_float(uint16_t v) { return bf16_to_float(v); }
 inline void store(float* y, float v) { *y = v; }
 inline void store(uint16_t* y, float v) { *y = float_to_bf16(v); }
 
+// the R weight rows' scales from n as fp32, and the offsets' part of y for each x row: sum_g o_g sum_{k in g} x_k
+template <int M, int R, typename S>
+void scales_and_bias(const S* s, const S* o, int64_t groups, const float* sx, int64_t ldsx, int64_t n,
+                     float (&scale)[R][kMaxGroups], float (&bias)[M][R]) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      scale[r][g] = as_float(s[(n + r) * groups + g]);
+      const float off = as_float(o[(n + r) * groups + g]);
+      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
+    }
+}
+
 // y[m, n + r] for the x rows m < M and R weight rows from n, x in fp32, the nibbles converted to fp32 and
 // multiplied by FMA (exact products): y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k. S: the scales' and offsets'
 // storage (fp32, or bf16 bits); Y: y's. sx: [M, groups padded to ldsx], the sums of x per group.
@@ -79,12 +91,7 @@ template <int M, int R, typename S, typename Y>
 void int4_rows_fma(const float* xf, int64_t K, const uint8_t* w, const S* s, const S* o, int64_t groups, int shift,
                    const float* sx, int64_t ldsx, int64_t n, Y* y, int64_t ldy) {
   float scale[R][kMaxGroups], bias[M][R] = {};
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      scale[r][g] = as_float(s[(n + r) * groups + g]);
-      const float off = as_float(o[(n + r) * groups + g]);
-      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
-    }
+  scales_and_bias<M, R>(s, o, groups, sx, ldsx, n, scale, bias);
   __m256 acc[M][R][2];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r][0] = acc[m][r][1] = _mm256_setzero_ps();
@@ -196,12 +203,7 @@ void int4_rows(const uint16_t*, const int16_t* xq, const float* xfac, int64_t K,
                const uint16_t* s, const uint16_t* o, int64_t groups, int shift, const float* sx, int64_t ldsx,
                int64_t n, uint16_t* y, int64_t ldy) {
   float scale[R][kMaxGroups], bias[M][R] = {};
-  for (int r = 0; r < R; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      scale[r][g] = bf16_to_float(s[(n + r) * groups + g]);
-      const float off = bf16_to_float(o[(n + r) * groups + g]);
-      for (int m = 0; m < M; ++m) bias[m][r] += off * sx[m * ldsx + g];
-    }
+  scales_and_bias<M, R>(s, o, groups, sx, ldsx, n, scale, bias);
   const __m256i low4 = _mm256_set1_epi16(0x000F);
   const int64_t subs = K / 32;
   __m256 acc[M][R][2];
@@ -468,29 +470,6 @@ void int8_rows_i16(const int16_t* xq, const float* xfac, int64_t K, const int8_t
     for (int m = 0; m < M; ++m) out[m * ldo + n + r] = float_to_bf16(s[n + r] * hsum8(acc[m][r]));
 }
 
-void int8_all_i16(const int16_t* xq, const float* xfac, int64_t M, int64_t K, const int8_t* wp, const float* sp,
-                  int64_t N, uint16_t* yp) {
-  at::parallel_for(0, (N + 1) / 2, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {  // as in int8_all
-      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        auto block = [&]<int B>() {
-          const int16_t* xm = xq + m0 * K;
-          const float* fm = xfac + m0 * (K / 32);
-          int64_t n = c0;
-          for (; n + 2 <= c1; n += 2) int8_rows_i16<B, 2>(xm, fm, K, wp, sp, n, yp + m0 * N, N);
-          if (n < c1) int8_rows_i16<B, 1>(xm, fm, K, wp, sp, n, yp + m0 * N, N);
-        };
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: block.template operator()<1>(); break;
-          case 2: block.template operator()<2>(); break;
-          case 3: block.template operator()<3>(); break;
-          default: block.template operator()<4>(); break;
-        }
-      }
-    }
-  });
-}
 #endif
 
 // y [M, N] bf16 = x [M, K] bf16 times an INT8 weight (w [N, K] int8, s [N] bf16)
@@ -506,7 +485,9 @@ void int8_run_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, con
   std::vector<int16_t> xq(M * K);
   std::vector<float> xfac(M * (K / 32));
   x16_prepare(x, M, K, false, xq.data(), xfac.data());
-  int8_all_i16(xq.data(), xfac.data(), M, K, w, sf.data(), N, y);
+  int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {  // (its blocks of rows suit any GEMV here)
+    int8_rows_i16<B, R>(xq.data() + m0 * K, xfac.data() + m0 * (K / 32), K, w, sf.data(), n, y + m0 * N, N);
+  });
 #endif
 }
 
