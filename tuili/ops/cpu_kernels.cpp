@@ -469,7 +469,6 @@ void int8_rows_i16(const int16_t* xq, const float* xfac, int64_t K, const int8_t
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) out[m * ldo + n + r] = float_to_bf16(s[n + r] * hsum8(acc[m][r]));
 }
-
 #endif
 
 // y [M, N] bf16 = x [M, K] bf16 times an INT8 weight (w [N, K] int8, s [N] bf16)
