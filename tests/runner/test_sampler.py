@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tuili.engine.sequence import Request
-from tuili.runner.sampler import Sampler
+from tuili.runner.sampler import Sampler, argmax_rows
 from tuili.sampling_params import SamplingParams
 
 V = 16          # synthetic vocabulary
@@ -45,6 +45,15 @@ def test_greedy_is_argmax():
     logits = torch.randn(6, V) * 3
     seqs = [make_seq(SamplingParams(temperature=0)) for _ in range(6)]
     assert sample(logits, seqs) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_in_half_precision_is_argmax_ties_to_the_first(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 1000) * 3).to(dtype)
+    logits[1, 7] = logits[1, 300] = logits[1].max() + 1  # a tie: the first index wins
+    assert argmax_rows(logits).tolist() == logits.argmax(-1).tolist()
+    assert argmax_rows(logits)[1].item() == 7
 
 
 def test_greedy_rows_stay_argmax_in_a_sampled_batch():

@@ -90,11 +90,12 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(dim=-1) of [N, V]: on CUDA one Triton kernel (ops/argmax.py), ties to the first index."""
+    """x.argmax(dim=-1) of [N, V]: on CUDA one Triton kernel (ops/argmax.py), ties to the first index; on the CPU
+    through fp32 (exact), since torch's CPU argmax is ~3x slower in bf16 (240 against 72 us for 49152 logits)."""
     if x.is_cuda:
         from tuili.ops.argmax import argmax_triton
         return argmax_triton(x)
-    return x.argmax(dim=-1)
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).argmax(dim=-1)
 
 
 class Sampler:
