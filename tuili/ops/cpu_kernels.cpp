@@ -63,6 +63,12 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(a, a));
 }
 
+// 8 bf16 values as fp32
+inline __m256 load8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 // four groups of 8 nibbles (bytes j..j+7 of a 64-input chunk: inputs j.. low, 32 + j.. high) as fp32
 inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -175,25 +181,8 @@ void int4_rows(const uint16_t* x, const int16_t*, const float*, int64_t K, const
       y[m * ldy + n + r] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][r][0], acc[m][r][1])));
 }
 
-inline float dot_bf16(const float* q, const uint16_t* k, int64_t D) {  // D a multiple of 16
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load_bf16(k + i, 0xFFFF), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
-inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {  // o += a * v
-  const __m512 w = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < D; i += 16)
-    _mm512_storeu_ps(o + i, _mm512_fmadd_ps(w, load_bf16(v + i, 0xFFFF), _mm512_loadu_ps(o + i)));
-}
-
 #else  // AVX2 + FMA
 constexpr const char* kIsa = "avx2";
-
-inline __m256 load8_bf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
 
 // as above, the products in integers: x as 16-bit integers xq per 32-input sub-block (times xfac, a power of two
 // from the sub-block's largest |x|: x16_prepare), each 64-input chunk's 32 bytes read as 16 words whose nibbles,
@@ -257,17 +246,6 @@ void int4_rows(const uint16_t*, const int16_t* xq, const float* xfac, int64_t K,
       y[m * ldy + n + r] = float_to_bf16(hsum8(_mm256_add_ps(acc[m][r][0], acc[m][r][1])) + bias[m][r]);
 }
 
-inline float dot_bf16(const float* q, const uint16_t* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_bf16(k + i), acc);
-  return hsum8(acc);
-}
-
-inline void axpy_bf16(float a, const uint16_t* v, float* o, int64_t D) {
-  const __m256 w = _mm256_set1_ps(a);
-  for (int64_t i = 0; i < D; i += 8)
-    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8_bf16(v + i), _mm256_loadu_ps(o + i)));
-}
 #endif
 
 // rows.template operator()<B, R>(m0, n) (y for the B <= 4 rows of x from m0 and the R <= 2 weight rows from n) over
@@ -534,6 +512,121 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 }
 
 
+// --- Decode attention: one sequence's new token against its cached keys, for the query heads of one kv head ---
+// A kv head's keys and values are read once for all of its query heads (GQA), a few rows ahead of use (the rows
+// of one kv head are 2 D bytes in 2 kv_heads D, too sparse for the hardware prefetcher: without it the loads
+// waited on memory most of the time); the heads' scores, exponentials and outputs in fp32.
+
+constexpr int64_t kKeysAhead = 8;  // rows prefetched ahead
+
+// exp(x) for x <= 0 in fp32 (Cephes' expf: 2^n times a degree-6 polynomial on |r| <= ln2 / 2; about 1 ulp),
+// 0 below -87
+inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+inline void prefetch_row(const uint16_t* row, int64_t D) {
+  for (int64_t b = 0; b < 2 * D; b += 64) prefetch(reinterpret_cast<const char*>(row) + b);
+}
+
+// scores[h][p - p0] = scale * q_h . k_p for the H query heads q (fp32 [H, D]) and keys p0 <= p < p1 (rows at
+// k + off[p]); D a multiple of 8
+template <int H>
+void qk_tile(const float* q, int64_t D, const uint16_t* k, const int64_t* off, int64_t p0, int64_t p1, float scale,
+             float* scores, int64_t ld) {
+  for (int64_t p = p0; p < p1; ++p) {
+    if (p + kKeysAhead < p1) prefetch_row(k + off[p + kKeysAhead], D);
+    const uint16_t* row = k + off[p];
+    __m256 acc[H];
+    for (int h = 0; h < H; ++h) acc[h] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 kv = load8_bf16(row + i);
+      for (int h = 0; h < H; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * D + i), kv, acc[h]);
+    }
+    for (int h = 0; h < H; ++h) scores[h * ld + p - p0] = hsum8(acc[h]) * scale;
+  }
+}
+
+// o_h[0, D) = sum_p w[h][p - p0] v_p for H heads, 16 lanes of D at a time (2 H accumulators in registers)
+template <int H>
+void pv_tile(const float* w, int64_t ld, int64_t D, const uint16_t* v, const int64_t* off, int64_t p0, int64_t p1,
+             float* o) {
+  for (int64_t d = 0; d < D; d += 16) {
+    __m256 acc[H][2];
+    for (int h = 0; h < H; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      if (p + kKeysAhead < p1) prefetch(v + off[p + kKeysAhead] + d);
+      const uint16_t* row = v + off[p] + d;
+      const __m256 v0 = load8_bf16(row), v1 = load8_bf16(row + 8);
+      for (int h = 0; h < H; ++h) {
+        const __m256 wh = _mm256_broadcast_ss(w + h * ld + p - p0);
+        acc[h][0] = _mm256_fmadd_ps(wh, v0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(wh, v1, acc[h][1]);
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      _mm256_storeu_ps(o + h * D + d, acc[h][0]);
+      _mm256_storeu_ps(o + h * D + d + 8, acc[h][1]);
+    }
+  }
+}
+
+template <typename F>
+void head_tiles(int64_t G, const F& f) {  // f.template operator()<H>(g0) over G heads in tiles of up to 4
+  for (int64_t g0 = 0; g0 < G; g0 += 4) switch (std::min<int64_t>(4, G - g0)) {
+      case 1: f.template operator()<1>(g0); break;
+      case 2: f.template operator()<2>(g0); break;
+      case 3: f.template operator()<3>(g0); break;
+      default: f.template operator()<4>(g0); break;
+    }
+}
+
+// G query heads q (fp32 [G, D]) against keys p0 <= p < p1 of one kv head (k, v: that head's rows at off[p]):
+// per head the largest score m, sum s of exp(score - m) and o = sum_p exp(score_p - m) v_p (not yet divided).
+// scores: scratch [G, p1 - p0].
+void attend(const float* q, int64_t G, int64_t D, const uint16_t* k, const uint16_t* v, const int64_t* off,
+            int64_t p0, int64_t p1, float scale, float* scores, float* m, float* s, float* o) {
+  const int64_t n = p1 - p0;
+  head_tiles(G, [&]<int H>(int64_t g0) { qk_tile<H>(q + g0 * D, D, k, off, p0, p1, scale, scores + g0 * n, n); });
+  for (int64_t h = 0; h < G; ++h) {
+    float* row = scores + h * n;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < n; ++p) mx = std::max(mx, row[p]);
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 8 <= n; p += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + p), mv));
+      _mm256_storeu_ps(row + p, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    if (p < n) {
+      alignas(32) float tail[8];
+      for (int64_t i = 0; i < 8; ++i) tail[i] = p + i < n ? row[p + i] - mx : -INFINITY;
+      _mm256_store_ps(tail, exp8(_mm256_load_ps(tail)));
+      for (; p < n; ++p) total += (row[p] = tail[p % 8]);
+    }
+    m[h] = mx;
+    s[h] = total;
+  }
+  head_tiles(G, [&]<int H>(int64_t g0) { pv_tile<H>(scores + g0 * n, n, D, v, off, p0, p1, o + g0 * D); });
+}
+
 // --- A decode step through every layer (Llama: RMSNorm, RoPE, GQA attention over the paged cache, gated SiLU
 // MLP) in bf16 for B sequences, one new token each: the scripted step's computation (tuili/runner/cpu_step.py)
 // op for op, with its bf16 roundings, as one call instead of ~45 torch ops per layer.
@@ -639,6 +732,16 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
   const uint16_t *c2 = bf16_ptr(cos2), *s2 = bf16_ptr(sin2);
   const int64_t group_heads = num_heads / num_kv_heads;
   std::vector<float> rot(D);
+  // each sequence's key rows: element offsets in a layer's cache (kv head 0); the attention's splits of the keys,
+  // enough jobs for the threads where the keys are many (at least 128 per split), and their partial results
+  std::vector<int64_t> key_off(T * longest);
+  for (int64_t tok = 0; tok < T; ++tok)
+    for (int64_t p = 0; p < lengths[tok]; ++p)
+      key_off[tok * longest + p] = (block_ids[tok * width + p / bs] * bs + p % bs) * kv_size;
+  const int64_t threads = at::get_num_threads(), jobs = T * num_kv_heads;
+  const int64_t splits = std::max<int64_t>(1, std::min((2 * threads + jobs - 1) / jobs, longest / 128));
+  std::vector<float> part_m(T * num_heads * splits), part_s(T * num_heads * splits),
+      part_o(T * num_heads * splits * D), merged(D);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* t = &tensors[l * kPerLayer];
     const int64_t* kind = kinds.data() + 4 * l;
@@ -662,32 +765,44 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
       std::memcpy(kc + slot * kv_size, qkv.data() + tok * qkv_n + q_size, kv_size * 2);
       std::memcpy(vc + slot * kv_size, qkv.data() + tok * qkv_n + q_size + kv_size, kv_size * 2);
     }
-    // attention in fp32: sequence tok's new token (its last position) sees its keys 0..lengths[tok] - 1
-    at::parallel_for(0, num_heads * T, longest * D * T >= 8192 ? 1 : num_heads * T, [&](int64_t b, int64_t e) {
-      std::vector<float> scores(longest), q(D), o(D);
+    // attention in fp32: sequence tok's new token (its last position) sees its keys 0..lengths[tok] - 1; a job is
+    // (sequence, kv head, split of the keys), its query heads together
+    at::parallel_for(0, T * num_kv_heads * splits, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> q(group_heads * D), scores(group_heads * ((longest + splits - 1) / splits));
       for (int64_t job = b; job < e; ++job) {
-        const int64_t tok = job / num_heads, head = job % num_heads, kvh = head / group_heads;
-        const int64_t seen = lengths[tok], row = tok * width;
-        for (int64_t i = 0; i < D; ++i) q[i] = bf16_to_float(qkv[tok * qkv_n + head * D + i]);
-        const int64_t* blocks = block_ids.data() + row;
-        float mx = -INFINITY;
-        for (int64_t blk = 0, p0 = 0; p0 < seen; ++blk, p0 += bs) {  // block by block: no division per key
-          const uint16_t* kb = kc + blocks[blk] * bs * kv_size + kvh * D;
-          for (int64_t i = 0; i < std::min(bs, seen - p0); ++i) {
-            scores[p0 + i] = dot_bf16(q.data(), kb + i * kv_size, D) * float(scale);
-            mx = std::max(mx, scores[p0 + i]);
-          }
+        const int64_t tok = job / (num_kv_heads * splits), kvh = job / splits % num_kv_heads, sp = job % splits;
+        const int64_t seen = lengths[tok], per = (seen + splits - 1) / splits;
+        const int64_t p0 = std::min(seen, sp * per), p1 = std::min(seen, p0 + per);
+        const int64_t head0 = kvh * group_heads, part = (tok * num_heads + head0) * splits + sp;
+        float *m = part_m.data() + part, *sum = part_s.data() + part;  // (stride splits per head)
+        std::vector<float> o(group_heads * D), mh(group_heads), sh(group_heads);
+        for (int64_t i = 0; i < group_heads * D; ++i) q[i] = bf16_to_float(qkv[tok * qkv_n + head0 * D + i]);
+        if (p0 < p1) {
+          attend(q.data(), group_heads, D, kc + kvh * D, vc + kvh * D, key_off.data() + tok * longest, p0, p1,
+                 float(scale), scores.data(), mh.data(), sh.data(), o.data());
+        } else {
+          std::fill(mh.begin(), mh.end(), -INFINITY);
         }
-        float sum = 0.f;
-        for (int64_t p = 0; p < seen; ++p) sum += (scores[p] = std::exp(scores[p] - mx));
-        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        for (int64_t blk = 0, p0 = 0; p0 < seen; ++blk, p0 += bs) {
-          const uint16_t* vb = vc + blocks[blk] * bs * kv_size + kvh * D;
-          for (int64_t i = 0; i < std::min(bs, seen - p0); ++i) axpy_bf16(scores[p0 + i], vb + i * kv_size, o.data(), D);
+        for (int64_t h = 0; h < group_heads; ++h) {
+          m[h * splits] = mh[h];
+          sum[h * splits] = sh[h];
+          std::memcpy(part_o.data() + (part + h * splits) * D, o.data() + h * D, D * 4);
         }
-        for (int64_t i = 0; i < D; ++i) att[tok * q_size + head * D + i] = float_to_bf16(o[i] / sum);
       }
     });
+    for (int64_t th = 0; th < T * num_heads; ++th) {  // the splits merged: o = sum_s e^(m_s - m) o_s / same for s
+      const float* m = part_m.data() + th * splits;
+      const float mx = *std::max_element(m, m + splits);
+      float total = 0.f;
+      std::fill(merged.begin(), merged.end(), 0.f);
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        if (m[sp] == -INFINITY) continue;
+        const float f = splits == 1 ? 1.f : std::exp(m[sp] - mx);
+        total += f * part_s[th * splits + sp];
+        for (int64_t i = 0; i < D; ++i) merged[i] += f * part_o[(th * splits + sp) * D + i];
+      }
+      for (int64_t i = 0; i < D; ++i) att[th * D + i] = float_to_bf16(merged[i] / total);
+    }
     linear(kind[1], t[3], t[4], grp[1], att.data(), T, q_size, cur.data());
     add_rows(cur.data(), resid.data(), T * H);
     rms_norm_rows(resid.data(), bf16_ptr(t[5]), T, H, eps, h.data());
