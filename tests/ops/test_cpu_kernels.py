@@ -52,6 +52,31 @@ def test_int4_gemv_matches_the_reference(group, symmetric, rows, dtype):
             _close(out, ref.float())
 
 
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_dequant_and_the_dense_product_for_many_rows(group, dtype):
+    gen = torch.Generator().manual_seed(group)
+    n, k = 37, 640
+    qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).to(dtype)
+    offsets = (torch.randn(n, k // group, generator=gen) * 0.05).to(dtype)
+    packed = cpu_kernels.pack_int4(qweight, scales, offsets, group)
+    assert cpu_kernels.available()
+    weight = torch.ops.tuili.int4_dequant(*packed, group)
+    ref = quant_matmul.dequantize_int4(qweight, scales, offsets, group)  # fp32 (one FMA against a mul and an add)
+    assert weight.dtype == torch.float32 and (weight - ref).abs().max() <= 1e-6 * ref.abs().max()
+    if dtype == torch.bfloat16:  # the product for prefill-sized bf16 batches
+        x = torch.randn(cpu_kernels.GEMV_ROWS_AVX2 + 5, k, generator=gen).to(dtype)
+        out = cpu_kernels.int4_dense(x, packed, group)
+        assert out.dtype == dtype
+        _close(out, quant_matmul.int4_linear(x.double(), qweight, scales.double(), offsets.double(), group).float())
+    # an AVX2 build runs bf16 batches through int4_gemv up to GEMV_ROWS_AVX2 rows and int4_dense beyond
+    avx2 = cpu_kernels.isa() == "avx2"
+    assert cpu_kernels.GEMV_ROWS == (cpu_kernels.GEMV_ROWS_AVX2 if avx2 else 1)
+    assert cpu_kernels.DENSE_ROWS == (cpu_kernels.GEMV_ROWS_AVX2 if avx2 else 1 << 62)
+
+
 def test_int4_pack_refuses_shapes_the_kernel_does_not_take():
     q = torch.zeros(4, 48, dtype=torch.uint8)  # K = 96: not a multiple of 64
     assert cpu_kernels.pack_int4(q, torch.ones(4, 3), None, 32) is None
@@ -85,6 +110,10 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.tuili.int4_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), *packed, 32)
     with pytest.raises(RuntimeError, match="scales must be contiguous"):
         torch.ops.tuili.int8_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(RuntimeError, match="K must be a multiple of 64 and of the group"):
+        torch.ops.tuili.int4_dequant(packed[0], packed[1], 48)
+    with pytest.raises(RuntimeError, match="scales and offsets must be contiguous"):
+        torch.ops.tuili.int4_dequant(packed[0], packed[1][:, :4], 32)
 
 
 @needs_kernels

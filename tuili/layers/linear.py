@@ -84,6 +84,9 @@ class Linear(nn.Module):
             if x.dtype == packed and x.shape[0] <= rows and self.cpu_gemv():
                 out = cpu_kernels.int4_gemv(x.contiguous(), self._cpu_gemv, self.group_size)
                 return out if self.bias is None else out + self.bias
+            if x.dtype == packed == torch.bfloat16 and x.shape[0] > cpu_kernels.DENSE_ROWS and self.cpu_gemv():
+                out = cpu_kernels.int4_dense(x, self._cpu_gemv, self.group_size)
+                return out if self.bias is None else out + self.bias
             # bf16: the kernel wins at any row count; fp32 (a much slower path of it): for one row only
             if self.cpu_int4() and x.dtype == self.scales.dtype and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
                 return quant_matmul.int4_linear_cpu(x, *self._cpu_int4, self.group_size, self.bias)
@@ -110,9 +113,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gemv = self._cpu_gemv
-        if gemv and x.dtype == torch.bfloat16 == gemv[1].dtype and self.bias is None \
-                and x.shape[0] <= cpu_kernels.GEMV_ROWS and x.is_contiguous():  # as directly as it goes, as below
-            return torch.ops.tuili.int4_gemv(x, *gemv, self.group_size)
+        if gemv and x.dtype == torch.bfloat16 == gemv[1].dtype and self.bias is None and x.is_contiguous():
+            if x.shape[0] <= cpu_kernels.GEMV_ROWS:  # as directly as it goes, as below
+                return torch.ops.tuili.int4_gemv(x, *gemv, self.group_size)
+            if x.shape[0] > cpu_kernels.DENSE_ROWS:
+                return cpu_kernels.int4_dense(x, gemv, self.group_size)
         fast = self._cpu_int4
         if fast and x.dtype == fast[1].dtype and x.dtype == torch.bfloat16 and self.bias is None \
                 and fast[1].shape[0] * self.group_size == x.shape[1] and x.is_contiguous():
