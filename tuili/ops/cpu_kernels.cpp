@@ -17,6 +17,7 @@
 // (AVX2, in both builds): y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k, every product exact.
 // int8_gemv: x [M, K] bf16 or fp32; w [N, K] int8; s [N]: y = s[n] * sum_k w[n, k] x[k] (weights to fp32, FMA;
 // on AVX2 with bf16 x, in integers as below).
+// int4_dequant: the fp32 weight of an int4_gemv layer, for a float GEMM where x has many rows (prefill).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
