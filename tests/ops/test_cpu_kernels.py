@@ -77,6 +77,21 @@ def test_int4_dequant_and_the_dense_product_for_many_rows(group, dtype):
     assert cpu_kernels.DENSE_ROWS == (cpu_kernels.GEMV_ROWS_AVX2 if avx2 else 1 << 62)
 
 
+@pytest.mark.parametrize("rows", [3, cpu_kernels.FLOAT_ROWS + 1, 64])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])  # fp32: an INT8 layer's dequantized copy
+def test_dense_linear_goes_through_fp32_for_bf16_batches_where_the_bf16_gemm_is_slow(rows, weight_dtype):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(40, 96, generator=gen).to(weight_dtype)
+    bias = torch.randn(40, generator=gen).to(torch.bfloat16)
+    out = cpu_kernels.dense_linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
+    if rows > cpu_kernels.FLOAT_ROWS and cpu_kernels.slow_bf16_gemm():
+        assert torch.equal(out, torch.nn.functional.linear(x.float(), weight.float(), bias.float()).bfloat16())
+    else:
+        assert torch.equal(out, torch.nn.functional.linear(x, weight.bfloat16(), bias))
+
+
 def test_int4_pack_refuses_shapes_the_kernel_does_not_take():
     q = torch.zeros(4, 48, dtype=torch.uint8)  # K = 96: not a multiple of 64
     assert cpu_kernels.pack_int4(q, torch.ones(4, 3), None, 32) is None

@@ -77,7 +77,7 @@ class Linear(nn.Module):
             if int8 and not self.group_size and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
             if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
-                return F.linear(x, self.cpu_dense(x.dtype), self.bias)
+                return cpu_kernels.dense_linear(x, self.cpu_dense(x.dtype), self.bias)
             # tuili's kernel where x has the dtype the layer packs to (fp32 scales: fp32, else bf16)
             packed = torch.float32 if self.scales.dtype == torch.float32 else torch.bfloat16
             rows = cpu_kernels.GEMV_ROWS if x.dtype == torch.bfloat16 else cpu_kernels.GEMV_ROWS_F32
@@ -125,6 +125,8 @@ class Linear(nn.Module):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast[0], self.group_size, fast[1])
         if self.qweight is not None:
             return self._quantized_forward(x)
+        if x.device.type == "cpu":
+            return cpu_kernels.dense_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ DENSE_ROWS = 1 << 62  # bf16 x with more rows than this: int4_dense (an AVX2 bui
 # kernel takes 0.53 / 4.4 and 0.45 / 3.7 ms, and still wins at 256 rows. So it runs fp32 batches up to 128 rows
 # (the fp32 default model on 2 cores: batch 1 5.3 -> 25.2 tok/s, batch 8 8.3 -> 75.9).
 GEMV_ROWS_F32 = 128
+# torch's bf16 GEMM on a CPU without native bf16 (no AVX-512 BF16, no AMX) is slow: a 3072 x 576 layer at 64 rows
+# 14.7 ms against 4.0 through fp32 (the weight converted per call included), at 16 rows 3.7 against 2.3, at one
+# row 0.24 against 0.54 (576 x 1536: 6.1 / 1.5 / 0.11 against 1.2 / 0.67 / 0.42). Batches of more rows than this
+# go through fp32 there (dense_linear).
+FLOAT_ROWS = 16
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
            "int4_dequant(Tensor w, Tensor so, int group) -> Tensor",
@@ -163,6 +169,23 @@ def int4_dense(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group
     """int4_gemv's product for many rows of bf16 x: the weight dequantized to fp32, a float GEMM, bf16 out."""
     available()
     return torch.nn.functional.linear(x.float(), torch.ops.tuili.int4_dequant(*packed, group_size)).to(x.dtype)
+
+
+def slow_bf16_gemm() -> bool:
+    """An x86 CPU without AVX-512 BF16 or AMX: torch's bf16 GEMMs there run several times slower than fp32."""
+    if "slow_bf16" not in _STATE:
+        flags = set(_cpu_flags().split())
+        _STATE["slow_bf16"] = platform.machine() in ("x86_64", "AMD64") and not {"avx512_bf16", "amx_bf16"} & flags
+    return _STATE["slow_bf16"]
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) in x's dtype, through fp32 for bf16 batches of more than FLOAT_ROWS rows on a CPU
+    whose bf16 GEMM is slow (weight may be fp32: an INT8 layer's dequantized copy)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > FLOAT_ROWS * x.shape[-1] \
+            and slow_bf16_gemm():
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), bias)
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,8 @@ def int8_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     dequantized copy): tuili's own (cpu_kernels) where it runs, else torch's; these are matrix-vector kernels, so
     prefill-sized batches (more than 16 rows) dequantize the weight once and use the float GEMM, many times
     faster there."""
-    if x.shape[0] > 16:
-        return int8_linear(x, qweight, scales, bias)
+    if x.shape[0] > 16:  # the weight in fp32 where the bf16 GEMM is slow (cpu_kernels.dense_linear)
+        return cpu_kernels.dense_linear(x, dequantize_int8(qweight, scales), bias)
     if x.shape[1] % 32 == 0 and x.dtype in (torch.bfloat16, torch.float32) and cpu_kernels.available():
         out = cpu_kernels.int8_gemv(x.contiguous(), qweight, scales)
     else:
