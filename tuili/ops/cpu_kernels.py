@@ -168,7 +168,7 @@ def int4_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
 def int4_dense(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
     """int4_gemv's product for many rows of bf16 x: the weight dequantized to fp32, a float GEMM, bf16 out."""
     available()
-    return torch.nn.functional.linear(x.float(), torch.ops.tuili.int4_dequant(*packed, group_size)).to(x.dtype)
+    return F.linear(x.float(), torch.ops.tuili.int4_dequant(*packed, group_size)).to(x.dtype)
 
 
 def slow_bf16_gemm() -> bool:
