@@ -801,14 +801,14 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
     // attention in fp32: sequence tok's new token (its last position) sees its keys 0..lengths[tok] - 1; a job is
     // (sequence, kv head, split of the keys), its query heads together
     at::parallel_for(0, T * num_kv_heads * splits, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> q(group_heads * D), scores(group_heads * ((longest + splits - 1) / splits));
+      std::vector<float> q(group_heads * D), scores(group_heads * ((longest + splits - 1) / splits)),
+          o(group_heads * D), mh(group_heads), sh(group_heads);
       for (int64_t job = b; job < e; ++job) {
         const int64_t tok = job / (num_kv_heads * splits), kvh = job / splits % num_kv_heads, sp = job % splits;
         const int64_t seen = lengths[tok], per = (seen + splits - 1) / splits;
         const int64_t p0 = std::min(seen, sp * per), p1 = std::min(seen, p0 + per);
         const int64_t head0 = kvh * group_heads, part = (tok * num_heads + head0) * splits + sp;
         float *m = part_m.data() + part, *sum = part_s.data() + part;  // (stride splits per head)
-        std::vector<float> o(group_heads * D), mh(group_heads), sh(group_heads);
         for (int64_t i = 0; i < group_heads * D; ++i) q[i] = bf16_to_float(qkv[tok * qkv_n + head0 * D + i]);
         if (p0 < p1) {
           attend(q.data(), group_heads, D, kc + kvh * D, vc + kvh * D, key_off.data() + tok * longest, p0, p1,

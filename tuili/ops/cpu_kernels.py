@@ -166,9 +166,9 @@ def int4_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
 
 
 def int4_dense(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int) -> torch.Tensor:
-    """int4_gemv's product for many rows of bf16 x: the weight dequantized to fp32, a float GEMM, bf16 out."""
+    """int4_gemv's product for many rows of bf16 x: the weight dequantized to fp32, then dense_linear."""
     available()
-    return F.linear(x.float(), torch.ops.tuili.int4_dequant(*packed, group_size)).to(x.dtype)
+    return dense_linear(x, torch.ops.tuili.int4_dequant(*packed, group_size))
 
 
 def slow_bf16_gemm() -> bool:
