@@ -202,3 +202,29 @@ def _decode_steps_agreeing(got, ref, atol: float) -> int:
             assert abs(a.outputs[0].logprobs[pos][ta].logprob - b.outputs[0].logprobs[pos][tb].logprob) < atol
             compared += pos > 0
     return compared
+
+
+def test_launch_early_decode_attention_is_bit_identical(monkeypatch):
+    """Batch-1 INT4 g128 in bf16: where the o projection streams its weights before its wait (stream_gemv), the
+    decode attention and its split merge let it launch at once (launch_early); the CUDA graphs then give the same
+    tokens and log-probs, bit for bit, as with the usual launch order (only when kernels start differs)."""
+    from tuili.ops import quant_matmul, stream_gemv
+
+    kw = dict(load_format="dummy", dtype="bfloat16", quantization="int4", max_model_len=1024, max_num_seqs=4,
+              **SMALL_CACHE)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    prompt = prompts(1, 128256, lengths=(300,))[0]  # 300-340 cached tokens: several attention splits
+
+    def run(llm):
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        return out.token_ids, [{t: lp.logprob for t, lp in d.items()} for d in out.logprobs]
+
+    early = LLM("llama-3.2-1b", **kw)
+    layers = early.engine.model.layers
+    assert all(layer.self_attn.attn.launch_early == stream_gemv.available(torch.device("cuda")) for layer in layers)
+    got = run(early)
+    del early, layers
+    monkeypatch.setattr(quant_matmul, "streams_one_row", lambda *args: False)
+    usual = LLM("llama-3.2-1b", **kw)
+    assert not any(layer.self_attn.attn.launch_early for layer in usual.engine.model.layers)
+    assert got == run(usual)

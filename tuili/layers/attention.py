@@ -19,6 +19,7 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None
+        self.launch_early = False  # one-token decode steps: the next kernel launched at once (set_backends)
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
@@ -49,7 +50,8 @@ class Attention(nn.Module):
             from tuili.ops import attention_triton
 
             return attention_triton.decode_attention_rope(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache,
-                                                          self.v_cache, meta, self.scale)
+                                                          self.v_cache, meta, self.scale,
+                                                          launch_early=self.launch_early and q.shape[0] == 1)
         q = rope.rope_store_kv_triton(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache, self.v_cache,
                                       meta.slot_mapping)
         return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, None, None)

@@ -170,6 +170,11 @@ class LlamaForCausalLM(nn.Module):
             budget = sum(t.numel() * t.element_size() for t in o_parts if t is not None) + prefetch.AHEAD
             layer.self_attn.l2_prefetch = prefetch.ranges([*o_parts, gate_up.qweight], budget) \
                 if self.fuse_norms and l2_prefetch else ()
+            # batch 1: the decode attention lets o's GEMV launch at once where o streams its weights before its
+            # wait (attention_triton.paged_decode_attention's launch_early)
+            layer.self_attn.attn.launch_early = triton_attention and o.qweight is not None and \
+                quant_matmul.streams_one_row(o.qweight, o.scales, o.offsets, o.group_size,
+                                             layer.post_attention_layernorm.weight if self.fuse_norms else None)
 
     @staticmethod
     def _projections(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:

@@ -125,7 +125,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_KV_HEADS: tl.constexpr, KV_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, WRITE_LSE: tl.constexpr, QLEN: tl.constexpr,
-                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+                   MIN_SPLIT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """Flash-decoding. Grid (batch, kv_heads, num_splits). Program (b, g, s) attends the GROUP query heads of
     kv head g for each of sequence b's QLEN new tokens (QLEN * GROUP rows, padded to BLOCK_G >= 16 for tl.dot)
     over split s of its context: split s covers whole pages [s * split_len, (s + 1) * split_len), split_len =
@@ -141,7 +141,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     program rotates its q rows (cos/sin rows at pos[b], rounded as that kernel rounds), and the split holding
     position seq_len - 1 rotates the new key, stores it and v_new at slot[b] (a negative slot: padding, not
     stored) and attends to them from registers, not from the cache it has just written (one kernel fewer per
-    step, no store-to-load ordering inside the program)."""
+    step, no store-to-load ordering inside the program).
+    EARLY (PDL): the next kernel may launch at once, not after the loop (see paged_decode_attention)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -172,6 +173,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
         if own_new:                                               # before it, which comes from registers
             end = seq_len - 1
     if PDL:  # launched early (ops/pdl.py): wait for the kernel before (the new K/V, q) to finish
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         if active:
             tl.extra.cuda.gdc_wait()
     q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -208,7 +211,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                                      valid, score_mask, m_i, l_i, acc, qk_scale, stride_kb, stride_ks,
                                      stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE,
                                      NUM_KV_HEADS, KV_QUANT, DOT_PRECISION)
-    if PDL:  # not before the loop: the next kernel's waiting programs would slow it
+    if PDL and not EARLY:  # not before the loop: the next kernel's waiting programs would slow it
         tl.extra.cuda.gdc_launch_dependents()
     if ROPE:
         if own_new:  # the new token: rotated k and v from the projections, stored, and attended to here
@@ -239,7 +242,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
 
 def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt, stride_ph, stride_ps, stride_lt,
                          stride_lh, stride_ot, stride_oh, num_splits, qlen, BLOCK_S: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, MIN_SPLIT: tl.constexpr, PDL: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, MIN_SPLIT: tl.constexpr, PDL: tl.constexpr,
+                         EARLY: tl.constexpr):
     """Grid (rows, heads): out[b, h] = sum_s w_s * partial[b, h, s] with w = softmax over s of lse (log2), over
     the splits the decode kernel wrote: those that hold keys of the row's sequence (its split_len), at least one."""
     b = tl.program_id(0)
@@ -248,8 +252,11 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, seq_lens_ptr, stride_pt,
     split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), PAGE_SIZE) * PAGE_SIZE, MIN_SPLIT)
     written = tl.maximum(tl.cdiv(seq_len, split_len), 1)
     if PDL:  # launched early (ops/pdl.py): wait for the splits to be written
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     split_mask = offs_s < written
@@ -440,12 +447,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int, block_n: int | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, query_len: int = 1,
-                           rope: tuple | None = None) -> torch.Tensor:
+                           rope: tuple | None = None, launch_early: bool = False) -> torch.Tensor:
     """`query_len` new tokens per sequence (1: decode; more: a verification step), the last of each
     sequence's seq_lens[b] cached tokens, causal: q [B * query_len, H, D] -> the same shape.
     rope = (k, v, cos, sin, positions, slot_mapping) (query_len 1, a 16/32-bit cache in q's dtype): q, k [B, KVH,
     D] and v are not yet rotated nor stored, and the kernel does rope_store_kv_triton's work as well (the new
     token's K/V in the cache afterwards).
+    launch_early (PDL): the kernels let the next one launch at their start rather than after the attention's
+    loop: for a next GEMV that streams its weights before its wait (stream_gemv, batch-1 INT4 o projection;
+    H200 8B: 566 -> 576 tok/s), whose CTAs then copy while the attention still runs. A GEMV that does nothing
+    before its wait only loses by it (Triton's, INT8: 414 -> 412).
 
     Reads no device value on the host and launches a grid that depends only on B and num_splits, so it can be
     captured in a CUDA graph and replayed with other seq_lens / block_tables. seq_len 0 gives zeros.
@@ -491,14 +502,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         NUM_KV_HEADS=k_cache.shape[2], KV_QUANT=quantized, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WRITE_LSE=num_splits > 1, QLEN=query_len,
-        MIN_SPLIT=min_split, num_warps=num_warps,
+        MIN_SPLIT=min_split, num_warps=num_warps, EARLY=launch_early,
         num_stages=num_stages, **pdl.launch_options(q.device))
     if num_splits > 1:
         kernels.merge[(rows, num_heads)](
             partial, lse, out, seq_lens, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0),
             lse.stride(1), out.stride(0), out.stride(1), num_splits, query_len,
             BLOCK_S=_next_power_of_2(num_splits), HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-            MIN_SPLIT=min_split, num_warps=4, **pdl.launch_options(q.device))
+            MIN_SPLIT=min_split, num_warps=4, EARLY=launch_early, **pdl.launch_options(q.device))
     return out
 
 
@@ -574,23 +585,24 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                          meta: AttentionMetadata, scale: float, launch_early: bool = False) -> torch.Tensor:
     """A decode step (every sequence one new token) from q, k, v before RoPE: rope_store_kv_triton then
     paged_attention_triton, in one kernel (a 16/32-bit cache in q's dtype)."""
     num_splits = choose_num_splits(len(meta.query_lens_cpu), k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
     return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
-                                  rope=(k, v, cos, sin, positions, meta.slot_mapping))
+                                  rope=(k, v, cos, sin, positions, meta.slot_mapping), launch_early=launch_early)
 
 
 def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype,
                     max_splits: int = 64, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None, verify_query_len: int = 0,
-                    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None, launch_early: bool = False) -> None:
     """Compile now the attention kernel variants that serving meets later (each first use of a variant costs
     about a second of Triton compilation, which the request that meets it would wait for): decode with every
     split count choose_num_splits can return (and verification's k + 1 tokens per sequence, one split and
     several; and, given the model's RoPE tables (cos, sin), decode steps outside CUDA graphs with RoPE inside,
-    see decode_attention_rope), and prefill with each tile shape. Reads the cache, writes nothing to it."""
+    see decode_attention_rope, also with launch_early where given), and prefill with each tile shape. Reads the
+    cache, writes nothing to it."""
     device, head_dim = k_cache.device, k_cache.shape[-1]
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
@@ -602,9 +614,9 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     splits = 1
     while splits <= max_splits:
         paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
-        if with_rope:
+        for early in {False, launch_early} if with_rope else ():
             paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits,
-                                   rope=(kv, kv, *rope_tables, no_slot + 1, no_slot))
+                                   rope=(kv, kv, *rope_tables, no_slot + 1, no_slot), launch_early=early)
         splits *= 2
     if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
         qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)

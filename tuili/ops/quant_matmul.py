@@ -655,6 +655,13 @@ def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torc
         and stream_gemv.fits(n, k, offsets is not None, qweight.device)
 
 
+def streams_one_row(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
+                    norm_weight: torch.Tensor | None = None) -> bool:
+    """Whether quant_linear_triton takes one row of x through stream_gemv for this layer."""
+    k = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
+    return _stream(1, k, group_size, qweight, scales, offsets, norm_weight)
+
+
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether quant_linear_triton's path for m rows has norm= and residual= inside: the GEMV on words or int4_mma's
     GEMV, not int4_mma's GEMM (which takes GEMM_MIN_ROWS-64 rows where it fits, and is faster than the fused GEMVs
