@@ -10,7 +10,9 @@ a decode split with no keys exits without waiting, split 0 always waits), so a k
 every earlier one's (kernels without PDL in between wait as usual). The long kernels (GEMVs, decode attention) let
 the next one launch only after their main loop: waiting programs beside a running loop slowed it (-5% per step on
 the 8B INT4 model, H100), and prefetching the next GEMV's first weight tiles into L2 before its wait cost more
-than it saved. CUDA graphs capture the launches as programmatic edges.
+than it saved. Exceptions, where the next kernel works before its wait: stream_gemv lets its successor launch at
+once, and the decode attention and its merge do so ahead of a streaming o GEMV (their `launch_early`), which
+then copies its first stages while the attention runs. CUDA graphs capture the launches as programmatic edges.
 """
 from __future__ import annotations
 
