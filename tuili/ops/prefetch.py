@@ -21,7 +21,8 @@ import torch
 
 tl = None  # triton.language, bound by _kernel()
 MAX_ROWS = 2  # forwards of up to this many tokens prefetch (8B INT4, H100: batch 2 743.6 -> 754.5 tok/s, batch 8
-# 1433.2 -> 1401.9: from 3 rows on, the INT4 GEMV runs on the tensor cores, and DRAM is busier through attention)
+# 1433.2 -> 1401.9: from 3 rows on, the INT4 GEMV runs on the tensor cores, and DRAM is busier through attention);
+# not one row whose o GEMV streams its own weights during the attention (LlamaAttention.attend)
 AHEAD = 15 << 20  # bytes of gate/up after all of o's (8B, H100: INT4 ~24 MB in all, INT8 ~32: see ranges)
 CHUNK = 4096  # bytes per bulk prefetch (16 KB: the same; 64 KB slower)
 PROGRAMS = 16  # programs that issue them (they stay resident until their bytes land: 66 programs, or 4, slower)

@@ -34,8 +34,8 @@ from tuili.ops.int4_mma import _launch, _shared_limit, compile_kernel
 SLICE = 32  # K values per thread slice (16 bytes of a weight row)
 STAGE_BYTES = 16 << 10  # bytes per stage (whole rows, at most 8)
 STAGES = 6  # stages in the ring (8B chain, H200, us per layer, all before the wait: 4 stages 48.2, 6: 44.6)
-PRE = 4  # of them copied before PDL's wait (chain probe, 6 stages: 0 before 47.5, 2: 44.9, 3: 43.6, 6: 44.6; engine with
-# the attention's launch_early, tok/s: 3: 573.9-574.2, 4: 577.4-577.6)
+PRE = 4  # of them copied before PDL's wait (chain probe, 6 stages: 0 before 47.5, 2: 44.9, 3: 43.6, 6: 44.6;
+# engine with the attention's launch_early, tok/s: 3: 573.9-574.2, 4: 577.4-577.6, 5: 568.1-568.4, 6: 554.1-554.2)
 CTAS_PER_SM = 2  # (4 stages: 3 CTAs per SM 52.7 against 48.2; 1 CTA per SM with 12 stages 48.5)
 
 _SOURCE = r"""typedef unsigned int u32;
