@@ -242,6 +242,16 @@ def test_verification_dispatches_to_decode_kernel(monkeypatch):
         assert len(calls) == expected
 
 
+def test_decode_launch_early_is_the_same_attention():
+    """launch_early (one decode row; only where the next kernel launches changes on the GPU, PDL): the same result,
+    through paged_attention_triton as the engine calls it."""
+    meta, k_cache, v_cache = make_batch([1], [150], 16, 2, 64, torch.float32)
+    q = random_q(meta, 8, 64, torch.float32)
+    early = paged_attention_triton(q, k_cache, v_cache, meta, 0.125, launch_early=True)
+    assert torch.equal(early, paged_attention_triton(q, k_cache, v_cache, meta, 0.125))
+    check(early, reference(q, k_cache, v_cache, meta, 0.125), torch.float32)
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_decode_other_block_sizes_and_dispatch(block_size):
     meta, k_cache, v_cache = make_batch([1] * 3, [5, 70, 129], block_size, 2, 64, torch.float32)

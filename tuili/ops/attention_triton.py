@@ -550,9 +550,10 @@ MULTI_QUERY_ROWS = 64  # the decode kernel takes up to this many (token, query h
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, launch_early: bool = False) -> torch.Tensor:
     """Drop-in for `paged_attention`: q [T, H, D] -> [T, H, D]; flash-decoding when every query is a decode or
-    the step is a verification (every sequence k + 1 new tokens: one kernel variant, compiled at start)."""
+    the step is a verification (every sequence k + 1 new tokens: one kernel variant, compiled at start).
+    launch_early: as paged_decode_attention's, for a decode step."""
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     q_len, q_lens = meta.max_query_len, meta.query_lens_cpu
     if q_len == 1 or (meta.verification and q_len * q.shape[1] // k_cache.shape[2] <= MULTI_QUERY_ROWS):
@@ -560,7 +561,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # split across programs
         num_splits = choose_num_splits(len(q_lens), k_cache.shape[2], meta.max_seq_len, k_cache.shape[1])
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, num_splits,
-                                      query_len=q_len, **scales)
+                                      query_len=q_len, launch_early=launch_early and q_len == 1, **scales)
     # a mixed batch: its leading decodes (the runner puts them first) go to the GQA-aware decode kernel, which
     # reads each K/V page once for all query heads; the prefill kernel would read it once per head
     num_decodes = 0
@@ -601,7 +602,7 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     about a second of Triton compilation, which the request that meets it would wait for): decode with every
     split count choose_num_splits can return (and verification's k + 1 tokens per sequence, one split and
     several; and, given the model's RoPE tables (cos, sin), decode steps outside CUDA graphs with RoPE inside,
-    see decode_attention_rope, also with launch_early where given), and prefill with each tile shape. Reads the
+    see decode_attention_rope; each also with launch_early where given), and prefill with each tile shape. Reads the
     cache, writes nothing to it."""
     device, head_dim = k_cache.device, k_cache.shape[-1]
     scales = dict(k_scale=k_scale, v_scale=v_scale)
@@ -613,10 +614,11 @@ def warm_up_kernels(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
     no_slot = torch.full((1,), -1, dtype=torch.int32, device=device)  # stores nothing; int32 as eager steps
     splits = 1
     while splits <= max_splits:
-        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, **scales)
-        for early in {False, launch_early} if with_rope else ():
-            paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits,
-                                   rope=(kv, kv, *rope_tables, no_slot + 1, no_slot), launch_early=early)
+        for early in {False, launch_early}:
+            paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits, launch_early=early, **scales)
+            if with_rope:
+                paged_decode_attention(q, k_cache, v_cache, table, seq_lens, 1.0, splits,
+                                       rope=(kv, kv, *rope_tables, no_slot + 1, no_slot), launch_early=early)
         splits *= 2
     if verify_query_len > 1 and verify_query_len * num_heads // k_cache.shape[2] <= MULTI_QUERY_ROWS:
         qv = torch.zeros(verify_query_len, num_heads, head_dim, dtype=dtype, device=device)
