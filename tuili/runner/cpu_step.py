@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tuili.ops import cpu_kernels, rope
+from tuili.ops import cpu_kernels
 from tuili.ops.attention import MAX_ONE_SEQUENCE_QUERY, attend_one_cpu
 from tuili.ops.attention_metadata import AttentionMetadata
 from tuili.ops.rmsnorm import rms_norm
@@ -146,6 +146,7 @@ class CpuStep:
                        [g for gs in groups for g in gs]) if native else None
         self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
                        attn.q_norm is not None)
+        self._rope_tables: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def build(cls, model, dtype: torch.dtype) -> "CpuStep | None":
@@ -185,12 +186,21 @@ class CpuStep:
         """A decode step of up to NATIVE_BATCH sequences (one new token each) where the C++ step covers the model."""
         return self.native is not None and meta.is_pure_decode and len(meta.query_lens_cpu) <= NATIVE_BATCH
 
+    def _rope_rows(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """rope.rope_rows' factors, indexed from full-width tables in `dtype` made once (the same values: the
+        conversion is elementwise), two ops per step instead of eight (~0.1 ms of a ~13 ms step)."""
+        if dtype not in self._rope_tables:  # [positions, 1, D]
+            rotary = self.model.layers[0].self_attn.rotary
+            c, s = rotary.cos[:, None, :], rotary.sin[:, None, :]
+            self._rope_tables[dtype] = torch.cat((c, c), -1).to(dtype), torch.cat((-s, s), -1).to(dtype)
+        cos2, sin2 = self._rope_tables[dtype]
+        return cos2.index_select(0, positions), sin2.index_select(0, positions)
+
     def run(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, native: bool = True) -> Tensor:
         """The step's hidden states after the final norm; native=False: through the scripted function only (one
         sequence)."""
         x = self.model.embed_tokens(input_ids)
-        rotary = self.model.layers[0].self_attn.rotary
-        cos2, sin2 = rope.rope_rows(rotary.cos, rotary.sin, positions, x.dtype)
+        cos2, sin2 = self._rope_rows(positions, x.dtype)
         norm, eps, num_heads, num_kv_heads, scale, qk_norm = self.consts
         if native and self._native(meta):
             return torch.ops.tuili.decode_step(x, cos2, sin2, meta.slot_mapping, meta.block_tables, meta.seq_lens_cpu,
