@@ -88,6 +88,8 @@ def test_dense_linear_goes_through_fp32_for_bf16_batches_where_the_bf16_gemm_is_
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
     if rows > cpu_kernels.FLOAT_ROWS and cpu_kernels.slow_bf16_gemm():
         assert torch.equal(out, torch.nn.functional.linear(x.float(), weight.float(), bias.float()).bfloat16())
+    elif weight_dtype == torch.bfloat16 and cpu_kernels.available():  # tuili's bf16 GEMV, then the bias
+        assert torch.equal(out, cpu_kernels.bf16_gemv(x, weight) + bias)
     else:
         assert torch.equal(out, torch.nn.functional.linear(x, weight.bfloat16(), bias))
 
@@ -115,6 +117,18 @@ def test_int8_gemv_matches_the_reference(dtype, rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_bf16_gemv_matches_the_reference(rows):
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((49, 64), (300, 576), (577, 1536)):
+        weight = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        out = cpu_kernels.bf16_gemv(x, weight)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        _close(out, x.float() @ weight.float().T)
+
+
+@needs_kernels
 def test_bad_inputs_get_clear_errors():
     packed = cpu_kernels.pack_int4(torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), None, 32)  # fp32
     with pytest.raises(RuntimeError, match="x must be contiguous bf16 or fp32"):
@@ -129,6 +143,10 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.tuili.int4_dequant(packed[0], packed[1], 48)
     with pytest.raises(RuntimeError, match="scales and offsets must be contiguous"):
         torch.ops.tuili.int4_dequant(packed[0], packed[1][:, :4], 32)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 16"):
+        torch.ops.tuili.bf16_gemv(torch.zeros(1, 40, dtype=torch.bfloat16), torch.zeros(8, 40, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="w must be contiguous bf16"):
+        torch.ops.tuili.bf16_gemv(torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(8, 64))
 
 
 @needs_kernels
@@ -177,12 +195,12 @@ def test_turned_off_the_ops_say_why_and_the_engine_runs_on_torchs_kernels(tiny_m
 
 
 @needs_kernels
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("quantization", ["int4", "int8", None])  # None: bf16 layers (bf16_gemv)
 def test_native_step_generates_what_the_scripted_step_does(tiny_models, quantization):
     from tuili import LLM, SamplingParams
 
-    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", quantization=quantization, quant_group_size=32,
-              kv_cache_memory=0.01)
+    quant = dict(quantization=quantization, quant_group_size=32) if quantization else {}
+    llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", kv_cache_memory=0.01, **quant)
     step = llm.engine.runner.cpu_step
     assert step.native is not None
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

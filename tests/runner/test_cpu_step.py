@@ -8,7 +8,7 @@ import torch
 from tuili import LLM, SamplingParams
 from tuili.ops import cpu_kernels
 from tuili.ops.attention_metadata import set_attention_metadata
-from tuili.runner.cpu_step import GEMV4, GEMV8, INT4
+from tuili.runner.cpu_step import GEMV4, GEMV8, GEMV16, INT4
 
 CONTEXT = 37  # tokens already in the cache (3 blocks of 16)
 
@@ -22,8 +22,10 @@ def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
     runner, model = llm.engine.runner, llm.engine.model
     step = runner.cpu_step
     assert step is not None
-    native = cpu_kernels.available() and dtype == "bfloat16" and family == "llama" and quantization is not None
+    native = cpu_kernels.available() and dtype == "bfloat16" and family == "llama"  # (qwen2: biases, qwen3: norms)
     assert (step.native is not None) == native
+    if quantization is None and dtype == "bfloat16" and cpu_kernels.available():  # bf16 layers: tuili's GEMV
+        assert step.args[True][2][0] == step.args[False][2][0] == [GEMV16] * 4
     if quantization == "int4":  # more than GEMV_ROWS rows: torch's packed int4 kernel; up to that: tuili's
         assert step.args[False][2][0] == [INT4] * 4
         assert step.args[True][2][0] == [GEMV4 if cpu_kernels.available() else INT4] * 4

@@ -15,7 +15,7 @@ from tuili.layers.attention import Attention
 from tuili.layers.linear import Linear, MergedLinear, default_weight_loader
 from tuili.layers.norm import RMSNorm
 from tuili.layers.rotary import RotaryEmbedding, rope_parameters
-from tuili.ops import prefetch, quant_matmul, rope
+from tuili.ops import cpu_kernels, prefetch, quant_matmul, rope
 from tuili.ops import activation
 
 
@@ -235,6 +235,8 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:                                           # tied embeddings
             if self.lm_head_int8 is not None and hidden.shape[0] <= 16 and hidden.dtype == self.lm_head_int8[1].dtype:
                 return quant_matmul.int8_linear_cpu(hidden, *self.lm_head_int8)  # see load_model
+            if hidden.device.type == "cpu":
+                return cpu_kernels.dense_linear(hidden, self.embed_tokens.weight)
             return F.linear(hidden, self.embed_tokens.weight)              # [N, vocab]
         return self.lm_head(hidden)
 

@@ -49,6 +49,7 @@ FLOAT_ROWS = 16
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
            "int4_dequant(Tensor w, Tensor so, int group) -> Tensor",
+           "bf16_gemv(Tensor x, Tensor w) -> Tensor",
            "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
            "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
            "int num_kv_heads, float scale) -> Tensor")  # as TORCH_LIBRARY in cpu_kernels.cpp defines them
@@ -179,9 +180,21 @@ def slow_bf16_gemm() -> bool:
     return _STATE["slow_bf16"]
 
 
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 times a bf16 weight [N, K] -> [M, N] bf16 (K a multiple of 16)."""
+    available()
+    return torch.ops.tuili.bf16_gemv(x, weight)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) in x's dtype, through fp32 for bf16 batches of more than FLOAT_ROWS rows on a CPU
-    whose bf16 GEMM is slow (weight may be fp32: an INT8 layer's dequantized copy)."""
+    """F.linear(x, weight, bias) in x's dtype: up to FLOAT_ROWS rows of bf16 x and a bf16 weight through tuili's
+    kernel (bf16_gemv), more rows through fp32 on a CPU whose bf16 GEMM is slow (weight may be fp32: an INT8
+    layer's dequantized copy)."""
+    if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2 \
+            and x.shape[0] <= FLOAT_ROWS and x.shape[1] % 16 == 0 and x.is_contiguous() and weight.is_contiguous() \
+            and available():
+        y = torch.ops.tuili.bf16_gemv(x, weight)
+        return y if bias is None else y + bias
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > FLOAT_ROWS * x.shape[-1] \
             and slow_bf16_gemm():
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)

@@ -33,7 +33,8 @@ from tuili.ops.rope import rotate_rows
 logger = logging.getLogger(__name__)
 
 # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels, tuili's (cpu_kernels) for up to GEMV_ROWS
-FLOAT, INT4, INT8, GEMV4, GEMV8 = 0, 1, 2, 3, 4
+# (GEMV4, GEMV8) or FLOAT_ROWS (GEMV16: bf16 weights; its `group` holds that row count)
+FLOAT, INT4, INT8, GEMV4, GEMV8, GEMV16 = 0, 1, 2, 3, 4, 5
 NATIVE_BATCH = 8  # decode steps of up to this many sequences go through the C++ step (16: no faster than eager)
 
 
@@ -44,6 +45,8 @@ def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], gro
         y = torch.ops.tuili.int4_gemv(x, w, s, group)
     elif kind == 4:
         y = torch.ops.tuili.int8_gemv(x, w, s)
+    elif kind == 5:  # as dense_linear: tuili's GEMV up to `group` (cpu_kernels.FLOAT_ROWS) rows
+        y = torch.ops.tuili.bf16_gemv(x.contiguous(), w) if x.size(0) <= group else F.linear(x, w)
     elif kind == 1:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, s)
     else:
@@ -110,9 +113,8 @@ def _scripted():
 def _linear_args(linear, dtype: torch.dtype, gemv: bool):
     """(kind, weight, scales, bias, group) as the eager Linear.forward runs it on the CPU for up to GEMV_ROWS rows
     (gemv; INT4) or up to MAX_ONE_SEQUENCE_QUERY, or None where that is not one of our kernels."""
-    empty = torch.empty(0)
     if linear.qweight is None:
-        return FLOAT, linear.weight, empty, linear.bias, 0
+        return _float_args(linear.weight, linear.bias, dtype)
     qweight, group = linear.qweight, linear.group_size
     if qweight.dtype == torch.int8 and not group and qweight.shape[1] % 32 == 0 and cpu_kernels.available():
         return GEMV8, qweight, linear.scales, linear.bias, 0  # as int8_linear_cpu: tuili's at any row count here
@@ -121,12 +123,21 @@ def _linear_args(linear, dtype: torch.dtype, gemv: bool):
     if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
         return INT8, qweight, linear.scales, linear.bias, 0
     if qweight.dtype == torch.int8:  # INT8 groups: the float copy the eager layer makes
-        return FLOAT, linear.cpu_dense(dtype), empty, linear.bias, 0
+        return _float_args(linear.cpu_dense(dtype), linear.bias, dtype)
     packed = linear.cpu_int4()
     # the eager layer's kernel condition (bf16: any row count) and no padding of a short last group
     if packed and dtype == linear.scales.dtype == torch.bfloat16 and packed[1].shape[0] * group == 2 * qweight.shape[1]:
         return INT4, packed[0], packed[1], linear.bias, group
     return None
+
+
+def _float_args(weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype):
+    """A float layer: GEMV16 (tuili's bf16 GEMV up to FLOAT_ROWS rows, as the eager layer's dense_linear) for bf16
+    weights and x where the kernel runs, else F.linear."""
+    if weight.dtype == dtype == torch.bfloat16 and weight.shape[1] % 16 == 0 and weight.is_contiguous() \
+            and cpu_kernels.available():
+        return GEMV16, weight, torch.empty(0), bias, cpu_kernels.FLOAT_ROWS
+    return FLOAT, weight, torch.empty(0), bias, 0
 
 
 class CpuStep:
@@ -141,7 +152,7 @@ class CpuStep:
         # decode steps (one new token per sequence): the whole step as one C++ call (cpu_kernels.decode_step) where
         # it covers the model
         native = attn.q_norm is None and all(b is None for bs in biases for b in bs) and \
-            all(k in (GEMV4, GEMV8) for ks in kinds for k in ks) and model.norm.weight.dtype == torch.bfloat16
+            all(k in (GEMV4, GEMV8, GEMV16) for ks in kinds for k in ks) and model.norm.weight.dtype == torch.bfloat16
         self.native = ([u for t in tensors for u in t[:12]], [k for ks in kinds for k in ks],
                        [g for gs in groups for g in gs]) if native else None
         self.consts = (model.norm.weight, model.norm.eps, attn.num_heads, attn.num_kv_heads, attn.attn.scale,
