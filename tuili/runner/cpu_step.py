@@ -39,14 +39,14 @@ NATIVE_BATCH = 8  # decode steps of up to this many sequences go through the C++
 
 
 def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], group: int) -> Tensor:
-    if kind == 0:
+    if kind == 0 or (kind == 5 and x.size(0) > group):  # GEMV16 beyond its rows (`group`): as FLOAT
         return F.linear(x, w, b)
     if kind == 3:
         y = torch.ops.tuili.int4_gemv(x, w, s, group)
     elif kind == 4:
         y = torch.ops.tuili.int8_gemv(x, w, s)
     elif kind == 5:  # as dense_linear: tuili's GEMV up to `group` (cpu_kernels.FLOAT_ROWS) rows
-        y = torch.ops.tuili.bf16_gemv(x.contiguous(), w) if x.size(0) <= group else F.linear(x, w)
+        y = torch.ops.tuili.bf16_gemv(x.contiguous(), w)
     elif kind == 1:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, s)
     else:
