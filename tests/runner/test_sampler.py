@@ -160,6 +160,32 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_best():
     assert set(tokens) == set(kept)
 
 
+def test_cpu_candidate_filter_equals_the_sort(monkeypatch):
+    """On the CPU, top-k / top-p / min-p look at each row's largest logits first (no full sort) where that is exact:
+    the same kept tokens and logits as the sort; a flat row whose nucleus reaches past them goes to the sort."""
+    import tuili.runner.sampler as sampler_module
+
+    torch.manual_seed(11)
+    vocab = 3000
+    logits = torch.randn(7, vocab) * 4
+    logits[6] *= 0.02  # nearly flat: 0.9 of its mass is spread over most of the row
+    cases = [dict(top_p=0.9), dict(top_k=50), dict(top_k=50, top_p=0.8), dict(min_p=0.2),
+             dict(top_p=0.95, min_p=0.05), dict(top_k=700, top_p=0.99), dict(top_p=0.9)]
+    params = [SamplingParams(temperature=1.0, **c) for c in cases]
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 256)
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    args = (top_k, [p.top_p for p in params], [p.min_p for p in params])
+    assert Sampler._filter_candidates(logits[:6], *(a[:6] for a in args)) is not None  # exact there
+    assert Sampler._filter_candidates(logits, *args) is None  # the flat row: not exact
+    fast = Sampler._filter(logits[:6], params[:6])
+    mixed = Sampler._filter(logits, params)  # through the sort
+    monkeypatch.setattr(sampler_module, "CANDIDATES", vocab)  # the sort for all
+    slow = Sampler._filter(logits, params)
+    assert torch.equal(fast, slow[:6]) and torch.equal(mixed, slow)
+    kept = (~slow.isinf()).sum(-1).tolist()
+    assert kept[1] == 50 and all(1 <= n < vocab for n in kept) and kept[6] > 256  # (row 6: past the 256)
+
+
 def test_filters_are_per_row():
     """A top-k row next to an unfiltered row: the unfiltered one still reaches tokens outside the top k."""
     n = 3000

@@ -81,6 +81,17 @@ def _has_processors(seq: Sequence) -> bool:
             or seq.num_output_tokens + seq.num_pending < p.min_tokens)
 
 
+CANDIDATES = 1024  # logits a CPU row's top-k / top-p / min-p looks at first (Sampler._filter_candidates)
+
+
+def exponential_noise(shape, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) draws for the exponential race, as -log(U) with U uniform in [tiny, 1) (finite and positive: a
+    token of positive probability always beats one of none). torch's exponential_ is ~3.5x slower on the CPU
+    (49152 draws: 1.59 against 0.45 ms, a sixth of the default model's step)."""
+    u = torch.rand(shape, device=device, generator=generator)
+    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list (or CPU tensor) on `device` without a stream sync (pinned + non_blocking on CUDA)."""
     t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
@@ -119,10 +130,10 @@ class Sampler:
         if not all(p.greedy for p in params):
             greedy = to_device([p.greedy for p in params], torch.bool, device)
             probs = self.distribution(logits, params)
-            noise = torch.empty_like(probs).exponential_()
+            noise = exponential_noise(probs.shape, device)
             seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not params[i].greedy]
             if seeded:
-                own = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator)
+                own = torch.stack([exponential_noise((probs.shape[1],), torch.device("cpu"), seqs[i].generator)
                                    for i in seeded])
                 noise[to_device(seeded, torch.long, device)] = to_device(own, torch.float32, device)
             sampled = (probs / noise).argmax(dim=-1)
@@ -224,6 +235,33 @@ class Sampler:
         return Sampler._filter(logits / temperature, params).softmax(dim=-1)
 
     @staticmethod
+    def _filter_candidates(logits: torch.Tensor, top_k: list[int], top_p: list[float],
+                           min_p: list[float]) -> torch.Tensor | None:
+        """_filter from each row's largest logits only (topk: ~0.8 ms for 1024 of 49152 on 2 CPU cores, a sort
+        ~5 ms), where that is exact: a row's top-k lies among them, or every token past them is dropped anyway
+        (the candidates hold top_p of the mass, or the last of them is below min_p of the best). None otherwise
+        (the caller sorts). The same probabilities as the sort: over the top-k, else over the whole row."""
+        vocab = logits.shape[1]
+        limited = [k < vocab for k in top_k]
+        ks = [k for k in top_k if k < vocab]
+        count = min(vocab, max(ks) if all(limited) else max([CANDIDATES] + ks))  # (top-k rows only: their k)
+        cand, ids = logits.topk(count, dim=-1)                               # sorted, largest first
+        k = torch.tensor(top_k)[:, None]
+        cand = cand.masked_fill(torch.arange(count)[None, :] >= k, float("-inf"))
+        # normaliser: the top-k's (all among the candidates) or the whole row's
+        lse = torch.where(torch.tensor(limited), cand.logsumexp(-1), logits.logsumexp(-1))
+        probs = (cand - lse[:, None]).exp()
+        p_t, min_t = torch.tensor(top_p), torch.tensor(min_p)
+        exact = torch.tensor(limited) | (probs.sum(-1) >= p_t) | (probs[:, -1] < min_t * probs[:, 0])
+        if count < vocab and not bool(exact.all()):
+            return None
+        drop = (probs.cumsum(dim=-1) - probs) >= p_t[:, None]                # mass of strictly better tokens
+        drop |= probs < min_t[:, None] * probs[:, :1]
+        drop[:, 0] = False                                                   # the best token always stays
+        cand = cand.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter_(1, ids, cand)
+
+    @staticmethod
     def _filter(logits: torch.Tensor, params) -> torch.Tensor:
         """top-k, top-p and min-p by masking logits to -inf (rows with them off are untouched)."""
         vocab = logits.shape[1]
@@ -232,6 +270,10 @@ class Sampler:
         min_p = [p.min_p for p in params]
         if all(k == vocab for k in top_k) and all(p == 1.0 for p in top_p) and not any(min_p):
             return logits
+        if logits.device.type == "cpu" and vocab > CANDIDATES:  # (a full sort: ~5 ms for 49152 logits there)
+            filtered = Sampler._filter_candidates(logits, top_k, top_p, min_p)
+            if filtered is not None:
+                return filtered
         device = logits.device
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=device)[None, :]
