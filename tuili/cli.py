@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--hf-output-len", type=int, default=None, help="tokens HF generates (default min(64, output))")
     lat.add_argument("--llama-cpp", action="store_true",
                      help="also time llama.cpp on the same GGUF file (batch 1; needs llama-cpp-python installed)")
+    lat.add_argument("--temperature", type=float, default=0.0, help="sample (every peer alike); default greedy")
+    lat.add_argument("--top-p", type=float, default=1.0)
     lat.add_argument("--json", default=None, help="write the results here")
     lat.add_argument("--plot", default=None, help="write a PNG roofline chart here")
     add_engine_args(lat)

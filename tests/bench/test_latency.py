@@ -15,14 +15,14 @@ class FakeLlama:
     made: list[dict] = []
 
     def __init__(self, **kwargs) -> None:
-        self.kwargs, self.resets, self.prompts = kwargs, 0, []
+        self.kwargs, self.resets, self.prompts, self.sampling = kwargs, 0, [], []
         FakeLlama.made.append(self.__dict__)
 
     def reset(self) -> None:
         self.resets += 1
 
-    def generate(self, tokens, top_k, temp):
-        assert top_k == 1 and temp == 0.0  # greedy
+    def generate(self, tokens, **sampling):
+        self.sampling.append(sampling)
         self.prompts.append(list(tokens))
         while True:
             time.sleep(0.002)
@@ -37,8 +37,18 @@ def test_llama_cpp_peer_times_the_same_prompt_greedy(monkeypatch):
     assert made["kwargs"]["model_path"] == "model.gguf" and made["kwargs"]["n_threads"] == 2
     assert made["kwargs"]["n_ctx"] >= 3 + 11
     assert made["prompts"] == [[1, 2, 3]] * 3 and made["resets"] == 3  # a warm-up, then each repeat from scratch
+    assert made["sampling"] == [dict(top_k=1, temp=0.0)] * 3  # greedy
     assert result["threads"] == 2 and 0.019 < result["decode_s"] < 0.2  # 10 tokens after the first, 2 ms each
     assert abs(result["decode_tok_s"] - 10 / result["decode_s"]) < 1e-9
+
+
+def test_llama_cpp_peer_samples_as_tuili_when_asked(monkeypatch):
+    """--temperature / --top-p: llama.cpp samples with them and nothing else (its own defaults add top-k 40 and
+    min-p 0.05)."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    FakeLlama.made.clear()
+    time_llama_cpp("model.gguf", [1, 2, 3], output_len=3, repeats=1, threads=2, temperature=0.8, top_p=0.9)
+    assert FakeLlama.made[0]["sampling"][-1] == dict(top_k=0, top_p=0.9, min_p=0.0, temp=0.8, repeat_penalty=1.0)
 
 
 def test_llama_cpp_peer_errors_are_clear_and_early(monkeypatch, capsys):

@@ -19,8 +19,9 @@ from tuili.sampling_params import SamplingParams
 CHAT_PROMPT = "Write a short story about a dragon who learns to read."
 
 
-def time_tuili(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int) -> dict:
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+def time_tuili(llm: LLM, prompts: list[list[int]], output_len: int, repeats: int, temperature: float = 0.0,
+               top_p: float = 1.0) -> dict:
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     best = None
     for _ in range(repeats):
@@ -56,10 +57,14 @@ def hf_reference_model(llm: LLM):
 
 
 @torch.no_grad()
-def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, device: torch.device) -> dict:
-    """HF generate, greedy, fixed length; TTFT from a 1-token generate, decode rate from the rest."""
+def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, device: torch.device,
+            temperature: float = 0.0, top_p: float = 1.0) -> dict:
+    """HF generate, greedy (or sampled: temperature, top_p, no top-k), fixed length; TTFT from a 1-token
+    generate, decode rate from the rest."""
     ids = torch.tensor(prompts, device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
 
     def run(n: int) -> float:
         sync(device)
@@ -76,19 +81,24 @@ def time_hf(model, prompts: list[list[int]], output_len: int, repeats: int, devi
             "ms_per_step": 1e3 * (total - ttft) / steps}
 
 
-def time_llama_cpp(path: str, prompt: list[int], output_len: int, repeats: int, threads: int) -> dict:
+def time_llama_cpp(path: str, prompt: list[int], output_len: int, repeats: int, threads: int,
+                   temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """llama.cpp through llama-cpp-python (installed in the benchmark's environment only: tuili does not depend
     on it) on the same GGUF file, batch 1 on the CPU with as many threads as torch: the same prompt tokens,
-    greedy, output_len tokens whatever they are; TTFT to the first token, decode rate from the rest."""
+    greedy (or sampled as tuili: temperature, top_p, no top-k or min-p), output_len tokens whatever they are; TTFT
+    to the first token, decode rate from the rest."""
     from llama_cpp import Llama
 
     model = Llama(model_path=path, n_ctx=len(prompt) + output_len + 16, n_batch=512, n_threads=threads,
                   n_threads_batch=threads, verbose=False)
 
+    sampling = dict(top_k=1, temp=0.0) if temperature == 0 else \
+        dict(top_k=0, top_p=top_p, min_p=0.0, temp=temperature, repeat_penalty=1.0)
+
     def run(n: int) -> tuple[float, float]:
         model.reset()  # no prompt reuse between runs
         start = time.perf_counter()
-        for i, _ in enumerate(model.generate(prompt, top_k=1, temp=0.0)):
+        for i, _ in enumerate(model.generate(prompt, **sampling)):
             if i == 0:
                 first = time.perf_counter()
             if i + 1 == n:
@@ -125,7 +135,8 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     model, device = engine.model, engine.device
     bandwidth = measure_bandwidth(device)
     matmul_rate = measure_matmul_rate(device, engine.dtype)
-    ours = time_tuili(llm, prompts, ns.output_len, ns.repeats)
+    sampling = dict(temperature=ns.temperature, top_p=ns.top_p)
+    ours = time_tuili(llm, prompts, ns.output_len, ns.repeats, **sampling)
     # decode: bytes per step at the mean context; prefill: FLOPs of the whole batch of prompts
     step_bytes = weight_bytes(model) + kv_bytes_per_token(model, engine.dtype) * ns.batch_size * (
         input_len + ns.output_len // 2)
@@ -138,7 +149,7 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     report = {
         "workload": "latency", **environment(device), "model": engine.model_name,
         "dtype": str(engine.dtype).removeprefix("torch."), "batch_size": ns.batch_size, "input_len": input_len,
-        "output_len": ns.output_len, "engine_args": dataclasses.asdict(engine_args),
+        "output_len": ns.output_len, "sampling": sampling, "engine_args": dataclasses.asdict(engine_args),
         "bandwidth_GB_s": bandwidth / 1e9, "matmul_TFLOP_s": matmul_rate / 1e12,
         "decode_floor_tok_s": ns.batch_size * bandwidth / step_bytes, "tuili": ours,
     }
@@ -148,14 +159,15 @@ def run_latency(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     _print_row("tuili", ours)
     if not ns.no_hf:
         hf_len = ns.hf_output_len or min(ns.output_len, 64)  # HF eager is slow; its rate is steady
-        hf = time_hf(hf_reference_model(llm), prompts, hf_len, ns.repeats, engine.device)
+        hf = time_hf(hf_reference_model(llm), prompts, hf_len, ns.repeats, engine.device, **sampling)
         hf["output_len"] = hf_len
         report["hf_transformers"] = hf
         report["speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
         _print_row("HF transformers", hf)
         print(f"tuili decode is {report['speedup_vs_hf']:.2f}x HF transformers")
     if ns.llama_cpp:
-        peer = time_llama_cpp(engine.model_name, prompts[0], ns.output_len, ns.repeats, torch.get_num_threads())
+        peer = time_llama_cpp(engine.model_name, prompts[0], ns.output_len, ns.repeats, torch.get_num_threads(),
+                              **sampling)
         report["llama_cpp"] = peer
         report["ratio_vs_llama_cpp"] = ours["decode_tok_s"] / peer["decode_tok_s"]
         _print_row("llama.cpp", peer)
