@@ -242,17 +242,17 @@ class Sampler:
         (the candidates hold top_p of the mass, or the last of them is below min_p of the best). None otherwise
         (the caller sorts). The same probabilities as the sort: over the top-k, else over the whole row."""
         vocab = logits.shape[1]
-        limited = [k < vocab for k in top_k]
         ks = [k for k in top_k if k < vocab]
-        count = min(vocab, max(ks) if all(limited) else max([CANDIDATES] + ks))  # (top-k rows only: their k)
+        limited = torch.tensor([k < vocab for k in top_k])
+        count = min(vocab, max(ks) if len(ks) == len(top_k) else max([CANDIDATES] + ks))  # (top-k rows: their k)
         cand, ids = logits.topk(count, dim=-1)                               # sorted, largest first
         k = torch.tensor(top_k)[:, None]
         cand = cand.masked_fill(torch.arange(count)[None, :] >= k, float("-inf"))
         # normaliser: the top-k's (all among the candidates) or the whole row's
-        lse = torch.where(torch.tensor(limited), cand.logsumexp(-1), logits.logsumexp(-1))
+        lse = torch.where(limited, cand.logsumexp(-1), logits.logsumexp(-1))
         probs = (cand - lse[:, None]).exp()
         p_t, min_t = torch.tensor(top_p), torch.tensor(min_p)
-        exact = torch.tensor(limited) | (probs.sum(-1) >= p_t) | (probs[:, -1] < min_t * probs[:, 0])
+        exact = limited | (probs.sum(-1) >= p_t) | (probs[:, -1] < min_t * probs[:, 0])
         if count < vocab and not bool(exact.all()):
             return None
         drop = (probs.cumsum(dim=-1) - probs) >= p_t[:, None]                # mass of strictly better tokens
