@@ -190,6 +190,36 @@ def test_int4_decode_batches_past_16_rows_read_the_packed_weights(monkeypatch, p
     assert compared >= 48, compared
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_batch_one_bf16_through_stream_gemv(monkeypatch, quant):
+    """bf16 batch 1 on Hopper: every INT8 (per channel) or INT4 g128 projection, the fused forms included, goes
+    through stream_gemv in the CUDA graph, and gives the Triton GEMV's log-probs where the greedy tokens agree."""
+    from tuili.ops import quant_matmul, stream_gemv
+
+    if not stream_gemv.available(torch.device("cuda")):
+        pytest.skip("stream_gemv needs compute capability 9.0+ and NVRTC (Hopper)")
+    calls = []
+    real = stream_gemv.stream_gemv
+    monkeypatch.setattr(stream_gemv, "stream_gemv", lambda *a, **kw: calls.append(a[1].dtype) or real(*a, **kw))
+    args = dict(load_format="dummy", dtype="bfloat16", quantization=quant, max_model_len=512, max_num_seqs=8,
+                **SMALL_CACHE)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ps = prompts(3, 128256, lengths=(20, 47, 64))
+    fast = LLM("llama-3.2-1b", **args)
+    assert fast.engine.model.norms_fuse(1)
+    got = [fast.generate([p], params, use_tqdm=False)[0] for p in ps]
+    assert set(calls) == ({torch.int8} if quant == "int8" else {torch.uint8, torch.int8})  # int4: the INT8 head
+    del fast
+    monkeypatch.setattr(quant_matmul, "STREAM_GEMV_INT8", False)
+    monkeypatch.setattr(quant_matmul, "STREAM_GEMV", False)
+    calls.clear()
+    ref_llm = LLM("llama-3.2-1b", **args)
+    ref = [ref_llm.generate([p], params, use_tqdm=False)[0] for p in ps]
+    assert not calls
+    compared = _decode_steps_agreeing(got, ref, 0.15)
+    assert compared >= 16, compared
+
+
 def _decode_steps_agreeing(got, ref, atol: float) -> int:
     """Asserts the chosen tokens' log-probs of two runs within atol while their greedy tokens agree (random weights:
     near-ties may part them after a few tokens); returns how many decode steps were compared (position 0 comes
@@ -205,26 +235,30 @@ def _decode_steps_agreeing(got, ref, atol: float) -> int:
 
 
 def test_launch_early_decode_attention_is_bit_identical(monkeypatch):
-    """Batch-1 INT4 g128 in bf16: where the o projection streams its weights before its wait (stream_gemv), the
-    decode attention and its split merge let it launch at once (launch_early); the CUDA graphs then give the same
-    tokens and log-probs, bit for bit, as with the usual launch order (only when kernels start differs)."""
+    """INT4 g128 in bf16, decode steps of 1 and 3 rows: where the o projection loads its weights before its wait
+    (stream_gemv, int4_mma), the decode attention and its split merge let it launch at once (launch_early); the
+    CUDA graphs then give the same tokens and log-probs, bit for bit, as with the usual launch order (only when
+    kernels start differs)."""
     from tuili.ops import quant_matmul, stream_gemv
 
     kw = dict(load_format="dummy", dtype="bfloat16", quantization="int4", max_model_len=1024, max_num_seqs=4,
               **SMALL_CACHE)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
-    prompt = prompts(1, 128256, lengths=(300,))[0]  # 300-340 cached tokens: several attention splits
+    ps = prompts(3, 128256, lengths=(300, 310, 320))  # 300-360 cached tokens: several attention splits
 
     def run(llm):
-        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
-        return out.token_ids, [{t: lp.logprob for t, lp in d.items()} for d in out.logprobs]
+        outs = [*llm.generate(ps[:1], params, use_tqdm=False), *llm.generate(ps, params, use_tqdm=False)]
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                for o in outs]
 
     early = LLM("llama-3.2-1b", **kw)
     layers = early.engine.model.layers
-    assert all(layer.self_attn.attn.launch_early == stream_gemv.available(torch.device("cuda")) for layer in layers)
+    hopper = stream_gemv.available(torch.device("cuda"))
+    assert all((1 in layer.self_attn.attn.launch_early_rows) == hopper
+               and (3 in layer.self_attn.attn.launch_early_rows or not hopper) for layer in layers)
     got = run(early)
     del early, layers
-    monkeypatch.setattr(quant_matmul, "streams_one_row", lambda *args: False)
+    monkeypatch.setattr(quant_matmul, "loads_before_wait", lambda *args: False)
     usual = LLM("llama-3.2-1b", **kw)
-    assert not any(layer.self_attn.attn.launch_early for layer in usual.engine.model.layers)
+    assert not any(layer.self_attn.attn.launch_early_rows for layer in usual.engine.model.layers)
     assert got == run(usual)

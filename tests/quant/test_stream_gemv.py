@@ -145,3 +145,75 @@ def test_outliers_as_close_as_the_triton_gemv(scale):
     t = quant_matmul.quant_linear_triton(x, q, s, z, 128, tiles=(1, 32, 1024, 1, 4, 3))
     assert rel(y, ref) < 4e-3 and rel(t, ref) < 4e-3, (rel(y, ref), rel(t, ref))
     assert rel(y, ref) <= 2 * rel(t, ref) + 2e-3, (rel(y, ref), rel(t, ref))  # (the output's rounding: ~1.1e-3)
+
+
+def int8_layer(n: int, k: int, seed: int = 0, device: str = "cuda"):
+    """A random INT8 layer per output channel: int8 [N, K] in -127..127, bf16 scales [N]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = (torch.rand(n, generator=g) * 2e-3 + 1e-4).bfloat16()
+    return q.to(device), s.to(device)
+
+
+def test_int8_plan_and_checks():
+    """INT8 rows are twice as long: stages of 4 rows of 4096, 1 of 14336; per-channel scales [N], no offsets."""
+    assert stream_gemv.plan(6144, 4096, 8) == (128, 1, 4) and stream_gemv.plan(4096, 14336, 8) == (224, 2, 1)
+    assert stream_gemv.supports(4096, 4096, 0, 8) and not stream_gemv.supports(4096, 4096, 32, 8)
+    assert not stream_gemv.supports(4096, 4096, 0, 4)
+    q, s = int8_layer(64, 2048, device="cpu")
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="scales \\[N\\] and no offsets"):
+        stream_gemv.stream_gemv(x, q, s[None], None)
+    with pytest.raises(ValueError, match="scales \\[N\\] and no offsets"):
+        stream_gemv.stream_gemv(x, q, s, s)
+    with pytest.raises(ValueError, match="one row of bf16"):
+        stream_gemv.stream_gemv(x[:, :1024], q, s, None)
+    assert not quant_matmul._stream(1, 2048, 0, q, s)  # CPU tensors stay on the CPU paths
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(64, 2048), (1030, 3072), (6144, 4096), (512, 14336), (64, 28672)])
+def test_int8_matches_reference(n, k):
+    q, s = int8_layer(n, k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x[0, ::97] *= 40  # slices with one large value: the others keep 2^-14 of it
+    ref = quant_matmul.int8_linear(x.float(), q, s.float())
+    for ctas in (None, 7, n // 2):
+        for stages, pre, rows in ((None, None, None), (1, 0, 1), (3, 3, 2), (6, 2, None)):
+            y = stream_gemv.stream_gemv(x, q, s, None, ctas=ctas, stages=stages, pre=pre, rows=rows)
+            assert y.shape == (1, n) and y.dtype == torch.bfloat16
+            assert rel(y, ref) < 4e-3, (ctas, stages, pre, rows, rel(y, ref))
+
+
+@gpu
+def test_int8_fused_forms_and_dispatch(monkeypatch):
+    """INT8's down (silu * mul in, residual add and the next norm's inputs out), then a layer reading that norm:
+    through quant_linear_triton (which sends them here), against torch and against the Triton GEMV (the switch
+    off)."""
+    calls = []
+    real = stream_gemv.stream_gemv
+    monkeypatch.setattr(stream_gemv, "stream_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    n, k = 2048, 4096
+    q, s = int8_layer(n, k, seed=1)
+    q2, s2 = int8_layer(1024, n, seed=2)
+    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, n, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(n, device="cuda", dtype=torch.bfloat16) + 0.5
+    h_ref = quant_matmul.int8_linear(silu_and_mul(gu).float(), q, s.float()) + h.float()
+
+    def run():
+        stream = h.clone()
+        h_out, hw, ss = quant_matmul.quant_linear_triton(gu, q, s, None, 0, silu_mul=True, residual=stream,
+                                                         norm_weight=nw)
+        y = quant_matmul.quant_linear_triton(hw, q2, s2, None, 0, norm=(1e-5, ss))
+        return h_out, hw, ss, y
+    h_out, hw, ss, y = run()
+    assert len(calls) == 2
+    assert rel(h_out, h_ref) < 4e-3 and rel(hw, h_ref * nw.float()) < 6e-3
+    assert torch.allclose(ss.sum(), (h_out.float() ** 2).sum(), rtol=1e-4)
+    want = quant_matmul.int8_linear(F.rms_norm(h_out, (n,), nw, 1e-5).float(), q2, s2.float())
+    assert rel(y, want) < 8e-3
+    monkeypatch.setattr(quant_matmul, "STREAM_GEMV_INT8", False)
+    t_out, _, t_ss, t_y = run()
+    assert len(calls) == 2  # the Triton GEMV
+    assert rel(t_out, h_out) < 2e-3 and torch.allclose(t_ss.sum(), ss.sum(), rtol=1e-3) and rel(t_y, y) < 6e-3

@@ -19,7 +19,8 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
         self.k_scale = self.v_scale = None
-        self.launch_early = False  # Triton, one-token steps: the next kernel launched at once (set_backends)
+        self.launch_early_rows: frozenset[int] = frozenset()  # Triton decode steps of these many rows: the next
+        # kernel launched at once (set_backends)
         self.use_triton(False)
 
     def use_triton(self, enabled: bool) -> None:
@@ -36,7 +37,7 @@ class Attention(nn.Module):
         if not self.k_cache.numel():  # memory profiling runs before the cache exists
             return attention_ops.varlen_causal_attention(q, k, v, meta, self.scale)
         self._store(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        early = {"launch_early": True} if self.launch_early and q.shape[0] == 1 else {}  # set with triton only
+        early = {"launch_early": True} if q.shape[0] in self.launch_early_rows else {}  # set with triton only
         return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale, self.v_scale, **early)
 
     def forward_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -52,7 +53,7 @@ class Attention(nn.Module):
 
             return attention_triton.decode_attention_rope(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache,
                                                           self.v_cache, meta, self.scale,
-                                                          launch_early=self.launch_early and q.shape[0] == 1)
+                                                          launch_early=q.shape[0] in self.launch_early_rows)
         q = rope.rope_store_kv_triton(q, k, v, rotary.cos, rotary.sin, positions, self.k_cache, self.v_cache,
                                       meta.slot_mapping)
         return self._attend(q, self.k_cache, self.v_cache, meta, self.scale, None, None)

@@ -569,6 +569,7 @@ GEMM_MIN_ROWS = 2  # from here the GEMM, not the GEMVs above (8B INT4, H200, tok
 # stream_gemv on Hopper faster still)
 STREAM_GEMV = True  # one row of bf16 x, INT4 g128, sm_90+: stream_gemv (8B INT4 batch 1, H200: 564.9 tok/s against
 # 549.0 through the Triton GEMV; off: the Triton GEMV, for A/B runs)
+STREAM_GEMV_INT8 = True  # the same for INT8 per output channel (one scale per row)
 INT4_GEMM_MAX_ROWS = 64  # INT4 on CUDA, DEQUANT_MIN_ROWS to this many rows, not the GEMM's: int4_gemm_triton (the
 # 8B's four decoder matmuls at 17 / 32 / 64 rows, H100: 277 / 276 / 290 us per layer against 409-412; at 256 rows
 # the first sweep's best tiles took 687 against 450)
@@ -643,23 +644,29 @@ def _gemm_mma(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: to
 
 def _stream(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor,
             offsets: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> bool:
-    """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, INT4 g128 bf16, Hopper, the layouts
-    and alignments it reads, shared memory enough for the scales of its rows."""
-    n = qweight.shape[0]
-    return STREAM_GEMV and m == 1 and qweight.dtype == torch.uint8 and scales.dtype == torch.bfloat16 \
-        and qweight.is_cuda and stream_gemv.supports(n, k, group_size) and qweight.is_contiguous() \
-        and qweight.data_ptr() % 16 == 0 and scales.stride() == (1, n) \
+    """Whether m rows of x (in scales' dtype) go through stream_gemv: one row, bf16, INT4 g128 or INT8 per output
+    channel, Hopper, the layouts and alignments it reads, shared memory enough for the scales of its rows."""
+    n, bits = qweight.shape[0], 8 if qweight.dtype == torch.int8 else 4
+    layout = scales.stride() == (1, n) if bits == 4 else \
+        scales.dim() == 1 and scales.is_contiguous() and offsets is None
+    return (STREAM_GEMV if bits == 4 else STREAM_GEMV_INT8) and m == 1 and scales.dtype == torch.bfloat16 \
+        and qweight.dtype in (torch.uint8, torch.int8) and qweight.is_cuda \
+        and stream_gemv.supports(n, k, group_size, bits) and qweight.is_contiguous() \
+        and qweight.data_ptr() % 16 == 0 and layout \
         and (offsets is None or offsets.dtype == scales.dtype and offsets.stride() == scales.stride()) \
         and (norm_weight is None or norm_weight.dtype == scales.dtype and norm_weight.is_contiguous()) \
         and stream_gemv.aligned(scales, offsets, norm_weight) and stream_gemv.available(qweight.device) \
-        and stream_gemv.fits(n, k, offsets is not None, qweight.device)
+        and stream_gemv.fits(n, k, offsets is not None, qweight.device, bits)
 
 
-def streams_one_row(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
-                    norm_weight: torch.Tensor | None = None) -> bool:
-    """Whether quant_linear_triton takes one row of x through stream_gemv for this layer."""
+def loads_before_wait(m: int, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                      group_size: int, norm_weight: torch.Tensor | None = None) -> bool:
+    """Whether quant_linear_triton's kernel for m rows of x requests weights before PDL's wait (stream_gemv,
+    int4_mma's GEMV and GEMM), so that launching it early lets its copies overlap the kernel before."""
     k = qweight.shape[1] * (2 if qweight.dtype == torch.uint8 else 1)
-    return _stream(1, k, group_size, qweight, scales, offsets, norm_weight)
+    return _stream(m, k, group_size, qweight, scales, offsets, norm_weight) or \
+        _mma(m, k, group_size, qweight, scales, fused=norm_weight is not None) or \
+        _gemm_mma(m, k, group_size, qweight, scales)
 
 
 def fuses_norms(m: int, k: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> bool:

@@ -41,12 +41,20 @@ CTAS_PER_SM = 2  # (4 stages: 3 CTAs per SM 52.7 against 48.2; 1 CTA per SM with
 _SOURCE = r"""typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
-#define SL 32  // values per slice of K (a thread's 16 bytes of a weight row)
+#define SL 32  // values per slice of K (a thread's 16 bytes of an INT4 weight row, 32 of an INT8 one)
+#if BITS == 8
+#define SB SL  // bytes of a slice
+#define WPS (SL / 4)  // words of a slice
+#define ROWB K
+#define G 1  // (one scale per row)
+#else
 #define SB (SL / 2)
 #define WPS (SL / 8)
 #define ROWB (K / 2)
-#define STAGEB (R * ROWB)
 #define G (K / 128)
+#endif
+#define XW 16  // x words of a slice: 16-bit pairs, 2 per dp2a
+#define STAGEB (R * ROWB)
 #define W (T / 32)
 #define NRED (2 * NST)  // row sums in flight: stage s + 2 NST is copied only after stage s is finished
 
@@ -87,6 +95,12 @@ __device__ __forceinline__ int dot_word(u32 w, const u32* p, int acc) {
   asm("dp2a.hi.s32.u32 %0, %1, %2, %0;" : "+r"(acc) : "r"(p[3]), "r"(hi));
   return acc;
 }
+// acc + sum over one INT8 word's 4 bytes (k = 4w + j) of q_j x_j (x: pairs (0,1) (2,3))
+__device__ __forceinline__ int dot_word8(u32 w, const u32* p, int acc) {
+  asm("dp2a.lo.s32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(p[0]), "r"(w));
+  asm("dp2a.hi.s32.s32 %0, %1, %2, %0;" : "+r"(acc) : "r"(p[1]), "r"(w));
+  return acc;
+}
 // the R row sums of a warp: afterwards lane l holds row row_of(l) in a[0], complete in lanes l % (32 / R) == 0
 __device__ __forceinline__ void reduce_rows(float (&a)[R], int lane) {
   _Pragma("unroll") for (int n = R, off = 16; n > 1; n >>= 1, off >>= 1) {
@@ -119,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
   u64* empty = full + NST;
   u64* sums = empty + NST;
   float* red = (float*)(sums + NRED);  // [NRED][W][R] the warps' row sums
-  u16* scs = (u16*)(red + NRED * W * R);  // [G][sstride]
+  u16* scs = (u16*)(red + NRED * W * R);  // [G][sstride] (INT8: [rmax], one scale per row)
   u16* ofs = scs + G * sstride;
   u16* res = ofs + (HAS_OFFSET ? G * sstride : 0);  // [rmax] the residual rows (ADD)
   u16* nws = res + rmax;  // [rmax] the next norm's weights of those rows (ADD)
@@ -141,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
   }
   for (int i = tid; i < G * (rows / 2); i += T + 32) {
     const int g = i / (rows / 2), p = i - g * (rows / 2);
-    cp4(scs + g * sstride + 2 * p, sc + (size_t)g * N + r0 + 2 * p);
+    cp4(scs + g * sstride + 2 * p, sc + (size_t)g * N + r0 + 2 * p);  // (G 1: INT8's row scales)
     if (HAS_OFFSET) cp4(ofs + g * sstride + 2 * p, of + (size_t)g * N + r0 + 2 * p);
   }
 #if ADD
@@ -183,6 +197,9 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
         float y = 0.0f;
         _Pragma("unroll") for (int w = 0; w < W; ++w) y += red[(slot * W + w) * R + lane];
         const int lr = st * R + lane, row = r0 + lr;
+#if BITS == 8
+        y *= bf(scs[lr]);  // the row's scale (as the Triton GEMV: the sum, times the scale, times 1 / rms)
+#endif
         y *= rnorm;
 #if ADD
         const float h = round_bf(round_bf(y) + bf(res[lr]));
@@ -202,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
     return;
   }
   // x of this thread's slices as 16-bit integers times 2^(e - 13) (e: the exponent of the slice's largest |x|)
-  u32 xp[NSL][4 * WPS];
+  u32 xp[NSL][XW];
   float xsum[NSL], p2e[NSL];
   _Pragma("unroll") for (int i = 0; i < NSL; ++i) {
     const int k0 = (tid + i * T) * SL;
@@ -226,13 +243,18 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
     }
     const int eb = max((int)((__float_as_uint(big) >> 23) & 0xFF), 16);
     const float up = __uint_as_float((u32)(267 - eb) << 23);
-    _Pragma("unroll") for (int h = 0; h < WPS; ++h) {
+    _Pragma("unroll") for (int h = 0; h < SL / 8; ++h) {
       int q[8];
       _Pragma("unroll") for (int j = 0; j < 8; ++j) q[j] = __float2int_rn(vals[8 * h + j] * up);
+#if BITS == 8  // consecutive pairs: bytes 0-1 and 2-3 of a word
+      _Pragma("unroll") for (int j = 0; j < 4; ++j)
+        xp[i][4 * h + j] = (u32)(q[2 * j] & 0xFFFF) | ((u32)q[2 * j + 1] << 16);
+#else
       xp[i][4 * h + 0] = (u32)(q[0] & 0xFFFF) | ((u32)q[2] << 16);
       xp[i][4 * h + 1] = (u32)(q[4] & 0xFFFF) | ((u32)q[6] << 16);
       xp[i][4 * h + 2] = (u32)(q[1] & 0xFFFF) | ((u32)q[3] << 16);
       xp[i][4 * h + 3] = (u32)(q[5] & 0xFFFF) | ((u32)q[7] << 16);
+#endif
     }
     p2e[i] = __uint_as_float((u32)(eb - 13) << 23);
     xsum[i] = s;
@@ -245,30 +267,38 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
     const int buf = st % NST, slot = st % NRED, lr0 = st * R;
     wait_bar(full + buf, (st / NST) & 1);
     const unsigned char* sb = ring + buf * STAGEB;
-    uint4 w[R][NSL];
+    uint4 w[R][NSL][SB / 16];
     u32 s[R][NSL], m[R][NSL];
     _Pragma("unroll") for (int r = 0; r < R; ++r) _Pragma("unroll") for (int i = 0; i < NSL; ++i)
-      w[r][i] = *(const uint4*)(sb + r * ROWB + (tid + i * T) * SB);
+      _Pragma("unroll") for (int c = 0; c < SB / 16; ++c)
+        w[r][i][c] = *(const uint4*)(sb + r * ROWB + (tid + i * T) * SB + 16 * c);
     // the stage is in registers: its buffer may take the next copy, once these generic-proxy reads are ordered
     // before the copy's async-proxy writes (without the fence, 1-16 rows of 2048 read the next stage's bytes when
     // that copy came from L2 at once: one stage, one row per stage)
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncwarp();
     if (lane == 0) arrive(empty + buf);
+#if BITS == 4
     _Pragma("unroll") for (int r = 0; r < R; ++r) _Pragma("unroll") for (int i = 0; i < NSL; ++i) {
       const int g = (tid + i * T) * SL / 128;
       s[r][i] = scs[g * sstride + lr0 + r];
       if (HAS_OFFSET) m[r][i] = ofs[g * sstride + lr0 + r];
     }
+#endif
     float acc[R];
     _Pragma("unroll") for (int r = 0; r < R; ++r) {
       float a = 0.0f;
       _Pragma("unroll") for (int i = 0; i < NSL; ++i) {
-        const u32* wv = (const u32*)&w[r][i];
+        const u32* wv = (const u32*)&w[r][i][0];
         int d = 0;
+#if BITS == 8  // |d| < 2^26: the float rounds it by at most 2^-24
+        _Pragma("unroll") for (int h = 0; h < WPS; ++h) d = dot_word8(wv[h], xp[i] + 2 * h, d);
+        a = fmaf(p2e[i], (float)d, a);  // 2^(e - 13) d (the row's scale comes in the epilogue)
+#else
         _Pragma("unroll") for (int h = 0; h < WPS; ++h) d = dot_word(wv[h], xp[i] + 4 * h, d);
         const float sc_ = bf(s[r][i]), mo = HAS_OFFSET ? bf(m[r][i]) : -8.0f * sc_;
         a = fmaf(sc_ * p2e[i], (float)d, fmaf(mo, xsum[i], a));  // 2^(e - 13) s d + m sum x (|d| < 2^23: exact)
+#endif
       }
       acc[r] = a;
     }
@@ -281,9 +311,10 @@ extern "C" __global__ void __launch_bounds__(T + 32, MIN_CTAS) stream_gemv(
 """
 
 
-def plan(n: int, k: int) -> tuple[int, int, int] | None:
-    """(threads, slices per thread, rows per stage) for an [n, k] layer, or None where the kernel does not fit it:
-    32-value slices spread evenly over 64-256 threads (a multiple of 32, at most 4 slices each), N even."""
+def plan(n: int, k: int, bits: int = 4) -> tuple[int, int, int] | None:
+    """(threads, slices per thread, rows per stage) for an [n, k] layer of `bits` (4: INT4 g128, 8: INT8 per
+    channel), or None where the kernel does not fit it: 32-value slices spread evenly over 64-256 threads (a
+    multiple of 32, at most 4 slices each), N even."""
     if k % (SLICE * 32) or n % 2 or n <= 0:
         return None
     slices = k // SLICE
@@ -291,13 +322,14 @@ def plan(n: int, k: int) -> tuple[int, int, int] | None:
     if threads is None or slices // threads > 4:
         return None
     rows = 1
-    while rows < 8 and 2 * rows * (k // 2) <= STAGE_BYTES:
+    while rows < 8 and 2 * rows * (k * bits // 8) <= STAGE_BYTES:
         rows *= 2
     return threads, slices // threads, rows
 
 
-def supports(n: int, k: int, group_size: int) -> bool:
-    return group_size == 128 and plan(n, k) is not None
+def supports(n: int, k: int, group_size: int, bits: int = 4) -> bool:
+    """INT4 with groups of 128 or INT8 per output channel (group_size 0), in a shape `plan` fits."""
+    return group_size == (128 if bits == 4 else 0) and bits in (4, 8) and plan(n, k, bits) is not None
 
 
 def aligned(*tensors: torch.Tensor | None) -> bool:
@@ -306,11 +338,11 @@ def aligned(*tensors: torch.Tensor | None) -> bool:
 
 
 @functools.cache
-def fits(n: int, k: int, has_offset: bool, device: torch.device) -> bool:
+def fits(n: int, k: int, has_offset: bool, device: torch.device, bits: int = 4) -> bool:
     """Whether the default grid's CTAs fit shared memory with 2 stages (the scales of their rows grow with N)."""
-    threads, _, rows = plan(n, k)
+    threads, _, rows = plan(n, k, bits)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return shared_bytes(k, threads, rows, 2, _grid(n, device)[1], has_offset) <= _shared_limit(index)
+    return shared_bytes(k, threads, rows, 2, _grid(n, device)[1], has_offset, bits) <= _shared_limit(index)
 
 
 def _grid(n: int, device: torch.device, ctas: int | None = None) -> tuple[int, int]:
@@ -328,7 +360,7 @@ def available(device: torch.device) -> bool:
         return False
     try:
         _compiled(device.index if device.index is not None else torch.cuda.current_device(), 4096, 128, 1, 8, 2, 1,
-                  True, False, False, False)
+                  True, False, False, False, 4)
     except Exception:  # no NVRTC in this install: the Triton GEMV
         return False
     return True
@@ -336,17 +368,18 @@ def available(device: torch.device) -> bool:
 
 @functools.cache
 def _compiled(index: int, k: int, threads: int, nsl: int, rows: int, stages: int, pre: int, has_offset: bool,
-              silu_mul: bool, norm: bool, add: bool):
-    defines = dict(K=k, T=threads, NSL=nsl, R=rows, NST=stages, PRE=pre, HAS_OFFSET=int(has_offset),
+              silu_mul: bool, norm: bool, add: bool, bits: int):
+    defines = dict(K=k, T=threads, NSL=nsl, R=rows, NST=stages, PRE=pre, BITS=bits, HAS_OFFSET=int(has_offset),
                    SILU_MUL=int(silu_mul), NORM=int(norm), ADD=int(add), PDL=1, MIN_CTAS=CTAS_PER_SM)
     return compile_kernel(index, _SOURCE, "stream_gemv", defines)
 
 
-def shared_bytes(k: int, threads: int, rows: int, stages: int, rmax: int, has_offset: bool) -> int:
-    """Shared memory of one CTA: the ring, its barriers and row sums, the scales (and offsets) of rmax rows, the
-    residual rows and norm weights (ADD), and slack for the stale rows a partial stage reads."""
-    return stages * rows * (k // 2) + 8 * 4 * stages + 4 * 2 * stages * (threads // 32) * rows \
-        + 2 * ((k // 128) * (rmax + 2) * (2 if has_offset else 1) + 2 * rmax) + 64
+def shared_bytes(k: int, threads: int, rows: int, stages: int, rmax: int, has_offset: bool, bits: int = 4) -> int:
+    """Shared memory of one CTA: the ring, its barriers and row sums, the scales (and offsets) of rmax rows (INT8:
+    one per row), the residual rows and norm weights (ADD), and slack for the stale rows a partial stage reads."""
+    groups = k // 128 if bits == 4 else 1
+    return stages * rows * (k * bits // 8) + 8 * 4 * stages + 4 * 2 * stages * (threads // 32) * rows \
+        + 2 * (groups * (rmax + 2) * (2 if has_offset else 1) + 2 * rmax) + 64
 
 
 def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
@@ -354,22 +387,27 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
                 norm_weight: torch.Tensor | None = None, ctas: int | None = None, stages: int | None = None,
                 pre: int | None = None, rows: int | None = None):
     """One row of x [1, K] (bf16; [1, 2K] = [gate | up] with silu_mul) @ W^T for an INT4 g128 layer (qweight uint8
-    [N, K/2], group-major bf16 scales and offsets [N, K/128]); the fused forms as quant_matmul.quant_linear_triton's
-    GEMV (norm=(eps, ss); residual + norm_weight -> (h, hw, ss)). ctas, stages, pre (stages copied before PDL's
-    wait) and rows (per stage) override the defaults (sweeps, tests)."""
+    [N, K/2], group-major bf16 scales and offsets [N, K/128]) or an INT8 one per output channel (qweight int8 [N, K],
+    bf16 scales [N], no offsets); the fused forms as quant_matmul.quant_linear_triton's GEMV (norm=(eps, ss);
+    residual + norm_weight -> (h, hw, ss)). ctas, stages, pre (stages copied before PDL's wait) and rows (per
+    stage) override the defaults (sweeps, tests)."""
     if x.dim() != 2 or qweight.dim() != 2:
-        raise ValueError("stream_gemv takes one row of bf16 x and an INT4 layer that `plan` fits")
+        raise ValueError("stream_gemv takes one row of bf16 x and an INT4 or INT8 layer that `plan` fits")
     k = x.shape[1] // 2 if silu_mul else x.shape[1]
     n = qweight.shape[0]
-    p = plan(n, k)
-    if x.dtype != torch.bfloat16 or x.shape[0] != 1 or p is None or qweight.dtype != torch.uint8 \
-            or qweight.shape[1] * 2 != k:
-        raise ValueError("stream_gemv takes one row of bf16 x and an INT4 layer that `plan` fits")
+    bits = 8 if qweight.dtype == torch.int8 else 4
+    p = plan(n, k, bits)
+    if x.dtype != torch.bfloat16 or x.shape[0] != 1 or p is None or qweight.dtype not in (torch.uint8, torch.int8) \
+            or qweight.shape[1] * 8 // bits != k:
+        raise ValueError("stream_gemv takes one row of bf16 x and an INT4 or INT8 layer that `plan` fits")
     if not x.is_contiguous() or x.data_ptr() % 16 or not qweight.is_contiguous() or qweight.data_ptr() % 16:
         raise ValueError("stream_gemv needs contiguous, 16-byte aligned x and qweight")
-    if scales.dtype != torch.bfloat16 or scales.shape != (n, k // 128) or scales.stride() != (1, n) \
-            or (offsets is not None and (offsets.shape != scales.shape or offsets.stride() != (1, n)
-                                         or offsets.dtype != scales.dtype)):
+    if bits == 8 and (scales.dtype != torch.bfloat16 or scales.shape != (n,) or not scales.is_contiguous()
+                      or offsets is not None):
+        raise ValueError("stream_gemv needs bf16 scales [N] and no offsets for INT8 (per output channel)")
+    if bits == 4 and (scales.dtype != torch.bfloat16 or scales.shape != (n, k // 128) or scales.stride() != (1, n)
+                      or (offsets is not None and (offsets.shape != scales.shape or offsets.stride() != (1, n)
+                                                   or offsets.dtype != scales.dtype))):
         raise ValueError("stream_gemv needs group-major bf16 scales and offsets [N, K/128] (group size 128)")
     if residual is not None and (residual.shape != (1, n) or residual.dtype != x.dtype or not residual.is_contiguous()
                                  or norm_weight is None or norm_weight.shape != (n,)
@@ -393,7 +431,8 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
     threads, nsl, stage_rows = p
     stage_rows = rows or stage_rows
     ctas, rmax = _grid(n, x.device, ctas)
-    size = functools.partial(shared_bytes, k, threads, stage_rows, rmax=rmax, has_offset=offsets is not None)
+    size = functools.partial(shared_bytes, k, threads, stage_rows, rmax=rmax, has_offset=offsets is not None,
+                             bits=bits)
     if stages is None:  # CTAS_PER_SM CTAs fit an SM
         fit = (_shared_limit(index) + 1024) // CTAS_PER_SM - 1024
         stages = STAGES
@@ -404,7 +443,7 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
         raise ValueError(f"stream_gemv's {stages} stages and the scales of {rmax} rows do not fit shared memory")
     pre = min(PRE if pre is None else pre, stages)
     kernel = _compiled(index, k, threads, nsl, stage_rows, stages, pre, offsets is not None, silu_mul,
-                       norm is not None, residual is not None)
+                       norm is not None, residual is not None, bits)
     if residual is not None:
         out, hw = residual, torch.empty_like(residual)
         ss = torch.empty(1, ctas, dtype=torch.float32, device=x.device)

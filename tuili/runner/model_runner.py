@@ -94,7 +94,7 @@ class ModelRunner:
         rope = (attn.rotary.cos, attn.rotary.sin) if attn.q_norm is None and attn.rotary.triton else None
         warm_up_kernels(attn.attn.k_cache, attn.attn.v_cache, attn.num_heads, self.dtype,
                         k_scale=attn.attn.k_scale, v_scale=attn.attn.v_scale, verify_query_len=verify_query_len,
-                        rope_tables=rope, launch_early=attn.attn.launch_early)
+                        rope_tables=rope, launch_early=bool(attn.attn.launch_early_rows))
         torch.cuda.synchronize(self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, spec_query_len: int = 0,
