@@ -229,6 +229,36 @@ def test_gguf_tensor_type(tmp_path, tiny_llama_state, type_name):
             llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q6_K"])
+def test_gguf_int8_blocks_run_packed_through_tuilis_cpu_kernels(tmp_path, tiny_llama_state, type_name):
+    """Q8_0 / Q6_K layers (INT8 groups of 32 / 16) in bf16 on the CPU: tuili's int8_gemv reads the blocks, in the
+    C++ decode step too, and no float copy of a weight is kept; the C++ step, the scripted step and the eager layers
+    generate the same tokens (the kernels' arithmetic against the reference: tests/ops/test_cpu_kernels.py)."""
+    from tuili.ops import cpu_kernels
+    from tuili.runner import cpu_step
+
+    if not cpu_kernels.available():
+        pytest.skip(f"tuili's CPU kernels do not run here: {cpu_kernels.why_not()}")
+    path = str(tmp_path / f"tiny-{type_name}.gguf")
+    write_tiny_gguf(path, tiny_llama_state, QT[type_name])
+    llm = LLM(path, dtype="bfloat16", kv_cache_memory=0.01)
+    step, group = llm.engine.runner.cpu_step, {"Q8_0": 32, "Q6_K": 16}[type_name]
+    assert step.native is not None and set(step.native[1]) == {cpu_step.GEMV8} and set(step.native[2]) == {group}
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [PROMPT, list(range(3, 63))]  # the second's prefill: more than INT8_ROWS rows (int8_dense)
+    run = lambda: [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]  # noqa: E731
+    native = run()
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, MergedLinear)]
+    for module in layers:
+        assert module.weight is None and module._cpu_dense is None, "no float copy"
+        assert module._cpu_int8[0].data_ptr() == module.qweight.data_ptr(), "the kernel reads the blocks"
+    step.native = None  # one sequence through the scripted step, then several through the eager layers
+    assert run() == native
+    together = llm.generate(prompts * 2, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in together] == native * 2
+    assert all(module._cpu_dense is None for module in layers)
+
+
 def test_gguf_file_reads_what_gguf_reader_reads(tmp_path, tiny_llama_state, default_model_path):
     """tuili's GGUF reader (struct over the mapped file, ~0.2 s for the default model where gguf.GGUFReader takes
     ~4 s) against the gguf package's: every metadata value, and every tensor's name, type, dims and data (dtype

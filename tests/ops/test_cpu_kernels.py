@@ -104,16 +104,34 @@ def test_int4_pack_refuses_shapes_the_kernel_does_not_take():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 4, 6])
-def test_int8_gemv_matches_the_reference(dtype, rows):
-    gen = torch.Generator().manual_seed(rows)
+@pytest.mark.parametrize("group", [0, 16, 32])  # 0: per output channel; 16 / 32: GGUF Q6_K / Q8_0's groups
+def test_int8_gemv_matches_the_reference(dtype, rows, group):
+    gen = torch.Generator().manual_seed(rows + group)
     for n, k in ((49, 64), (300, 576)):
         qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-        scales = (torch.rand(n, generator=gen) * 0.01).to(dtype)
+        scales = (torch.rand((n, k // group) if group else (n,), generator=gen) * 0.01).to(dtype)
         x = torch.randn(rows, k, generator=gen).to(dtype)
-        ref = quant_matmul.int8_linear(x.float(), qweight, scales.float())
+        ref = quant_matmul.int8_linear(x.float(), qweight, scales.float(), group_size=group)
         out = cpu_kernels.int8_gemv(x, qweight, scales)
         assert out.dtype == dtype
         _close(out, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", [0, 16, 32])
+def test_int8_dequant_and_the_dense_product_for_many_rows(dtype, group):
+    """The weight for prefill-sized batches of an INT8 layer, made per call: exactly the reference's fp32 weight."""
+    gen = torch.Generator().manual_seed(group)
+    n, k = 70, 256
+    qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = (torch.rand((n, k // group) if group else (n,), generator=gen) * 0.01).to(dtype)
+    weight = torch.ops.tuili.int8_dequant(qweight, scales)
+    assert torch.equal(weight, quant_matmul.dequantize_int8(qweight, scales, group))
+    x = torch.randn(40, k, generator=gen).to(dtype)
+    out = cpu_kernels.int8_dense(x, qweight, scales)
+    assert out.dtype == dtype
+    _close(out, x.float() @ weight.T)
 
 
 @needs_kernels
@@ -139,6 +157,10 @@ def test_bad_inputs_get_clear_errors():
         torch.ops.tuili.int4_gemv(torch.zeros(1, 128, dtype=torch.bfloat16), *packed, 32)
     with pytest.raises(RuntimeError, match="scales must be contiguous"):
         torch.ops.tuili.int8_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous \[N\] or \[N, K / group\] \(group 16 or 32\)"):
+        torch.ops.tuili.int8_gemv(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 1))
+    with pytest.raises(RuntimeError, match="K a multiple of 32"):
+        torch.ops.tuili.int8_dequant(torch.zeros(8, 48, dtype=torch.int8), torch.ones(8, 3))
     with pytest.raises(RuntimeError, match="K must be a multiple of 64 and of the group"):
         torch.ops.tuili.int4_dequant(packed[0], packed[1], 48)
     with pytest.raises(RuntimeError, match="scales and offsets must be contiguous"):
@@ -165,7 +187,8 @@ def test_the_avx2_build_on_an_avx512_machine(tiny_models, tmp_path):
         "            t.test_int4_gemv_matches_the_reference(group, False, rows, dtype)\n"
         "t.test_int4_gemv_matches_the_reference(64, True, 2, t.torch.bfloat16)\n"
         "for rows in (1, 4, 6):\n"
-        "    t.test_int8_gemv_matches_the_reference(t.torch.bfloat16, rows)\n"
+        "    for group in (0, 16, 32):\n"
+        "        t.test_int8_gemv_matches_the_reference(t.torch.bfloat16, rows, group)\n"
         "t.test_native_step_generates_what_the_scripted_step_does({'llama': %r}, 'int4')\n"
     ) % (tests, tiny_models["llama"])
     env = dict(os.environ, TUILI_CPU_MARCH="x86-64-v3", TUILI_CACHE=str(tmp_path))

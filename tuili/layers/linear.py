@@ -28,7 +28,7 @@ class Linear(nn.Module):
         self.qweight = self.scales = self.offsets = None
         self.group_size = 0
         self._triton = False
-        self._cpu_int4 = self._cpu_dense = self._cpu_gemv = None
+        self._cpu_int4 = self._cpu_int8 = self._cpu_dense = self._cpu_gemv = None
 
     def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None,
                       group_size: int = 0) -> None:
@@ -41,7 +41,7 @@ class Linear(nn.Module):
         self.scales = nn.Parameter(layout(scales), requires_grad=False)
         self.offsets = None if offsets is None else nn.Parameter(layout(offsets), requires_grad=False)
         self.group_size = group_size
-        self._cpu_int4 = self._cpu_dense = self._cpu_gemv = None
+        self._cpu_int4 = self._cpu_int8 = self._cpu_dense = self._cpu_gemv = None
 
     def use_triton(self, enabled: bool) -> None:
         """Quantized layers on CUDA: the dequant-fused Triton matmul (else the torch reference)."""
@@ -63,8 +63,19 @@ class Linear(nn.Module):
             self._cpu_gemv = packed or ()
         return self._cpu_gemv
 
+    def cpu_int8(self) -> tuple:
+        """An INT8-groups layer (GGUF Q8_0, Q6_K) for tuili's CPU kernel (int8_gemv): (qweight, the scales
+        row-major), or () where that kernel does not run here or does not take the shape; made on first use."""
+        if self._cpu_int8 is None:
+            n, k = self.qweight.shape
+            ok = self.qweight.device.type == "cpu" and self.group_size in (16, 32) and k % 32 == 0 \
+                and self.scales.shape == (n, k // self.group_size) and cpu_kernels.available()
+            self._cpu_int8 = (self.qweight.contiguous(), self.scales.contiguous()) if ok else ()
+        return self._cpu_int8
+
     def cpu_dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float copy of an INT8-groups layer that the CPU multiplies with (torch has no kernel for it)."""
+        """The float copy of an INT8-groups layer that the CPU multiplies with where tuili's kernel does not run
+        (not x86-64 with AVX2; torch has no kernel for it)."""
         if self._cpu_dense is None or self._cpu_dense.dtype != dtype:
             self._cpu_dense = quant_matmul.dequantize_int8(self.qweight, self.scales, self.group_size, dtype)
         return self._cpu_dense
@@ -76,7 +87,12 @@ class Linear(nn.Module):
         if qweight.device.type == "cpu":  # torch's packed CPU kernels (int8: decode-sized batches only)
             if int8 and not self.group_size and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
-            if int8:  # INT8 groups (GGUF Q8_0, Q6_K): torch has no CPU kernel; a float copy, made once
+            if int8 and self.cpu_int8() and x.dtype == self.scales.dtype:  # INT8 groups (GGUF Q8_0, Q6_K)
+                w, s = self._cpu_int8
+                out = cpu_kernels.int8_gemv(x.contiguous(), w, s) if x.shape[0] <= cpu_kernels.INT8_ROWS \
+                    else cpu_kernels.int8_dense(x, w, s)
+                return out if self.bias is None else out + self.bias
+            if int8:  # INT8 groups where tuili's kernel does not run: a float copy, made once
                 return cpu_kernels.dense_linear(x, self.cpu_dense(x.dtype), self.bias)
             # tuili's kernel where x has the dtype the layer packs to (fp32 scales: fp32, else bf16)
             packed = torch.float32 if self.scales.dtype == torch.float32 else torch.bfloat16

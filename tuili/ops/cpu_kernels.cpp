@@ -15,8 +15,9 @@
 //   y = sum_g s_g * dot_g + (o_g - 128 s_g) * sum_{k in g} x_k.
 // With x, scales and offsets in fp32 (an fp32 model) and y fp32, the nibbles become fp32 and are multiplied by FMA
 // (AVX2, in both builds): y = sum_g s_g * dot_g + o_g * sum_{k in g} x_k, every product exact.
-// int8_gemv: x [M, K] bf16 or fp32; w [N, K] int8; s [N]: y = s[n] * sum_k w[n, k] x[k] (weights to fp32, FMA;
-// on AVX2 with bf16 x, in integers as below).
+// int8_gemv: x [M, K] bf16 or fp32; w [N, K] int8; s [N]: y = s[n] * sum_k w[n, k] x[k], or s [N, K / G] (groups
+// of G = 16 or 32 inputs: GGUF Q6_K, Q8_0): y = sum_k s[n, k / G] w[n, k] x[k] (weights to fp32, FMA; on AVX2 with
+// bf16 x, in integers as below). int8_dequant: such a weight in fp32, for a float GEMM (prefill).
 // int4_dequant: the fp32 weight of an int4_gemv layer, for a float GEMM where x has many rows (prefill).
 // bf16_gemv: x [M, K] bf16, w [N, K] bf16 (a float model's layer): y = bf16(sum_k w[n, k] x[k]), the weights to
 // fp32 by a shift and FMA-accumulated in fp32 (as torch's bf16 linear: every product exact, one rounding at the end).
@@ -456,9 +457,16 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& so, int64_t group
   return out;
 }
 
-// out[m, n] = s[n] * sum_k w[n, k] x[m, k], written in the output's dtype (bf16 or fp32)
-template <int M, int R, typename T>
-void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64_t n, T* out, int64_t ldo) {
+// INT8 weights, scaled per output row (s [N] fp32, G = 0) or per group of G = 16 or 32 inputs (gs [N, K / G]
+// row-major, in x's dtype: GGUF Q6_K and Q8_0 blocks): out[m, n] = sum_k scale(n, k) w[n, k] x[m, k], written in
+// the output's dtype (bf16 or fp32). The group's scale multiplies the weights converted to fp32 (exact for bf16
+// scales: 8 by 8 significant bits).
+template <int G, typename S>
+inline float group_scale(const S* gs, int64_t K, int64_t n, int64_t k) { return as_float(gs[n * (K / G) + k / G]); }
+
+template <int M, int R, int G, typename S, typename T>
+void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, const S* gs, int64_t n, T* out,
+               int64_t ldo) {
 #if TUILI_AVX512BF16
   using V = __m512;
   constexpr int L = 16;
@@ -466,6 +474,7 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64
   auto weights = [](const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   };
+  auto scaled = [](V a, float f) { return _mm512_mul_ps(a, _mm512_set1_ps(f)); };
   auto fma = [](V a, const float* b, V c) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(b), c); };
   auto total = [](V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); };
 #else
@@ -475,6 +484,7 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64
   auto weights = [](const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   };
+  auto scaled = [](V a, float f) { return _mm256_mul_ps(a, _mm256_set1_ps(f)); };
   auto fma = [](V a, const float* b, V c) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(b), c); };
   auto total = [](V a, V b) { return hsum8(_mm256_add_ps(a, b)); };
 #endif
@@ -484,7 +494,11 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64
   for (int64_t k = 0; k < K; k += 2 * L) {
     for (int r = 0; r < R; ++r) {
       const int8_t* wr = w + (n + r) * K + k;
-      const V w0 = weights(wr), w1 = weights(wr + L);
+      V w0 = weights(wr), w1 = weights(wr + L);
+      if constexpr (G > 0) {
+        w0 = scaled(w0, group_scale<G>(gs, K, n + r, k));
+        w1 = scaled(w1, group_scale<G>(gs, K, n + r, k + L));
+      }
       for (int m = 0; m < M; ++m) {
         acc[m][r][0] = fma(w0, x + m * K + k, acc[m][r][0]);
         acc[m][r][1] = fma(w1, x + m * K + k + L, acc[m][r][1]);
@@ -492,43 +506,38 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* s, int64
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[m * ldo + n + r] = T(s[n + r] * total(acc[m][r][0], acc[m][r][1]));
+    for (int m = 0; m < M; ++m)
+      out[m * ldo + n + r] = T((G > 0 ? 1.f : s[n + r]) * total(acc[m][r][0], acc[m][r][1]));
 }
 
-template <int M, typename T>
-void int8_block(const float* x, int64_t K, const int8_t* w, const float* s, int64_t n0, int64_t n1, T* out,
-                int64_t ldo) {
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) int8_rows<M, 2>(x, K, w, s, n, out, ldo);
-  if (n < n1) int8_rows<M, 1>(x, K, w, s, n, out, ldo);
+// rows.template operator()<G>() for the group size (0, 16 or 32)
+template <typename F>
+void with_group(int64_t group, const F& f) {
+  if (group == 16)
+    f.template operator()<16>();
+  else if (group == 32)
+    f.template operator()<32>();
+  else
+    f.template operator()<0>();
 }
 
-template <typename T>
-void int8_all(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, int64_t N, T* yp) {
-  at::parallel_for(0, (N + 1) / 2, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = 2 * begin; c0 < std::min(N, 2 * end); c0 += 16) {  // as in int4_run
-      const int64_t c1 = std::min({N, 2 * end, c0 + 16});
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* xm = xp + m0 * K;
-        T* ym = yp + m0 * N;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int8_block<1>(xm, K, wp, sp, c0, c1, ym, N); break;
-          case 2: int8_block<2>(xm, K, wp, sp, c0, c1, ym, N); break;
-          case 3: int8_block<3>(xm, K, wp, sp, c0, c1, ym, N); break;
-          default: int8_block<4>(xm, K, wp, sp, c0, c1, ym, N); break;
-        }
-      }
-    }
+template <typename S, typename T>
+void int8_all(const float* xp, int64_t M, int64_t K, const int8_t* wp, const float* sp, const S* gs, int64_t group,
+              int64_t N, T* yp) {
+  with_group(group, [&]<int G>() {
+    int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {  // (its blocks of rows suit any GEMV here)
+      int8_rows<B, R, G>(xp + m0 * K, K, wp, sp, gs, n, yp + m0 * N, N);
+    });
   });
 }
 
 #if !TUILI_AVX512BF16
-// the AVX2 form for bf16 x: y = s[n] * sum_b xfac_b sum_{k in b} w[n, k] xq[k] over sub-blocks b of 32 inputs (xq,
+// the AVX2 form for bf16 x: y = sum_b scale xfac_b sum_{k in b} w[n, k] xq[k] over sub-blocks b of 32 inputs (xq,
 // xfac: x16_prepare), the weights sign-extended to 16 bits and `vpmaddwd` against xq (16 exact products per
-// instruction), one int-to-float per sub-block
-template <int M, int R>
-void int8_rows_i16(const int16_t* xq, const float* xfac, int64_t K, const int8_t* w, const float* s, int64_t n,
-                   uint16_t* out, int64_t ldo) {
+// instruction), one int-to-float per sub-block (per 16 inputs for groups of 16)
+template <int M, int R, int G>
+void int8_rows_i16(const int16_t* xq, const float* xfac, int64_t K, const int8_t* w, const float* s,
+                   const uint16_t* gs, int64_t n, uint16_t* out, int64_t ldo) {
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -538,36 +547,59 @@ void int8_rows_i16(const int16_t* xq, const float* xfac, int64_t K, const int8_t
       prefetch(wr + kAhead);
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr)));
       const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16)));
+      const float s0 = G > 0 ? group_scale<G ? G : 32>(gs, K, n + r, 32 * b) : 1.f;
+      const float s1 = G == 16 ? group_scale<16>(gs, K, n + r, 32 * b + 16) : s0;
       for (int m = 0; m < M; ++m) {
         const __m256i* xm = reinterpret_cast<const __m256i*>(xq + m * K + 32 * b);
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xm)),
-                                           _mm256_madd_epi16(w1, _mm256_loadu_si256(xm + 1)));
-        acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xfac[m * (K / 32) + b]), acc[m][r]);
+        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xm));
+        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xm + 1));
+        const float f = xfac[m * (K / 32) + b];
+        if constexpr (G == 16) {
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(f * s0), acc[m][r]);
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(f * s1), acc[m][r]);
+        } else {
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(f * s0),
+                                      acc[m][r]);
+        }
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) out[m * ldo + n + r] = float_to_bf16(s[n + r] * hsum8(acc[m][r]));
+    for (int m = 0; m < M; ++m)
+      out[m * ldo + n + r] = float_to_bf16((G > 0 ? 1.f : s[n + r]) * hsum8(acc[m][r]));
 }
 #endif
 
-// y [M, N] bf16 = x [M, K] bf16 times an INT8 weight (w [N, K] int8, s [N] bf16)
-void int8_run_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* s, int64_t N,
-                   uint16_t* y) {
-  std::vector<float> sf(N);
-  for (int64_t i = 0; i < N; ++i) sf[i] = bf16_to_float(s[i]);
+// y [M, N] bf16 = x [M, K] bf16 times an INT8 weight (w [N, K] int8; s [N] bf16 for group 0, else [N, K / group])
+void int8_run_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* s, int64_t group,
+                   int64_t N, uint16_t* y) {
+  std::vector<float> sf(group ? 0 : N);
+  for (int64_t i = 0; i < int64_t(sf.size()); ++i) sf[i] = bf16_to_float(s[i]);
 #if TUILI_AVX512BF16
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
-  int8_all(xf.data(), M, K, w, sf.data(), N, reinterpret_cast<c10::BFloat16*>(y));
+  int8_all(xf.data(), M, K, w, sf.data(), s, group, N, reinterpret_cast<c10::BFloat16*>(y));
 #else
   std::vector<int16_t> xq(M * K);
   std::vector<float> xfac(M * (K / 32));
   x16_prepare(x, M, K, false, xq.data(), xfac.data());
-  int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {  // (its blocks of rows suit any GEMV here)
-    int8_rows_i16<B, R>(xq.data() + m0 * K, xfac.data() + m0 * (K / 32), K, w, sf.data(), n, y + m0 * N, N);
+  with_group(group, [&]<int G>() {
+    int4_parallel(M, N, [&]<int B, int R>(int64_t m0, int64_t n) {
+      int8_rows_i16<B, R, G>(xq.data() + m0 * K, xfac.data() + m0 * (K / 32), K, w, sf.data(), s, n, y + m0 * N, N);
+    });
   });
 #endif
+}
+
+// the group size of INT8 scales s for w [N, K]: 0 for s [N], else K / s.size(1) (16 or 32)
+int64_t int8_group(const at::Tensor& w, const at::Tensor& s, at::ScalarType dtype) {
+  const int64_t N = w.size(0), K = w.size(1);
+  check(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 && K % 32 == 0,
+        "w must be contiguous int8 [N, K], K a multiple of 32");
+  check(s.scalar_type() == dtype && s.is_contiguous() && s.size(0) == N && s.dim() <= 2 &&
+            (s.dim() == 1 || (s.size(1) * 16 == K || s.size(1) * 32 == K)),
+        "scales must be contiguous [N] or [N, K / group] (group 16 or 32) in x's dtype");
+  return s.dim() == 1 ? 0 : K / s.size(1);
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
@@ -575,20 +607,38 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   check(x.dim() == 2 && x.is_contiguous() && (bf16 || x.scalar_type() == at::kFloat),
         "x must be contiguous bf16 or fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  check(K % 32 == 0, "K must be a multiple of 32");
-  check(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
-        "w must be contiguous int8 [N, K]");
-  check(s.dim() == 1 && s.size(0) == N && s.scalar_type() == x.scalar_type() && s.is_contiguous(),
-        "scales must be contiguous [N] in x's dtype");
+  check(w.dim() == 2 && w.size(1) == K, "w must be [N, K]");
+  const int64_t group = int8_group(w, s, x.scalar_type());
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (bf16)
-    int8_run_bf16(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), bf16_ptr(s), N, bf16_ptr(y));
+    int8_run_bf16(bf16_ptr(x), M, K, w.data_ptr<int8_t>(), bf16_ptr(s), group, N, bf16_ptr(y));
   else  // fp32: x and the scales as they are
-    int8_all(x.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), s.data_ptr<float>(), N, y.data_ptr<float>());
+    int8_all(x.data_ptr<float>(), M, K, w.data_ptr<int8_t>(), s.data_ptr<float>(), s.data_ptr<float>(), group, N,
+             y.data_ptr<float>());
   return y;
 }
 
+// W [N, K] fp32 = scale * w from an INT8 layer (s [N] or [N, K / group], bf16 or fp32): the weight for a float GEMM
+// where x has many rows (prefill)
+at::Tensor int8_dequant(const at::Tensor& w, const at::Tensor& s) {
+  check(s.scalar_type() == at::kBFloat16 || s.scalar_type() == at::kFloat, "scales must be bf16 or fp32");
+  const int64_t group = int8_group(w, s, s.scalar_type()), N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* op = out.data_ptr<float>();
+  const uint16_t* sb = s.scalar_type() == at::kBFloat16 ? bf16_ptr(s) : nullptr;
+  const float* sf = sb ? nullptr : s.data_ptr<float>();
+  const int64_t per = group ? K / group : 1, span = group ? group : K;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t g = 0; g < per; ++g) {
+        const float f = sb ? bf16_to_float(sb[n * per + g]) : sf[n * per + g];
+        for (int64_t k = g * span; k < (g + 1) * span; ++k) op[n * K + k] = f * float(wp[n * K + k]);
+      }
+  });
+  return out;
+}
 
 // --- Decode attention: one sequence's new token against its cached keys, for the query heads of one kv head ---
 // A kv head's keys and values are read once for all of its query heads (GQA), a few rows ahead of use (the rows
@@ -732,7 +782,7 @@ void linear(int64_t kind, const at::Tensor& w, const at::Tensor& s, int64_t grou
   if (kind == 3)
     int4_run(x, T, K, w.data_ptr<uint8_t>(), bf16_ptr(s), w.size(0), group, y);
   else if (kind == 4)
-    int8_run_bf16(x, T, K, w.data_ptr<int8_t>(), bf16_ptr(s), w.size(0), y);
+    int8_run_bf16(x, T, K, w.data_ptr<int8_t>(), bf16_ptr(s), group, w.size(0), y);
   else
     bf16_run(x, T, K, bf16_ptr(w), w.size(0), y);
 }
@@ -801,9 +851,8 @@ at::Tensor decode_step(const at::Tensor& x, const at::Tensor& cos2, const at::Te
         check(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.size(1) % 16 == 0,
               "bf16 linears: contiguous bf16 [N, K], K a multiple of 16");
       } else {
-        check(w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) % 32 == 0 &&
-                  sc.scalar_type() == at::kBFloat16 && sc.numel() == w.size(0) && sc.is_contiguous(),
-              "INT8 linears: int8 [N, K], bf16 scales [N]");
+        check(int8_group(w, sc, at::kBFloat16) == groups[4 * l + j],
+              "INT8 linears: int8 [N, K], bf16 scales [N] (group 0) or [N, K / group] (group 16 or 32)");
       }
     }
   }
@@ -911,6 +960,7 @@ TORCH_LIBRARY(tuili, m) {
   m.def("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor");
   m.def("int4_dequant(Tensor w, Tensor so, int group) -> Tensor");
+  m.def("int8_dequant(Tensor w, Tensor s) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("kernel_isa() -> str", &kernel_isa);  // which of the two instruction sets this build uses
   m.def("decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
@@ -922,6 +972,7 @@ TORCH_LIBRARY_IMPL(tuili, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_dequant", &int4_dequant);
+  m.impl("int8_dequant", &int8_dequant);
   m.impl("bf16_gemv", &bf16_gemv);
   m.impl("decode_step", &decode_step);
 }

@@ -46,9 +46,15 @@ GEMV_ROWS_F32 = 128
 # row 0.24 against 0.54 (576 x 1536: 6.1 / 1.5 / 0.11 against 1.2 / 0.67 / 0.42). Batches of more rows than this
 # go through fp32 there (dense_linear).
 FLOAT_ROWS = 16
+# INT8-group layers (GGUF Q8_0, Q6_K): int8_gemv up to this many rows of x, beyond it int8_dense (this AVX2 CPU,
+# bf16, ms for 8 / 16 / 32 / 48 / 64 rows, gemv against dense: 3072 x 576 g32 0.31 / 0.58 / 1.20 / 1.91 / 2.54
+# against 1.20 / 1.32 / 1.95 / 2.75 / 5.30; g16 0.49 / 0.90 / 1.90 / 2.95 / 3.86 against 1.88 / 1.87 / 2.44 / 3.34
+# / 4.15; 576 x 1536 g16 0.24 / 0.46 / 0.94 / 1.40 / 1.81 against 0.73 / 0.83 / 1.04 / 1.28 / 1.46)
+INT8_ROWS = 48
 SCHEMAS = ("int4_gemv(Tensor x, Tensor w, Tensor so, int group) -> Tensor",
            "int8_gemv(Tensor x, Tensor w, Tensor s) -> Tensor",
            "int4_dequant(Tensor w, Tensor so, int group) -> Tensor",
+           "int8_dequant(Tensor w, Tensor s) -> Tensor",
            "bf16_gemv(Tensor x, Tensor w) -> Tensor",
            "decode_step(Tensor x, Tensor cos2, Tensor sin2, Tensor slots, Tensor block_tables, int[] lengths, "
            "Tensor[] tensors, int[] kinds, int[] groups, Tensor final_norm, float eps, int num_heads, "
@@ -202,6 +208,14 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] bf16/fp32, qweight int8 [N, K], scales [N] in x's dtype -> [M, N] in x's dtype."""
+    """x [M, K] bf16/fp32, qweight int8 [N, K], scales [N] or row-major [N, K / G] (G 16 or 32: GGUF Q6_K / Q8_0)
+    in x's dtype -> [M, N] in x's dtype."""
     available()
     return torch.ops.tuili.int8_gemv(x, qweight, scales)
+
+
+def int8_dense(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8_gemv's product for many rows of x: the weight dequantized to fp32 per call (no float copy is kept) and
+    an fp32 GEMM (as the scripted CPU step computes it)."""
+    available()
+    return F.linear(x.float(), torch.ops.tuili.int8_dequant(qweight, scales)).to(x.dtype)

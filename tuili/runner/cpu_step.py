@@ -33,9 +33,11 @@ from tuili.ops.rope import rotate_rows
 logger = logging.getLogger(__name__)
 
 # how a linear runs: F.linear, torch's packed int4 / int8 CPU kernels, tuili's (cpu_kernels) for up to GEMV_ROWS
-# (GEMV4, GEMV8) or FLOAT_ROWS (GEMV16: bf16 weights; its `group` holds that row count)
+# (GEMV4), the step's rows (GEMV8: per channel, or groups of `group` 16 or 32 inputs; a step here has at most
+# MAX_ONE_SEQUENCE_QUERY <= INT8_ROWS rows) or FLOAT_ROWS (GEMV16: bf16 weights; its `group` holds that row count)
 FLOAT, INT4, INT8, GEMV4, GEMV8, GEMV16 = 0, 1, 2, 3, 4, 5
 NATIVE_BATCH = 8  # decode steps of up to this many sequences go through the C++ step (16: no faster than eager)
+assert max(MAX_ONE_SEQUENCE_QUERY, NATIVE_BATCH) <= cpu_kernels.INT8_ROWS  # GEMV8 with groups: the kernel at any step
 
 
 def _linear(x: Tensor, kind: int, w: Tensor, s: Tensor, b: Optional[Tensor], group: int) -> Tensor:
@@ -122,7 +124,9 @@ def _linear_args(linear, dtype: torch.dtype, gemv: bool):
         return GEMV4, *linear.cpu_gemv(), linear.bias, group
     if qweight.dtype == torch.int8 and not group and hasattr(torch, "_weight_int8pack_mm"):
         return INT8, qweight, linear.scales, linear.bias, 0
-    if qweight.dtype == torch.int8:  # INT8 groups: the float copy the eager layer makes
+    if qweight.dtype == torch.int8:  # INT8 groups (GGUF Q8_0, Q6_K): tuili's kernel, else the eager float copy
+        if linear.cpu_int8() and dtype == linear.scales.dtype:
+            return GEMV8, *linear.cpu_int8(), linear.bias, group
         return _float_args(linear.cpu_dense(dtype), linear.bias, dtype)
     packed = linear.cpu_int4()
     # the eager layer's kernel condition (bf16: any row count) and no padding of a short last group
