@@ -9,8 +9,8 @@ Perplexity: `tuili eval ppl`'s computation on the first --max-tokens tokens of t
 1024). Agreement: `tuili eval agreement`'s (tuili/bench/quality.py) against the fp32 reference. Speed: batch-1
 decode of 128 tokens after the chat prompt, best of 2 (--speed-only: best of 3, re-measured alone, since the
 other measurements take minutes and the machine may not stay idle). Prints a markdown table; writes
-quality_<model>.json. On the CPU, INT8-group layers (Q8_0, Q6_K) also keep a float copy (torch has no CPU kernel
-for them), which the weights column does not count.
+quality_<model>.json. (Before 9f9918f, INT8-group layers (Q8_0, Q6_K) also kept a float copy on the CPU, which the
+weights column did not count; tuili's int8_gemv reads them now.)
 """
 from __future__ import annotations
 
