@@ -186,6 +186,35 @@ def test_cpu_candidate_filter_equals_the_sort(monkeypatch):
     assert kept[1] == 50 and all(1 <= n < vocab for n in kept) and kept[6] > 256  # (row 6: past the 256)
 
 
+def test_cpu_inverse_cdf_over_the_candidates_follows_the_filtered_distribution(monkeypatch):
+    """On the CPU, unseeded rows whose filters are exact among the candidates are sampled from those alone: the
+    frequencies of the filtered, renormalised distribution (the sort's), and only its tokens."""
+    import tuili.runner.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "CANDIDATES", 64)
+    vocab, n, temperature = 500, 8000, 1.5
+    torch.manual_seed(12)
+    row = torch.randn(vocab) * 4
+    params = SamplingParams(temperature=temperature, top_p=0.8)
+    found = []
+    real = Sampler._candidates
+    monkeypatch.setattr(Sampler, "_candidates", staticmethod(lambda *a: found.append(real(*a)) or found[-1]))
+    tokens = sample(row.repeat(n, 1), [make_seq(params) for _ in range(n)])
+    assert len(found) == 1 and found[0] is not None  # the candidates' path
+    expected = Sampler._filter((row / temperature)[None], [params]).softmax(-1)[0]
+    assert 3 < int((expected > 0).sum()) < 64
+    assert set(tokens) <= set(expected.nonzero()[:, 0].tolist())
+    assert torch.allclose(counts_of(tokens, vocab) / n, expected, atol=0.02)
+
+
+def test_cpu_inverse_cdf_at_the_top_of_its_range_takes_a_kept_token(monkeypatch):
+    """u * total rounding up to the total (u just below 1) finds no token past it: the row's mode, not a dropped
+    or out-of-range id."""
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: torch.ones(size))
+    params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0)]
+    assert sample(BASE_ROW.repeat(2, 1), [make_seq(p) for p in params]) == [ORDER[0]] * 2
+
+
 def test_filters_are_per_row():
     """A top-k row next to an unfiltered row: the unfiltered one still reaches tokens outside the top k."""
     n = 3000
