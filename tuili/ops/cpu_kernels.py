@@ -216,6 +216,6 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> t
 
 def int8_dense(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8_gemv's product for many rows of x: the weight dequantized to fp32 per call (no float copy is kept) and
-    an fp32 GEMM (as the scripted CPU step computes it)."""
+    an fp32 GEMM (torch's bf16 GEMM is several times slower on CPUs without AVX-512 BF16: dense_linear)."""
     available()
     return F.linear(x.float(), torch.ops.tuili.int8_dequant(qweight, scales)).to(x.dtype)
