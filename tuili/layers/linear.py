@@ -65,11 +65,13 @@ class Linear(nn.Module):
 
     def cpu_int8(self) -> tuple:
         """An INT8-groups layer (GGUF Q8_0, Q6_K) for tuili's CPU kernel (int8_gemv): (qweight, the scales
-        row-major), or () where that kernel does not run here or does not take the shape; made on first use."""
+        row-major), or () where that kernel does not run here or does not take the shape or dtype (bf16 / fp32
+        scales, x in theirs); made on first use."""
         if self._cpu_int8 is None:
             n, k = self.qweight.shape
             ok = self.qweight.device.type == "cpu" and self.group_size in (16, 32) and k % 32 == 0 \
-                and self.scales.shape == (n, k // self.group_size) and cpu_kernels.available()
+                and self.scales.shape == (n, k // self.group_size) \
+                and self.scales.dtype in (torch.bfloat16, torch.float32) and cpu_kernels.available()
             self._cpu_int8 = (self.qweight.contiguous(), self.scales.contiguous()) if ok else ()
         return self._cpu_int8
 
