@@ -257,6 +257,10 @@ def test_gguf_int8_blocks_run_packed_through_tuilis_cpu_kernels(tmp_path, tiny_l
     together = llm.generate(prompts * 2, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in together] == native * 2
     assert all(module._cpu_dense is None for module in layers)
+    half = LLM(path, dtype="float16", kv_cache_memory=0.01)  # fp16 (no kernel for it): the float copy, no error
+    assert len(half.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids) == 12
+    assert all(m._cpu_int8 == () and m._cpu_dense is not None
+               for m in half.engine.model.modules() if isinstance(m, MergedLinear))
 
 
 def test_gguf_file_reads_what_gguf_reader_reads(tmp_path, tiny_llama_state, default_model_path):
