@@ -284,16 +284,13 @@ class Sampler:
         vocab = logits.shape[1]
         temperature = torch.tensor([p.temperature for p in params])[:, None]
         logits = logits / temperature
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-        filters = (top_k, [p.top_p for p in params], [p.min_p for p in params])
-        found = None
-        if vocab > CANDIDATES and all(g is None for g in generators) and \
-                (any(k < vocab for k in top_k) or any(p < 1.0 for p in filters[1]) or any(filters[2])):
-            found = Sampler._candidates(logits, *filters)
+        filters = Sampler._filters(params, vocab)
+        tried = filters is not None and vocab > CANDIDATES and all(g is None for g in generators)
+        found = Sampler._candidates(logits, *filters) if tried else None
         if found is not None:
             probs, ids = found[0].softmax(dim=-1), found[1]
-        else:
-            probs, ids = Sampler._filter(logits, params).softmax(dim=-1), None
+        else:  # (where the candidates were not exact, straight to the sort)
+            probs, ids = Sampler._filter(logits, params, candidates=not tried).softmax(dim=-1), None
         cdf = probs.cumsum(dim=-1)
         u = torch.stack([torch.rand(1, generator=g)[0] if g is not None else torch.rand(()) for g in generators])
         index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
@@ -305,15 +302,25 @@ class Sampler:
         return index if ids is None else ids.gather(1, index[:, None])[:, 0]
 
     @staticmethod
-    def _filter(logits: torch.Tensor, params) -> torch.Tensor:
-        """top-k, top-p and min-p by masking logits to -inf (rows with them off are untouched)."""
-        vocab = logits.shape[1]
+    def _filters(params, vocab: int) -> tuple[list[int], list[float], list[float]] | None:
+        """Each row's (top_k, top_p, min_p), top_k = vocab where off; None where no row filters."""
         top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
         if all(k == vocab for k in top_k) and all(p == 1.0 for p in top_p) and not any(min_p):
+            return None
+        return top_k, top_p, min_p
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, params, candidates: bool = True) -> torch.Tensor:
+        """top-k, top-p and min-p by masking logits to -inf (rows with them off are untouched); candidates=False:
+        the sort, without trying _filter_candidates first."""
+        vocab = logits.shape[1]
+        filters = Sampler._filters(params, vocab)
+        if filters is None:
             return logits
-        if logits.device.type == "cpu" and vocab > CANDIDATES:  # (a full sort: ~5 ms for 49152 logits there)
+        top_k, top_p, min_p = filters
+        if candidates and logits.device.type == "cpu" and vocab > CANDIDATES:  # (a sort: ~5 ms for 49152 logits)
             filtered = Sampler._filter_candidates(logits, top_k, top_p, min_p)
             if filtered is not None:
                 return filtered
