@@ -26,8 +26,13 @@ def make_seq(params: SamplingParams, prompt: list[int] = (1, 2, 3), output: list
     return seq
 
 
-def sample(logits: torch.Tensor, seqs) -> list[int]:
-    return Sampler(logits.shape[1], {EOS}).__call__(logits.clone(), seqs).token_ids.tolist()
+def sample(logits: torch.Tensor, seqs, device: str = "cpu") -> list[int]:
+    return Sampler(logits.shape[1], {EOS}).__call__(logits.to(device, copy=True), seqs).token_ids.tolist()
+
+
+# the sampler's two forms: the inverse CDF on the CPU, the exponential race on GPUs (run on the lent GPU)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="the race path needs a CUDA GPU"))]
 
 
 def counts_of(tokens: list[int], vocab: int = V) -> torch.Tensor:
@@ -56,26 +61,29 @@ def test_greedy_in_half_precision_is_argmax_ties_to_the_first(dtype):
     assert argmax_rows(logits)[1].item() == 7
 
 
-def test_greedy_rows_stay_argmax_in_a_sampled_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_rows_stay_argmax_in_a_sampled_batch(device):
     torch.manual_seed(1)
     logits = torch.randn(8, V)
     params = [SamplingParams(temperature=0) if i % 2 == 0 else SamplingParams(temperature=5.0) for i in range(8)]
-    tokens = sample(logits, [make_seq(p) for p in params])
+    tokens = sample(logits, [make_seq(p) for p in params], device)
     argmax = logits.argmax(-1).tolist()
     assert [tokens[i] for i in range(0, 8, 2)] == [argmax[i] for i in range(0, 8, 2)]
 
 
-def test_temperature_sampling_follows_softmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperature_sampling_follows_softmax(device):
     n, temperature = 6000, 2.0
     torch.manual_seed(2)
     logits = BASE_ROW.repeat(n, 1)
-    tokens = sample(logits, [make_seq(SamplingParams(temperature=temperature)) for _ in range(n)])
+    tokens = sample(logits, [make_seq(SamplingParams(temperature=temperature)) for _ in range(n)], device)
     freq = counts_of(tokens) / n
     expected = torch.softmax(BASE_ROW / temperature, -1)
     assert torch.allclose(freq, expected, atol=0.025), (freq, expected)
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(device):
     torch.manual_seed(3)
     steps = [torch.randn(5, V) for _ in range(12)]
 
@@ -86,7 +94,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
         for logits in steps:
             batch_logits = torch.empty(len(seqs), V)
             batch_logits[rows] = logits[: len(seqs)]
-            tokens = sample(batch_logits, seqs)
+            tokens = sample(batch_logits, seqs, device)
             out.append(tokens[row])
             for s, t in zip(seqs, tokens):
                 s.append_token(t)
@@ -119,11 +127,13 @@ def test_filters_that_keep_one_token_equal_greedy(params):
     assert tokens == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [2, 3, 6])
-def test_top_k_only_emits_the_k_most_likely(k):
+def test_top_k_only_emits_the_k_most_likely(k, device):
     n = 4000
     torch.manual_seed(5)
-    tokens = sample(BASE_ROW.repeat(n, 1), [make_seq(SamplingParams(temperature=1.0, top_k=k)) for _ in range(n)])
+    tokens = sample(BASE_ROW.repeat(n, 1), [make_seq(SamplingParams(temperature=1.0, top_k=k)) for _ in range(n)],
+                    device)
     freq = counts_of(tokens) / n
     allowed = ORDER[:k]
     assert set(tokens) == set(allowed)  # never outside the top k, and every one of them shows up
@@ -132,7 +142,8 @@ def test_top_k_only_emits_the_k_most_likely(k):
     assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
 
 
-def test_top_p_keeps_the_smallest_nucleus():
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_keeps_the_smallest_nucleus(device):
     n = 4000
     probs = torch.softmax(BASE_ROW, -1)
     sorted_probs = probs[ORDER]
@@ -140,7 +151,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     top_p = float((sorted_probs[:2].sum() + sorted_probs[:3].sum()) / 2)
     torch.manual_seed(6)
     tokens = sample(BASE_ROW.repeat(n, 1), [make_seq(SamplingParams(temperature=1.0, top_p=top_p))
-                                            for _ in range(n)])
+                                            for _ in range(n)], device)
     assert set(tokens) == set(ORDER[:3])
     freq = counts_of(tokens) / n
     expected = torch.zeros(V)
@@ -215,13 +226,14 @@ def test_cpu_inverse_cdf_at_the_top_of_its_range_takes_a_kept_token(monkeypatch)
     assert sample(BASE_ROW.repeat(2, 1), [make_seq(p) for p in params]) == [ORDER[0]] * 2
 
 
-def test_filters_are_per_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_filters_are_per_row(device):
     """A top-k row next to an unfiltered row: the unfiltered one still reaches tokens outside the top k."""
     n = 3000
     torch.manual_seed(8)
     seqs = [make_seq(SamplingParams(temperature=1.0, top_k=2) if i % 2 else SamplingParams(temperature=1.0))
             for i in range(n)]
-    tokens = sample(BASE_ROW.repeat(n, 1), seqs)
+    tokens = sample(BASE_ROW.repeat(n, 1), seqs, device)
     assert set(tokens[1::2]) == set(ORDER[:2])
     assert len(set(tokens[0::2])) > 6
 
