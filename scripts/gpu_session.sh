@@ -92,8 +92,8 @@ for step in "$@"; do
       python scripts/bench_gemv_layers.py "$OUT/gemv_layers.json" 2>&1 | tail -12 ;;
     quant)
       # workload 1 with packed weights, and bf16 as the peer in the same call
-      for q in "bf16" "int8" "int4 --quant-group-size 128"; do
-        tag=$(cut -d' ' -f1 <<<"$q")
+      for q in "bf16" "int8" "int4 --quant-group-size 128" "int4 --quant-group-size 128 --quant-symmetric"; do
+        tag=$(cut -d' ' -f1 <<<"$q"); [[ $q == *symmetric ]] && tag=int4_symmetric
         flags="--quantization $q"; [ $tag = bf16 ] && flags=""
         tuili bench latency --load-format dummy --model llama-3.1-8b --input-len 128 --output-len 256 \
           --gpu-memory-utilization 0.5 --max-num-seqs 8 --no-hf $flags \
