@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+INT4_GROUP_SIZE = 128  # --quant-group-size's default
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -34,7 +35,7 @@ class EngineArgs:
     load_format: str = "auto"           # auto | dummy
     dtype: str = "auto"
     quantization: str | None = None     # int8 | int4: weight-only, at load time
-    quant_group_size: int = 128         # int4: inputs per group (32, 64, 128)
+    quant_group_size: int = INT4_GROUP_SIZE  # int4: inputs per group (32, 64, 128)
     quant_symmetric: bool = False       # int4: scales only, no offsets
     gguf_dequantize: bool = False       # a GGUF's quantized blocks load as float (default: kept packed)
     device: str = "auto"                # auto | cpu | cuda
@@ -129,10 +130,13 @@ class EngineArgs:
         """The QuantConfig of --quantization (None: unquantized, or whatever the checkpoint is saved in)."""
         from tuili.quant import METHODS, QuantConfig
 
+        if self.quantization is not None and self.quantization not in METHODS:
+            raise ValueError(f"quantization must be {' or '.join(METHODS)} (or unset), got {self.quantization!r}")
+        if self.quantization != "int4" and (self.quant_group_size != INT4_GROUP_SIZE or self.quant_symmetric):
+            raise ValueError("quant_group_size and quant_symmetric apply to quantization 'int4' only (INT8 is per "
+                             f"output channel and symmetric); got them with quantization {self.quantization!r}")
         if self.quantization is None:
             return None
-        if self.quantization not in METHODS:
-            raise ValueError(f"quantization must be {' or '.join(METHODS)} (or unset), got {self.quantization!r}")
         return QuantConfig(self.quantization, self.quant_group_size, self.quant_symmetric)
 
     def kv_dtype(self) -> torch.dtype | None:

@@ -222,7 +222,8 @@ def test_turned_off_the_ops_say_why_and_the_engine_runs_on_torchs_kernels(tiny_m
 def test_native_step_generates_what_the_scripted_step_does(tiny_models, quantization):
     from tuili import LLM, SamplingParams
 
-    quant = dict(quantization=quantization, quant_group_size=32) if quantization else {}
+    quant = {None: {}, "int8": dict(quantization="int8"), "int4": dict(quantization="int4", quant_group_size=32)}
+    quant = quant[quantization]
     llm = LLM(tiny_models["llama"], device="cpu", dtype="bfloat16", kv_cache_memory=0.01, **quant)
     step = llm.engine.runner.cpu_step
     assert step.native is not None

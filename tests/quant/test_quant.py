@@ -493,6 +493,26 @@ def test_unknown_quantization_is_a_clear_error():
         LLM(quantization="int3")
     with pytest.raises(ValueError, match="group size must be one of"):
         LLM(quantization="int4", quant_group_size=100)
+    for args in (dict(quant_group_size=32), dict(quantization="int8", quant_symmetric=True)):  # int4's flags alone
+        with pytest.raises(ValueError, match="apply to quantization 'int4' only"):
+            LLM(**args)
+
+
+def test_eval_agreement_with_int4_flags(tiny_models, tmp_path, monkeypatch):
+    """`tuili eval agreement --quantization int4 --quant-group-size 32`: its unquantized reference drops int4's
+    flags with the quantization (they apply to int4 only), and the report compares the two."""
+    import json
+
+    from tuili.bench import quality
+    from tuili.cli import main
+
+    monkeypatch.setattr(quality, "prompt_ids", lambda llm: [[3, 5, 7, 9], [11, 13, 2]])  # (no tokenizer here)
+    out = tmp_path / "agreement.json"
+    assert main(["eval", "agreement", "--model", tiny_models["llama"], "--device", "cpu", "--kv-cache-memory",
+                 "0.01", "--quantization", "int4", "--quant-group-size", "32", "--max-tokens", "6",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == 2 and report["positions"] == 12 and 0 <= report["top1_agreement"] <= 1
 
 
 def quantize_tiny(tiny_models, family: str, out, *method: str) -> str:

@@ -17,8 +17,8 @@ CONTEXT = 37  # tokens already in the cache (3 blocks of 16)
 @pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", None), ("bfloat16", "int8"),
                                                 ("bfloat16", "int4"), ("float32", "int8")])
 def test_cpu_step_equals_eager_layers(tiny_models, family, dtype, quantization):
-    llm = LLM(tiny_models[family], device="cpu", dtype=dtype, quantization=quantization, quant_group_size=32,
-              kv_cache_memory=0.01)
+    group = dict(quant_group_size=32) if quantization == "int4" else {}
+    llm = LLM(tiny_models[family], device="cpu", dtype=dtype, quantization=quantization, kv_cache_memory=0.01, **group)
     runner, model = llm.engine.runner, llm.engine.model
     step = runner.cpu_step
     assert step is not None
@@ -84,9 +84,9 @@ def test_cpu_step_is_used_and_enforce_eager_turns_it_off(tiny_models):
 
 
 @pytest.mark.parametrize("args", [dict(dtype="bfloat16", kv_cache_dtype="int8"),  # a quantized KV cache
-                                  dict(dtype="float32", quantization="int4")])  # INT4 without torch's kernel at fp32
+                                  dict(dtype="float32", quantization="int4", quant_group_size=32)])  # (fp32 INT4)
 def test_cpu_step_leaves_what_it_does_not_cover_to_the_eager_path(tiny_models, args):
-    llm = LLM(tiny_models["llama"], device="cpu", kv_cache_memory=0.01, quant_group_size=32, **args)
+    llm = LLM(tiny_models["llama"], device="cpu", kv_cache_memory=0.01, **args)
     assert llm.engine.runner.cpu_step is None
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from tuili.config import EngineArgs
+from tuili.config import INT4_GROUP_SIZE, EngineArgs
 from tuili.engine.llm import LLM
 from tuili.sampling_params import SamplingParams
 
@@ -77,7 +77,8 @@ def agreement(reference: LLM, llm: LLM, prompts: list[list[int]], max_tokens: in
 
 
 def run_agreement(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
-    ref_args = dataclasses.replace(engine_args, quantization=None, kv_cache_dtype="auto", gguf_dequantize=True,
+    ref_args = dataclasses.replace(engine_args, quantization=None, quant_group_size=INT4_GROUP_SIZE,
+                                   quant_symmetric=False, kv_cache_dtype="auto", gguf_dequantize=True,
                                    dtype=ns.reference_dtype, model=ns.reference_model or engine_args.model)
     reference = LLM(**dataclasses.asdict(ref_args))
     ref = reference_run(reference, prompt_ids(reference), ns.max_tokens)
