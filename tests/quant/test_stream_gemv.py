@@ -156,8 +156,9 @@ def int8_layer(n: int, k: int, seed: int = 0, device: str = "cuda"):
 
 
 def test_int8_plan_and_checks():
-    """INT8 rows are twice as long: stages of 4 rows of 4096, 1 of 14336; per-channel scales [N], no offsets."""
-    assert stream_gemv.plan(6144, 4096, 8) == (128, 1, 4) and stream_gemv.plan(4096, 14336, 8) == (224, 2, 1)
+    """INT8 rows are twice as long, its stages twice as large: 8 rows of 4096, 2 of 14336; per-channel scales [N], no
+    offsets."""
+    assert stream_gemv.plan(6144, 4096, 8) == (128, 1, 8) and stream_gemv.plan(4096, 14336, 8) == (224, 2, 2)
     assert stream_gemv.supports(4096, 4096, 0, 8) and not stream_gemv.supports(4096, 4096, 32, 8)
     assert not stream_gemv.supports(4096, 4096, 0, 4)
     q, s = int8_layer(64, 2048, device="cpu")

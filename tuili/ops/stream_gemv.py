@@ -7,8 +7,8 @@ the H200, against ~31.5 us for the weights streamed with nothing multiplied (thi
 out). The chain is not bound by the bytes but by what follows each kernel boundary: x is the previous kernel's
 output, so every matmul reads and prepares x after PDL's wait and then works off the weights that arrived
 meanwhile; the slower it multiplies, the longer the DRAM idles (x read and prepared after the wait: +5.5 us per
-layer; the products: +5.5 us; both: +16.6, docs/benchmarks). A CTA here keeps up to STAGES x 16 KB of weights in flight
-(PRE of them before the wait), multiplies 8 nibbles in 7 instructions (4 `dp2a` on x as 16-bit integers), and
+layer; the products: +5.5 us; both: +16.6, docs/benchmarks). A CTA here keeps up to STAGES x STAGE_BYTES of weights
+in flight (PRE of them before the wait), multiplies 8 nibbles in 7 instructions (4 `dp2a` on x as 16-bit integers), and
 hands each stage's buffer back to the copies as soon as it is in registers. Chain of the 8B's 32 layers, H200:
 46.0 -> 43.6 us per layer; engine batch 1 INT4: 549.0 -> 564.9 tok/s.
 
@@ -32,10 +32,15 @@ import torch
 from tuili.ops.int4_mma import _launch, _shared_limit, compile_kernel
 
 SLICE = 32  # K values per thread slice (16 bytes of a weight row)
-STAGE_BYTES = 16 << 10  # bytes per stage (whole rows, at most 8)
-STAGES = 6  # stages in the ring (8B chain, H200, us per layer, all before the wait: 4 stages 48.2, 6: 44.6)
-PRE = 4  # of them copied before PDL's wait (chain probe, 6 stages: 0 before 47.5, 2: 44.9, 3: 43.6, 6: 44.6;
-# engine with the attention's launch_early, tok/s: 3: 573.9-574.2, 4: 577.4-577.6, 5: 568.1-568.4, 6: 554.1-554.2)
+# per weight width (4: INT4 g128, 8: INT8 per channel):
+STAGE_BYTES = {4: 16 << 10, 8: 32 << 10}  # bytes per stage (whole rows, at most 8)
+# stages in the ring; INT4 (8B chain, H200, us per layer, all before the wait): 4 stages 48.2, 6: 44.6
+STAGES = {4: 6, 8: 3}
+# of them copied before PDL's wait; INT4 (chain probe, 6 stages: 0 before 47.5, 2: 44.9, 3: 43.6, 6: 44.6; engine
+# with the attention's launch_early, tok/s: 3: 573.9-574.2, 4: 577.4-577.6, 5: 568.1-568.4, 6: 554.1-554.2). INT8
+# (engine, 8B batch 1, H200, tok/s): 16 KB stages, 6 of them, 3 / 4 / 5 / 6 before the wait: 423.3 / 427.3 / 422.8
+# / 413.5; 8 KB x 12 (8 before) 415.5, x 10 (6) 421.6; 32 KB x 3 (2 before) 433.9 (INT4 that way: 545.8 against 583.1)
+PRE = {4: 4, 8: 2}
 CTAS_PER_SM = 2  # (4 stages: 3 CTAs per SM 52.7 against 48.2; 1 CTA per SM with 12 stages 48.5)
 
 _SOURCE = r"""typedef unsigned int u32;
@@ -322,7 +327,7 @@ def plan(n: int, k: int, bits: int = 4) -> tuple[int, int, int] | None:
     if threads is None or slices // threads > 4:
         return None
     rows = 1
-    while rows < 8 and 2 * rows * (k * bits // 8) <= STAGE_BYTES:
+    while rows < 8 and 2 * rows * (k * bits // 8) <= STAGE_BYTES[bits]:
         rows *= 2
     return threads, slices // threads, rows
 
@@ -435,13 +440,13 @@ def stream_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, of
                              bits=bits)
     if stages is None:  # CTAS_PER_SM CTAs fit an SM
         fit = (_shared_limit(index) + 1024) // CTAS_PER_SM - 1024
-        stages = STAGES
+        stages = STAGES[bits]
         while stages > 2 and size(stages) > fit:
             stages -= 1
     shared = size(stages)
     if shared > _shared_limit(index):
         raise ValueError(f"stream_gemv's {stages} stages and the scales of {rmax} rows do not fit shared memory")
-    pre = min(PRE if pre is None else pre, stages)
+    pre = min(PRE[bits] if pre is None else pre, stages)
     kernel = _compiled(index, k, threads, nsl, stage_rows, stages, pre, offsets is not None, silu_mul,
                        norm is not None, residual is not None, bits)
     if residual is not None:
