@@ -89,8 +89,8 @@ class Linear(nn.Module):
         if qweight.device.type == "cpu":  # torch's packed CPU kernels (int8: decode-sized batches only)
             if int8 and not self.group_size and hasattr(torch, "_weight_int8pack_mm"):
                 return quant_matmul.int8_linear_cpu(x, qweight, self.scales, self.bias)
-            if int8 and self.cpu_int8() and x.dtype == self.scales.dtype:  # INT8 groups (GGUF Q8_0, Q6_K)
-                w, s = self._cpu_int8
+            if int8 and (packed8 := self.cpu_int8()) and x.dtype == self.scales.dtype:  # INT8 groups (Q8_0, Q6_K)
+                w, s = packed8
                 out = cpu_kernels.int8_gemv(x.contiguous(), w, s) if x.shape[0] <= cpu_kernels.INT8_ROWS \
                     else cpu_kernels.int8_dense(x, w, s)
                 return out if self.bias is None else out + self.bias

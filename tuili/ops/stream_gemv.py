@@ -1,6 +1,6 @@
-"""Batch-1 decode GEMV for INT4 g128 layers on Hopper (sm_90+): the weights streamed by bulk copies (TMA) into a
-shared-memory ring, their products in integers (DP2A). quant_matmul.quant_linear_triton calls `stream_gemv` for
-one row of bf16 x where `supports` holds (CUDA C++ compiled at first use by NVRTC, as int4_mma).
+"""Batch-1 decode GEMV for INT4 g128 and INT8 per-channel layers on Hopper (sm_90+): the weights streamed by bulk
+copies (TMA) into a shared-memory ring, their products in integers (DP2A). quant_matmul.quant_linear_triton calls
+`stream_gemv` for one row of bf16 x where `supports` holds (CUDA C++ compiled at first use by NVRTC, as int4_mma).
 
 Why: at batch 1 the Triton GEMV (quant_matmul._gemv_tile) holds the 8B's INT4 layer chain at ~46 us per layer on
 the H200, against ~31.5 us for the weights streamed with nothing multiplied (this kernel with its products taken
